@@ -1,0 +1,1 @@
+"""Verification checks, one module per kind; importing a module registers its checks."""

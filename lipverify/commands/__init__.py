@@ -1,0 +1,1 @@
+"""One module per ``lipverify`` sub-command."""

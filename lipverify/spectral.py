@@ -1,0 +1,252 @@
+"""Operator-norm derivatives of a weight matrix: Lemma 12 (Jacobian) and Lemma 13 (Hessian).
+
+Conventions (MATH section 0): ``W`` has shape (m, n), ``vec`` is column-major, so
+``vec(u v^T) = v kron u`` and a flat index ``i + m*j`` addresses ``W[i, j]``.
+All functions accept float16/bfloat16/float32/float64 on any device; half precisions are
+decomposed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lipverify._validation import (
+    DegenerateSpectrumError,
+    LipverifyError,
+    check_weight,
+    compute_dtype,
+)
+
+#: Relative gap (sigma_1 - sigma_2) / sigma_1 below which results are flagged (MATH section 7).
+DEFAULT_GAP_TOLERANCE = 1e-6
+#: Largest d = m*n for which the dense (d, d) Hessian is built.
+MAX_DENSE_HESSIAN_DIM = 4096
+
+
+class SpectralGapWarning(UserWarning):
+    """The relative spectral gap is below tolerance: Lemma 13 quantities lose accuracy like eps/gap."""
+
+
+@dataclass(frozen=True)
+class SpectralDecomposition:
+    """Thin SVD ``W = U diag(sigma) V^T`` with r = min(m, n) singular values, descending.
+
+    ``U``: (m, r), ``sigma``: (r,), ``V``: (n, r), all in the compute dtype (float32 for half inputs).
+    """
+
+    U: torch.Tensor
+    sigma: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.U.shape[0], self.V.shape[0]
+
+    @property
+    def sigma1(self) -> torch.Tensor:
+        return self.sigma[0]
+
+    @property
+    def u(self) -> torch.Tensor:
+        return self.U[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.V[:, 0]
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """Absolute gap sigma_1 - sigma_2 (sigma_2 := 0 when r = 1)."""
+        if self.sigma.numel() == 1:
+            return self.sigma[0]
+        return self.sigma[0] - self.sigma[1]
+
+    @property
+    def relative_gap(self) -> torch.Tensor:
+        return self.gap / self.sigma[0]
+
+
+def decompose(W: torch.Tensor, name: str = "W") -> SpectralDecomposition:
+    """Validated thin SVD of ``W`` (m, n). Raises if W is zero, non-finite or of a bad dtype."""
+    check_weight(W, name)
+    Wc = W.to(compute_dtype(W.dtype))
+    U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
+    # Fix the sign so that results are deterministic (every formula is invariant to it).
+    k = torch.argmax(Vh[0].abs())
+    s = torch.sign(Vh[0, k])
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    U = U.clone()
+    Vh = Vh.clone()
+    U[:, 0] *= s
+    Vh[0] *= s
+    if not bool(S[0] > 0):
+        raise DegenerateSpectrumError(f"{name}: sigma_1 = 0 (dead layer)")
+    return SpectralDecomposition(U=U, sigma=S, V=Vh.transpose(-1, -2))
+
+
+def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float) -> None:
+    if dec.sigma.numel() > 1 and not bool(dec.sigma[0] > dec.sigma[1]):
+        raise DegenerateSpectrumError(
+            f"{name}: sigma_1 = sigma_2 = {float(dec.sigma[0]):.6g}; sigma_1 is not differentiable "
+            "(Assumption 11 fails)"
+        )
+    rel = float(dec.relative_gap)
+    if rel < gap_tolerance:
+        warnings.warn(
+            f"{name}: relative spectral gap {rel:.3g} is below {gap_tolerance:.3g}; Hessian terms scale "
+            "like 1/gap and lose accuracy",
+            SpectralGapWarning,
+            stacklevel=3,
+        )
+
+
+def top_singular(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sigma_1 and its singular vectors: ``(sigma, u, v)`` with ``W v = sigma u``.
+
+    W: (m, n) -> sigma: scalar tensor, u: (m,), v: (n,), in W's dtype and device.
+    """
+    dec = decompose(W)
+    return dec.sigma1.to(W.dtype), dec.u.to(W.dtype), dec.v.to(W.dtype)
+
+
+def spectral_gap(W: torch.Tensor) -> torch.Tensor:
+    """Absolute spectral gap ``sigma_1 - sigma_2`` (``sigma_2 := 0`` for a rank-one shape)."""
+    return decompose(W).gap.to(W.dtype)
+
+
+def jacobian(W: torch.Tensor) -> torch.Tensor:
+    """Lemma 12: ``d sigma_1 / dW = u v^T``, shape (m, n) (``v kron u`` in column-major vec)."""
+    dec = decompose(W)
+    return torch.outer(dec.u, dec.v).to(W.dtype)
+
+
+def _vec(M: torch.Tensor) -> torch.Tensor:
+    """Column-major vec of (..., m, n) -> (..., m*n)."""
+    return M.transpose(-1, -2).reshape(*M.shape[:-2], -1)
+
+
+def hessian(W: torch.Tensor, max_dim: int = MAX_DENSE_HESSIAN_DIM) -> torch.Tensor:
+    """Lemma 13: dense Hessian of sigma_1 with respect to column-major vec(W), shape (m*n, m*n).
+
+    ``H = sum_{k=2..r} [s1 (x_k x_k^T + y_k y_k^T) + s_k (x_k y_k^T + y_k x_k^T)] / (s1^2 - s_k^2)
+    + (1/s1) (sum_{k>r} x_k x_k^T + sum_{j>r} y_j y_j^T)``, ``x_k = v_k kron u``, ``y_k = v kron u_k``.
+    Small matrices only: raises above ``max_dim`` = m*n.
+    """
+    m, n = W.shape if W.ndim == 2 else (0, 0)
+    if W.ndim == 2 and m * n > max_dim:
+        raise LipverifyError(
+            f"dense Hessian of a {m}x{n} matrix has {m * n}^2 entries (limit d = {max_dim}); "
+            "use hessian_quadratic_form instead"
+        )
+    dec = decompose(W)
+    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
+    dtype = dec.sigma.dtype
+    Wc = W.to(dtype)
+    Uf, _, Vhf = torch.linalg.svd(Wc, full_matrices=True)
+    Vf = Vhf.transpose(-1, -2)
+    # Align the full bases with the sign-fixed thin decomposition's leading vectors.
+    Uf[:, : dec.U.shape[1]] = dec.U
+    Vf[:, : dec.V.shape[1]] = dec.V
+    u, v, s1 = dec.u, dec.v, dec.sigma1
+    r = dec.sigma.numel()
+    H = torch.zeros(m * n, m * n, dtype=dtype, device=W.device)
+    for k in range(1, r):
+        sk = dec.sigma[k]
+        xk = _vec(torch.outer(u, Vf[:, k]))
+        yk = _vec(torch.outer(Uf[:, k], v))
+        denom = (s1 - sk) * (s1 + sk)
+        H += (s1 * (torch.outer(xk, xk) + torch.outer(yk, yk)) + sk * (torch.outer(xk, yk) + torch.outer(yk, xk))) / denom
+    for k in range(r, n):
+        xk = _vec(torch.outer(u, Vf[:, k]))
+        H += torch.outer(xk, xk) / s1
+    for j in range(r, m):
+        yj = _vec(torch.outer(Uf[:, j], v))
+        H += torch.outer(yj, yj) / s1
+    return H.to(W.dtype)
+
+
+def quadratic_form_from_projections(
+    dec: SpectralDecomposition, y: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """Lemma 13 quadratic form ``vec(E)^T H vec(E)`` from the two projections of E it depends on.
+
+    y = E^T u: (..., n), x = E v: (..., m). With a_k = v_k^T y, c_k = u_k^T x:
+    ``sum_{k=2..r} [s1 (a_k^2 + c_k^2) + 2 s_k a_k c_k] / ((s1 - s_k)(s1 + s_k))
+    + (|y - V a|^2 + |x - U c|^2) / s1``; the null-space parts are computed as residual norms
+    (no cancellation), and ``s1^2 - s_k^2`` as a product (MATH section 7). Cost O((m + n) r) per E.
+    """
+    a = y @ dec.V  # (..., r)
+    c = x @ dec.U
+    s1 = dec.sigma[0]
+    sk = dec.sigma[1:]
+    ak, ck = a[..., 1:], c[..., 1:]
+    denom = (s1 - sk) * (s1 + sk)
+    inner = ((s1 * (ak * ak + ck * ck) + 2 * sk * ak * ck) / denom).sum(-1)
+    null = torch.zeros_like(inner)
+    if dec.V.shape[0] > dec.V.shape[1]:
+        ry = y - a @ dec.V.transpose(-1, -2)
+        null = null + (ry * ry).sum(-1)
+    if dec.U.shape[0] > dec.U.shape[1]:
+        rx = x - c @ dec.U.transpose(-1, -2)
+        null = null + (rx * rx).sum(-1)
+    return inner + null / s1
+
+
+def _check_direction(W: torch.Tensor, E: torch.Tensor) -> None:
+    if not isinstance(E, torch.Tensor) or E.ndim < 2 or tuple(E.shape[-2:]) != tuple(W.shape):
+        shape = tuple(E.shape) if isinstance(E, torch.Tensor) else type(E).__name__
+        raise LipverifyError(f"shape mismatch: direction E has shape {shape}, expected (..., {W.shape[0]}, {W.shape[1]})")
+    if not bool(torch.isfinite(E).all()):
+        raise LipverifyError("direction E contains non-finite entries")
+
+
+def hessian_quadratic_form(W: torch.Tensor, E: torch.Tensor, method: str = "svd") -> torch.Tensor:
+    """Lemma 13: ``vec(E)^T H vec(E)`` for a batch of directions E (..., m, n), never forming H.
+
+    ``method="svd"`` (default): thin SVD and :func:`quadratic_form_from_projections`,
+    O(mn r) once plus O(mn + (m+n) r) per direction.
+    ``method="resolvent"``: ``s1 (y_perp^T R_V y_perp + x_perp^T R_U x_perp) + 2 y_perp^T R_V W^T x_perp``
+    with the deflated resolvents ``R_V = (s1^2 I - W^T W + s1^2 v v^T)^{-1}`` restricted to v's
+    complement (MATH section 2), one linear solve each. Returns (...,) in W's dtype.
+    """
+    dec = decompose(W)
+    _check_direction(W, E)
+    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
+    dtype = dec.sigma.dtype
+    Ec = E.to(dtype)
+    u, v, s1 = dec.u, dec.v, dec.sigma1
+    y = torch.einsum("...ij,i->...j", Ec, u)
+    x = torch.einsum("...ij,j->...i", Ec, v)
+    if method == "svd":
+        q = quadratic_form_from_projections(dec, y, x)
+    elif method == "resolvent":
+        Wc = W.to(dtype)
+        m, n = W.shape
+        s1sq = s1 * s1
+        A_V = s1sq * torch.eye(n, dtype=dtype, device=W.device) - Wc.T @ Wc + s1sq * torch.outer(v, v)
+        A_U = s1sq * torch.eye(m, dtype=dtype, device=W.device) - Wc @ Wc.T + s1sq * torch.outer(u, u)
+        y_perp = y - (y @ v)[..., None] * v
+        x_perp = x - (x @ u)[..., None] * u
+        Ry = torch.linalg.solve(A_V, y_perp.reshape(-1, n).T).T.reshape(y_perp.shape)
+        Rx = torch.linalg.solve(A_U, x_perp.reshape(-1, m).T).T.reshape(x_perp.shape)
+        q = s1 * ((y_perp * Ry).sum(-1) + (x_perp * Rx).sum(-1)) + 2 * (Ry * (x_perp @ Wc)).sum(-1)
+    else:
+        raise LipverifyError(f"unknown method {method!r}; expected 'svd' or 'resolvent'")
+    return q.to(W.dtype)
+
+
+def hessian_trace(W: torch.Tensor) -> torch.Tensor:
+    """``tr H = sum_{k=2..r} 2 s1 / (s1^2 - s_k^2) + (m + n - 2r) / s1`` (MATH section 2)."""
+    dec = decompose(W)
+    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
+    return hessian_trace_from_spectrum(dec.sigma, *W.shape).to(W.dtype)
+
+
+def hessian_trace_from_spectrum(sigma: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """tr H from the r = min(m, n) singular values (descending) of an m x n matrix."""
+    s1, sk = sigma[0], sigma[1:]
+    r = sigma.numel()
+    return (2 * s1 / ((s1 - sk) * (s1 + sk))).sum() + (m + n - 2 * r) / s1
