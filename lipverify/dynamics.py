@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lipverify._validation import DegenerateSpectrumError, LipverifyError, check_per_sample
+from lipverify._validation import (
+    SUPPORTED_DTYPES,
+    DegenerateSpectrumError,
+    LipverifyError,
+    check_per_sample,
+)
 from lipverify.noise import estimator_scale
 from lipverify.spectral import (
     DEFAULT_GAP_TOLERANCE,
@@ -127,9 +132,11 @@ def layer_terms(
         mean_grad = G_bar
     elif tuple(mean_grad.shape) != (m, n):
         raise LipverifyError(f"shape mismatch: mean_grad has shape {tuple(mean_grad.shape)}, W has ({m}, {n})")
+    elif mean_grad.dtype not in SUPPORTED_DTYPES:
+        raise LipverifyError(f"mean_grad has unsupported dtype {mean_grad.dtype}")
     E = G - G_bar
-    y = torch.einsum("bij,i->bj", E, dec.u)
-    x = torch.einsum("bij,j->bi", E, dec.v)
+    y = dec.u @ E  # E_i^T u, (b, n); matmul is much faster than einsum over E's row axis
+    x = E @ dec.v  # E_i v, (b, m)
     drift = dec.u @ mean_grad.to(dec.sigma.dtype) @ dec.v
     return layer_terms_from_projections(dec, y, x, drift, lr, population_size, gap_tolerance)
 

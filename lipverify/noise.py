@@ -15,6 +15,7 @@ import torch
 from lipverify._validation import (
     SUPPORTED_DTYPES,
     LipverifyError,
+    all_finite,
     check_batch_size,
     check_population,
 )
@@ -34,7 +35,7 @@ def _flat(G: torch.Tensor, name: str = "G") -> torch.Tensor:
     elif G.ndim != 2:
         raise LipverifyError(f"{name} must have shape (b, m, n) or (b, d), got {tuple(G.shape)}")
     check_batch_size(G.shape[0])
-    if not bool(torch.isfinite(G).all()):
+    if not all_finite(G):
         raise LipverifyError(f"{name} contains non-finite entries (inf or NaN)")
     return G
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from lipverify._validation import (
+    SUPPORTED_DTYPES,
     DegenerateSpectrumError,
     LipverifyError,
+    all_finite,
     check_weight,
     compute_dtype,
 )
@@ -120,6 +122,7 @@ def spectral_gap(W: torch.Tensor) -> torch.Tensor:
 def jacobian(W: torch.Tensor) -> torch.Tensor:
     """Lemma 12: ``d sigma_1 / dW = u v^T``, shape (m, n) (``v kron u`` in column-major vec)."""
     dec = decompose(W)
+    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
     return torch.outer(dec.u, dec.v).to(W.dtype)
 
 
@@ -135,8 +138,9 @@ def hessian(W: torch.Tensor, max_dim: int = MAX_DENSE_HESSIAN_DIM) -> torch.Tens
     + (1/s1) (sum_{k>r} x_k x_k^T + sum_{j>r} y_j y_j^T)``, ``x_k = v_k kron u``, ``y_k = v kron u_k``.
     Small matrices only: raises above ``max_dim`` = m*n.
     """
-    m, n = W.shape if W.ndim == 2 else (0, 0)
-    if W.ndim == 2 and m * n > max_dim:
+    check_weight(W)
+    m, n = W.shape
+    if m * n > max_dim:
         raise LipverifyError(
             f"dense Hessian of a {m}x{n} matrix has {m * n}^2 entries (limit d = {max_dim}); "
             "use hessian_quadratic_form instead"
@@ -199,7 +203,9 @@ def _check_direction(W: torch.Tensor, E: torch.Tensor) -> None:
     if not isinstance(E, torch.Tensor) or E.ndim < 2 or tuple(E.shape[-2:]) != tuple(W.shape):
         shape = tuple(E.shape) if isinstance(E, torch.Tensor) else type(E).__name__
         raise LipverifyError(f"shape mismatch: direction E has shape {shape}, expected (..., {W.shape[0]}, {W.shape[1]})")
-    if not bool(torch.isfinite(E).all()):
+    if E.dtype not in SUPPORTED_DTYPES:
+        raise LipverifyError(f"direction E has unsupported dtype {E.dtype}")
+    if not all_finite(E):
         raise LipverifyError("direction E contains non-finite entries")
 
 
@@ -218,8 +224,9 @@ def hessian_quadratic_form(W: torch.Tensor, E: torch.Tensor, method: str = "svd"
     dtype = dec.sigma.dtype
     Ec = E.to(dtype)
     u, v, s1 = dec.u, dec.v, dec.sigma1
-    y = torch.einsum("...ij,i->...j", Ec, u)
-    x = torch.einsum("...ij,j->...i", Ec, v)
+    # matmul, not einsum: einsum contracts E's row axis through a copy (20x slower for 128 x 512 x 512)
+    y = u @ Ec  # E^T u, (..., n)
+    x = Ec @ v  # E v, (..., m)
     if method == "svd":
         q = quadratic_form_from_projections(dec, y, x)
     elif method == "resolvent":
@@ -230,8 +237,14 @@ def hessian_quadratic_form(W: torch.Tensor, E: torch.Tensor, method: str = "svd"
         A_U = s1sq * torch.eye(m, dtype=dtype, device=W.device) - Wc @ Wc.T + s1sq * torch.outer(u, u)
         y_perp = y - (y @ v)[..., None] * v
         x_perp = x - (x @ u)[..., None] * u
-        Ry = torch.linalg.solve(A_V, y_perp.reshape(-1, n).T).T.reshape(y_perp.shape)
-        Rx = torch.linalg.solve(A_U, x_perp.reshape(-1, m).T).T.reshape(x_perp.shape)
+        try:
+            Ry = torch.linalg.solve(A_V, y_perp.reshape(-1, n).T).T.reshape(y_perp.shape)
+            Rx = torch.linalg.solve(A_U, x_perp.reshape(-1, m).T).T.reshape(x_perp.shape)
+        except torch.linalg.LinAlgError as exc:
+            raise DegenerateSpectrumError(
+                f"W: the deflated resolvent (s1^2 I - W^T W) is numerically singular in {dtype} "
+                f"(relative gap {float(dec.relative_gap):.3g}); use method='svd' or float64"
+            ) from exc
         q = s1 * ((y_perp * Ry).sum(-1) + (x_perp * Rx).sum(-1)) + 2 * (Ry * (x_perp @ Wc)).sum(-1)
     else:
         raise LipverifyError(f"unknown method {method!r}; expected 'svd' or 'resolvent'")
