@@ -26,9 +26,9 @@ from lipverify._validation import (
 )
 from lipverify.noise import estimator_scale
 from lipverify.spectral import (
-    DEFAULT_GAP_TOLERANCE,
     SpectralDecomposition,
     decompose,
+    gap_tolerance_for,
     quadratic_form_from_projections,
 )
 
@@ -38,8 +38,8 @@ class LayerTerms:
     """Theorem 14 terms of one layer at one step (Python floats).
 
     ``sigma``: sigma_1; ``mu``, ``psi``: drift parts per step; ``phi``: diffusion per sqrt(step);
-    ``gap``: sigma_1 - sigma_2; ``degenerate``: relative gap below the tolerance (psi then loses
-    accuracy like eps/gap). ``noise_projections`` (b,): ``eta sqrt(scale) u^T (G_i - G_bar) v``, whose
+    ``gap``: sigma_1 - sigma_2; ``degenerate``: relative gap below the tolerance (default
+    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype; psi then loses accuracy like eps/gap). ``noise_projections`` (b,): ``eta sqrt(scale) u^T (G_i - G_bar) v``, whose
     squares sum to phi^2; used for the cross-layer diagnostic of MATH section 4.
     """
 
@@ -73,7 +73,7 @@ def layer_terms_from_projections(
     drift_projection: torch.Tensor | float,
     lr: float,
     population_size: int | None = None,
-    gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
+    gap_tolerance: float | None = None,
     name: str = "layer",
 ) -> LayerTerms:
     """Theorem 14 from projections of the centred per-sample gradients E_i = G_i - G_bar.
@@ -88,6 +88,8 @@ def layer_terms_from_projections(
         raise DegenerateSpectrumError(
             f"{name}: sigma_1 = sigma_2 = {float(dec.sigma[0]):.6g}; psi (Theorem 14) is undefined"
         )
+    if gap_tolerance is None:
+        gap_tolerance = gap_tolerance_for(dec.sigma.dtype)
     proj = x @ dec.u  # u^T E_i v, (b,)
     q = quadratic_form_from_projections(dec, y, x)
     jsj = (proj * proj).sum() * scale
@@ -115,7 +117,7 @@ def layer_terms(
     lr: float,
     mean_grad: torch.Tensor | None = None,
     population_size: int | None = None,
-    gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
+    gap_tolerance: float | None = None,
 ) -> LayerTerms:
     """Theorem 14 for one layer with the Proposition 5 noise estimator.
 

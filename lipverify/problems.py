@@ -31,6 +31,7 @@ import torch
 
 from lipverify._validation import DegenerateSpectrumError, LipverifyError
 from lipverify.sde import SDE
+from lipverify.spectral import SpectralDecomposition, quadratic_form_from_projections
 
 
 def _integral(func: Callable[[float], float], t: float) -> float:
@@ -242,31 +243,6 @@ class LayerQuantities:
     gap: torch.Tensor
 
 
-def quadratic_form_batched(
-    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, y: torch.Tensor, x: torch.Tensor
-) -> torch.Tensor:
-    """Lemma 13 ``vec(E)^T H vec(E)`` from projections, batched over paths.
-
-    U (P, m, r), S (P, r), V (P, n, r) thin SVDs; y = E^T u (P, N, n), x = E v (P, N, m) ->
-    (P, N). Same formula as :func:`lipverify.spectral.quadratic_form_from_projections`, whose
-    decomposition is a single matrix (its ``sigma[0]`` does not broadcast over a path batch).
-    """
-    a = y @ V
-    c = x @ U
-    s1 = S[:, :1].unsqueeze(1)  # (P, 1, 1)
-    sk = S[:, 1:].unsqueeze(1)  # (P, 1, r-1)
-    ak, ck = a[..., 1:], c[..., 1:]
-    inner = ((s1 * (ak * ak + ck * ck) + 2 * sk * ak * ck) / ((s1 - sk) * (s1 + sk))).sum(-1)
-    null = torch.zeros_like(inner)
-    if V.shape[-2] > V.shape[-1]:
-        ry = y - a @ V.transpose(-1, -2)
-        null = null + (ry * ry).sum(-1)
-    if U.shape[-2] > U.shape[-1]:
-        rx = x - c @ U.transpose(-1, -2)
-        null = null + (rx * rx).sum(-1)
-    return inner + null / s1[..., 0]
-
-
 def layer_quantities(
     W: torch.Tensor, delta: torch.Tensor, act: torch.Tensor, lr: float, scale: float
 ) -> LayerQuantities:
@@ -294,7 +270,7 @@ def layer_quantities(
     y = act * du.unsqueeze(-1) - Gtu.unsqueeze(1)
     x = delta * av.unsqueeze(-1) - Gv.unsqueeze(1)
     p = du * av - uGv.unsqueeze(-1)
-    q = quadratic_form_batched(U, S, V, y, x)
+    q = quadratic_form_from_projections(SpectralDecomposition(U=U, sigma=S, V=V), y, x)
     gap = S[:, 0] - S[:, 1] if S.shape[-1] > 1 else S[:, 0]
     return LayerQuantities(
         sigma=S[:, 0],

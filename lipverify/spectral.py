@@ -22,8 +22,18 @@ from lipverify._validation import (
     compute_dtype,
 )
 
-#: Relative gap (sigma_1 - sigma_2) / sigma_1 below which results are flagged (MATH section 7).
+#: Floor of the relative gap (sigma_1 - sigma_2) / sigma_1 below which results are flagged (MATH section 7).
 DEFAULT_GAP_TOLERANCE = 1e-6
+
+
+def gap_tolerance_for(dtype: torch.dtype) -> float:
+    """Relative-gap flag threshold for a compute dtype: ``max(1e-6, sqrt(eps))``.
+
+    The Hessian terms carry a relative rounding error of about ``eps / relative_gap`` (MATH section 7),
+    so an unflagged result has relative error at most ``sqrt(eps)`` (1.5e-8 in float64, 3.5e-4 in
+    float32; the 1e-6 floor governs float64).
+    """
+    return max(DEFAULT_GAP_TOLERANCE, torch.finfo(dtype).eps ** 0.5)
 #: Largest d = m*n for which the dense (d, d) Hessian is built.
 MAX_DENSE_HESSIAN_DIM = 4096
 
@@ -89,13 +99,15 @@ def decompose(W: torch.Tensor, name: str = "W") -> SpectralDecomposition:
     return SpectralDecomposition(U=U, sigma=S, V=Vh.transpose(-1, -2))
 
 
-def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float) -> None:
+def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float | None = None) -> None:
     if dec.sigma.numel() > 1 and not bool(dec.sigma[0] > dec.sigma[1]):
         raise DegenerateSpectrumError(
             f"{name}: sigma_1 = sigma_2 = {float(dec.sigma[0]):.6g}; sigma_1 is not differentiable "
             "(Assumption 11 fails)"
         )
     rel = float(dec.relative_gap)
+    if gap_tolerance is None:
+        gap_tolerance = gap_tolerance_for(dec.sigma.dtype)
     if rel < gap_tolerance:
         warnings.warn(
             f"{name}: relative spectral gap {rel:.3g} is below {gap_tolerance:.3g}; Hessian terms scale "
@@ -122,7 +134,7 @@ def spectral_gap(W: torch.Tensor) -> torch.Tensor:
 def jacobian(W: torch.Tensor) -> torch.Tensor:
     """Lemma 12: ``d sigma_1 / dW = u v^T``, shape (m, n) (``v kron u`` in column-major vec)."""
     dec = decompose(W)
-    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
+    _require_simple(dec, "W")
     return torch.outer(dec.u, dec.v).to(W.dtype)
 
 
@@ -146,7 +158,7 @@ def hessian(W: torch.Tensor, max_dim: int = MAX_DENSE_HESSIAN_DIM) -> torch.Tens
             "use hessian_quadratic_form instead"
         )
     dec = decompose(W)
-    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
+    _require_simple(dec, "W")
     dtype = dec.sigma.dtype
     Wc = W.to(dtype)
     Uf, _, Vhf = torch.linalg.svd(Wc, full_matrices=True)
@@ -181,22 +193,26 @@ def quadratic_form_from_projections(
     ``sum_{k=2..r} [s1 (a_k^2 + c_k^2) + 2 s_k a_k c_k] / ((s1 - s_k)(s1 + s_k))
     + (|y - V a|^2 + |x - U c|^2) / s1``; the null-space parts are computed as residual norms
     (no cancellation), and ``s1^2 - s_k^2`` as a product (MATH section 7). Cost O((m + n) r) per E.
+
+    A batch of decompositions (``U`` (P, m, r), ``sigma`` (P, r), ``V`` (P, n, r), e.g. one per
+    simulated path) takes y (P, N, n) and x (P, N, m) -> (P, N): one sample axis after the batch axes.
     """
     a = y @ dec.V  # (..., r)
     c = x @ dec.U
-    s1 = dec.sigma[0]
-    sk = dec.sigma[1:]
+    sigma = dec.sigma if dec.sigma.ndim == 1 else dec.sigma.unsqueeze(-2)
+    s1 = sigma[..., :1]
+    sk = sigma[..., 1:]
     ak, ck = a[..., 1:], c[..., 1:]
     denom = (s1 - sk) * (s1 + sk)
     inner = ((s1 * (ak * ak + ck * ck) + 2 * sk * ak * ck) / denom).sum(-1)
     null = torch.zeros_like(inner)
-    if dec.V.shape[0] > dec.V.shape[1]:
+    if dec.V.shape[-2] > dec.V.shape[-1]:
         ry = y - a @ dec.V.transpose(-1, -2)
         null = null + (ry * ry).sum(-1)
-    if dec.U.shape[0] > dec.U.shape[1]:
+    if dec.U.shape[-2] > dec.U.shape[-1]:
         rx = x - c @ dec.U.transpose(-1, -2)
         null = null + (rx * rx).sum(-1)
-    return inner + null / s1
+    return inner + null / s1[..., 0]
 
 
 def _check_direction(W: torch.Tensor, E: torch.Tensor) -> None:
@@ -220,7 +236,7 @@ def hessian_quadratic_form(W: torch.Tensor, E: torch.Tensor, method: str = "svd"
     """
     dec = decompose(W)
     _check_direction(W, E)
-    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
+    _require_simple(dec, "W")
     dtype = dec.sigma.dtype
     Ec = E.to(dtype)
     u, v, s1 = dec.u, dec.v, dec.sigma1
@@ -254,7 +270,7 @@ def hessian_quadratic_form(W: torch.Tensor, E: torch.Tensor, method: str = "svd"
 def hessian_trace(W: torch.Tensor) -> torch.Tensor:
     """``tr H = sum_{k=2..r} 2 s1 / (s1^2 - s_k^2) + (m + n - 2r) / s1`` (MATH section 2)."""
     dec = decompose(W)
-    _require_simple(dec, "W", DEFAULT_GAP_TOLERANCE)
+    _require_simple(dec, "W")
     return hessian_trace_from_spectrum(dec.sigma, *W.shape).to(W.dtype)
 
 

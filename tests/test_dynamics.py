@@ -290,3 +290,21 @@ def test_rescale_variance_falls_like_one_over_b():
 def test_rescale_rejects_small_batches():
     with pytest.raises(LipverifyError, match="batch sizes"):
         rescale_batch_size([NetworkTerms(0.0, 0.0, 0.0, 0.0)], 1, 8)
+
+
+def test_default_gap_flag_depends_on_the_compute_dtype():
+    """Relative gap 1e-4: Hessian terms carry ~eps/gap relative error, 1e-3 in float32 (flagged,
+    above sqrt(eps32) = 3.5e-4) but 2e-12 in float64 (not flagged)."""
+    from lipverify.spectral import gap_tolerance_for
+
+    assert gap_tolerance_for(torch.float64) == 1e-6
+    assert gap_tolerance_for(torch.float32) == pytest.approx(torch.finfo(torch.float32).eps ** 0.5)
+    g = torch.Generator().manual_seed(3)
+    Q1, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=g))
+    Q2, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=g))
+    S = torch.zeros(4, 5, dtype=torch.float64)
+    S[range(4), range(4)] = torch.tensor([1.0, 1.0 - 1e-4, 0.5, 0.2], dtype=torch.float64)
+    W = Q1 @ S @ Q2.T
+    G = torch.randn(6, 4, 5, dtype=torch.float64, generator=g)
+    assert not layer_terms(W, G, 0.1).degenerate
+    assert layer_terms(W.float(), G.float(), 0.1).degenerate

@@ -15,9 +15,8 @@ from lipverify.problems import (
     MatrixSGDSDE,
     OrnsteinUhlenbeck,
     TwoLayerSGDSDE,
-    quadratic_form_batched,
 )
-from lipverify.spectral import decompose, quadratic_form_from_projections
+from lipverify.spectral import SpectralDecomposition, decompose, quadratic_form_from_projections
 
 
 def test_lognormal_analytic_integrals_match_quadrature():
@@ -102,13 +101,14 @@ def test_layer_quantities_match_the_numeric_core(setting):
 
 
 def test_batched_quadratic_form_matches_core(setting):
+    """One call over a batch of decompositions (one per path) equals per-path calls."""
     _, W = setting
     E = torch.randn(3, 5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     u, v = U[..., 0], Vh[..., 0, :]
     y = torch.einsum("pbij,pi->pbj", E, u)
     x = torch.einsum("pbij,pj->pbi", E, v)
-    q = quadratic_form_batched(U, S, Vh.transpose(-1, -2), y, x)
+    q = quadratic_form_from_projections(SpectralDecomposition(U=U, sigma=S, V=Vh.transpose(-1, -2)), y, x)
     for p in range(3):
         dec = decompose(W[p])
         yy = torch.einsum("bij,i->bj", E[p], dec.u)
