@@ -162,7 +162,9 @@ class NetworkTerms:
     @property
     def log_drift(self) -> float:
         """Theorem 15 drift of ln K."""
-        return self.mu + self.psi - 0.5 * self.phi_sq
+        from lipverify import _generated
+
+        return _generated.log_bound_drift(self.mu, self.psi, self.phi_sq)
 
     def as_dict(self) -> dict[str, float | bool | None]:
         return {
@@ -184,6 +186,8 @@ def _layer_list(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> list
 
 def network_terms(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> NetworkTerms:
     """Theorem 15: combine per-layer terms (a sequence or a name -> LayerTerms mapping)."""
+    from lipverify import _generated
+
     items = _layer_list(layers)
     cross = None
     projections = [t.noise_projections for t in items]
@@ -193,9 +197,9 @@ def network_terms(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> Ne
         cross = float((full * full).sum()) - sum(t.phi**2 / t.sigma**2 for t in items)
     return NetworkTerms(
         log_bound=sum(math.log(t.sigma) for t in items),
-        mu=sum(t.mu / t.sigma for t in items),
-        psi=sum(t.psi / t.sigma for t in items),
-        phi_sq=sum(t.phi**2 / t.sigma**2 for t in items),
+        mu=sum(_generated.normalised_rate(t.mu, t.sigma) for t in items),
+        psi=sum(_generated.normalised_rate(t.psi, t.sigma) for t in items),
+        phi_sq=sum(_generated.normalised_diffusion_sq(t.phi, t.sigma) for t in items),
         phi_sq_cross=cross,
         degenerate=any(t.degenerate for t in items),
     )
@@ -241,10 +245,12 @@ def predict_bound(
         raise LipverifyError("predict_bound needs a non-empty series of NetworkTerms")
     if not (math.isfinite(bound0) and bound0 > 0):
         raise LipverifyError(f"bound0 must be a positive finite number, got {bound0}")
+    from lipverify import _generated
+
     drift = _cumulative([t.mu + t.psi for t in network_series])
     Phi = _cumulative([t.phi_sq for t in network_series])
-    mean = bound0 * torch.exp(drift)
-    var = mean * mean * torch.expm1(Phi)
+    mean = _generated.bound_mean(bound0, drift)
+    var = _generated.bound_variance(mean, Phi)
     layer_mean = layer_var = None
     if layer_series is not None:
         rows = [_layer_list(step) for step in layer_series]
@@ -257,8 +263,8 @@ def predict_bound(
         drift_l = torch.tensor([[t.mu + t.psi for t in r] for r in rows], dtype=torch.float64).reshape(-1, L)
         phi_l = torch.tensor([[t.phi**2 for t in r] for r in rows], dtype=torch.float64).reshape(-1, L)
         zeros = torch.zeros(1, L, dtype=torch.float64)
-        layer_mean = sigma0 + torch.cat([zeros, torch.cumsum(drift_l, 0)])
-        layer_var = torch.cat([zeros, torch.cumsum(phi_l, 0)])
+        layer_mean = _generated.layer_mean(sigma0, torch.cat([zeros, torch.cumsum(drift_l, 0)]))
+        layer_var = _generated.layer_variance(torch.cat([zeros, torch.cumsum(phi_l, 0)]))
     return BoundPrediction(mean=mean, var=var, layer_mean=layer_mean, layer_var=layer_var)
 
 
@@ -272,14 +278,18 @@ def rescale_batch_size(
     """
     if batch_size < 2 or new_batch_size < 2:
         raise LipverifyError(f"batch sizes must be >= 2, got {batch_size} and {new_batch_size}")
-    ratio = batch_size / new_batch_size
+    from lipverify import _generated
+
+    def rescale(value: float) -> float:
+        return _generated.rescale_noise_term(value, batch_size, new_batch_size)
+
     return [
         NetworkTerms(
             log_bound=t.log_bound,
             mu=t.mu,
-            psi=t.psi * ratio,
-            phi_sq=t.phi_sq * ratio,
-            phi_sq_cross=None if t.phi_sq_cross is None else t.phi_sq_cross * ratio,
+            psi=rescale(t.psi),
+            phi_sq=rescale(t.phi_sq),
+            phi_sq_cross=None if t.phi_sq_cross is None else rescale(t.phi_sq_cross),
             degenerate=t.degenerate,
         )
         for t in network_series

@@ -276,6 +276,8 @@ def hessian_trace(W: torch.Tensor) -> torch.Tensor:
 
 def hessian_trace_from_spectrum(sigma: torch.Tensor, m: int, n: int) -> torch.Tensor:
     """tr H from the r = min(m, n) singular values (descending) of an m x n matrix."""
+    from lipverify import _generated
+
     s1, sk = sigma[0], sigma[1:]
     r = sigma.numel()
-    return (2 * s1 / ((s1 - sk) * (s1 + sk))).sum() + (m + n - 2 * r) / s1
+    return _generated.hessian_trace_pair_term(s1, sk).sum() + _generated.hessian_trace_null_term(s1, m, n, r)
