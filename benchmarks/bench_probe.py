@@ -1,0 +1,171 @@
+"""Cost of the dynamics probe against a plain SGD step and the torch.func reference.
+
+Every variant runs in its own subprocess (so the peak-memory numbers do not mix): a fixed random
+batch, ``--warmup`` untimed steps, then the median wall time of ``--repeats`` steps. Memory on CPU
+is the growth of the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) from just
+after the imports to the end of the timed steps (model, batch, activations, probe state); on CUDA
+it is ``torch.cuda.max_memory_allocated`` over the whole run.
+
+Variants: ``plain`` (zero_grad, forward, backward, SGD step); ``probe`` (the same step with the
+full probe every step: hooks, Theorem 14/15 terms, cross-layer diagnostic and the discrete truth;
+the full-data gradient is a separate pass over the data and not included); ``probe-f32``
+(spectral parts in float32); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``); ``reference``
+(torch.func ``vmap(grad)`` per-sample gradients, ``layer_terms`` with full SVDs, then the step).
+
+    python benchmarks/bench_probe.py                     # MLP and ConvNet, b = 128, CPU
+    python benchmarks/bench_probe.py --device cuda --model convnet --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from lipverify.dynamics import network_terms
+    from lipverify.models import build_model
+    from lipverify.probe import DynamicsProbe, reference_layer_terms
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(args.model, seed=0).to(device)
+    g = torch.Generator().manual_seed(0)
+    shape = (784,) if args.model == "mlp" else (3, 32, 32)
+    x = torch.rand(args.batch_size, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    lr = 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    variant = args.variant
+    probe = None
+    if variant.startswith("probe"):
+        probe = DynamicsProbe(
+            model,
+            compute_dtype=torch.float32 if variant == "probe-f32" else torch.float64,
+            conv_method="unfold" if variant == "probe-unfold" else "conv",
+            population_size=60000,
+        )
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        if probe is not None:
+            probe.before_step()
+            opt.zero_grad(set_to_none=True)
+            with probe.capture():
+                F.cross_entropy(model(x), y).backward()
+            probe.after_backward()
+            network_terms(probe.compute(lr))
+            opt.step()
+            probe.after_step(lr)
+            return
+        if variant == "reference":
+            reference_layer_terms(model, x, y, F.cross_entropy, lr, mode="vmap", dtype=torch.float64)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    sync()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated()
+    else:
+        mem = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_mem_bytes": mem}
+
+
+def _run_variant(args: argparse.Namespace, model: str, variant: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        model,
+        "--variant",
+        variant,
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats if variant != "reference" else max(3, args.repeats // 5)),
+        "--warmup",
+        str(args.warmup if variant != "reference" else 1),
+        "--threads",
+        str(args.threads),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if out.returncode != 0:
+        raise SystemExit(f"{model}/{variant} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="both", choices=["mlp", "convnet", "both"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow) torch.func reference")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.model = "mlp" if args.model == "both" else args.model
+        print(json.dumps(_worker(args)))
+        return
+    models = ["mlp", "convnet"] if args.model == "both" else [args.model]
+    threads = args.threads or "default"
+    print(f"device={args.device} batch={args.batch_size} threads={threads} repeats={args.repeats}")
+    head = ("model", "variant", "median ms", "x plain", "peak MB", "x plain mem")
+    print(f"{head[0]:8s} {head[1]:14s} {head[2]:>10s} {head[3]:>8s} {head[4]:>9s} {head[5]:>11s}")
+    for model in models:
+        variants = ["plain", "probe", "probe-f32"]
+        if model == "convnet":
+            variants.append("probe-unfold")
+        if not args.no_reference:
+            variants.append("reference")
+        results = {v: _run_variant(args, model, v) for v in variants}
+        plain = results["plain"]
+        for v, r in results.items():
+            mem_ratio = (
+                "n/a"
+                if plain["peak_mem_bytes"] <= 0
+                else f"{r['peak_mem_bytes'] / plain['peak_mem_bytes']:.2f}"
+            )
+            print(
+                f"{model:8s} {v:14s} {1e3 * r['median_s']:10.2f} {r['median_s'] / plain['median_s']:8.2f} "
+                f"{r['peak_mem_bytes'] / 2**20:9.1f} {mem_ratio:>11s}"
+            )
+
+
+if __name__ == "__main__":
+    main()

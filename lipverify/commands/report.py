@@ -1,0 +1,69 @@
+"""``lipverify report RUN_DIR``: summary numbers, ``summary.json`` and ``figure.png`` of a run
+(or, for a sweep directory with ``sweep.json``, the sweep report of :mod:`lipverify.claims`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lipverify._validation import LipverifyError
+
+HELP = "summarise a training run (summary.json, figure.png) or a sweep directory"
+
+_KEYS = (
+    "steps",
+    "K0",
+    "K_T_observed",
+    "K_T_predicted_mean",
+    "K_T_predicted_std",
+    "relative_error",
+    "fraction_in_2std",
+    "cumulative_mu",
+    "cumulative_psi",
+    "psi_mu_ratio",
+    "cumulative_phi_sq",
+    "cumulative_phi_sq_cross",
+    "K_T_predicted_mean_full_mu",
+    "K_T_predicted_std_full_mu",
+    "fraction_in_2std_full_mu",
+    "log_bound_change_observed",
+    "log_bound_change_predicted",
+    "final_loss",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="directory written by `lipverify train` (or a sweep directory)")
+
+
+def report_run(run_dir: str | Path) -> int:
+    from lipverify.prediction import plot_run, summarize_run
+    from lipverify.records import write_json
+
+    run_dir = Path(run_dir)
+    summary = summarize_run(run_dir)
+    write_json(run_dir / "summary.json", summary)
+    figure = plot_run(run_dir, run_dir / "figure.png")
+    for key in _KEYS:
+        value = summary[key]
+        print(f"{key:28s} {value:.6g}" if isinstance(value, float) else f"{key:28s} {value}")
+    print(f"{'layer':8s} {'sigma0':>10s} {'sigma_T':>10s} {'pred E':>10s} {'pred std':>10s} {'in 2std':>8s}")
+    for name, s in summary["layers"].items():
+        print(
+            f"{name:8s} {s['sigma0']:10.5g} {s['sigma_T_observed']:10.5g} "
+            f"{s['sigma_T_predicted_mean']:10.5g} "
+            f"{s['sigma_T_predicted_std']:10.3g} {s['fraction_in_2std']:8.2f}"
+        )
+    print(f"wrote {run_dir / 'summary.json'} and {figure}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.run_dir)
+    if not path.is_dir():
+        raise LipverifyError(f"run directory {path} does not exist")
+    if (path / "sweep.json").exists():
+        from lipverify.claims import report_sweep
+
+        return report_sweep(path)
+    return report_run(path)

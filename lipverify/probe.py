@@ -1,0 +1,738 @@
+"""Dynamics probe: Theorem 14/15 terms of a real ``nn.Module`` from one backward pass.
+
+For every ``nn.Linear`` and ``nn.Conv2d`` (weight in the matrix view of MATH section 0: a Conv2d
+weight ``(out, in, kh, kw)`` is the ``(out, in*kh*kw)`` matrix) the probe records, per step,
+``sigma_1``, the gap, the degenerate flag, ``mu``, ``phi``, ``psi`` (Theorem 14 with the
+Proposition 5 estimator), and for the network the Theorem 15 terms plus the cross-layer noise
+diagnostic of MATH section 4; on request the full-data drift ``mu_full`` and the one-step discrete
+truth of MATH section 3.
+
+Per-sample structure (MATH section 2, end). Hooks capture each layer's input ``a`` and the gradient
+``delta`` of the loss with respect to the layer's output. For a Linear layer ``G_i = delta_i a_i^T``
+(summed over extra positions if the input has more than two dimensions), for a Conv2d
+``G_i = sum_p delta_{i,p} a_{i,p}^T`` over output positions p with the unfolded patches
+``a_{i,p}``. The probe only forms the projections
+
+* ``y_i = G_i^T u = sum_p a_{i,p} (delta_{i,p}^T u)``  (n,)
+* ``x_i = G_i v   = sum_p delta_{i,p} (a_{i,p}^T v)``  (m,)
+
+never a per-sample gradient. For a Conv2d, ``a_{i,p}^T v`` is a convolution of the input with
+``v`` reshaped as a one-output-channel kernel, and ``y_i`` is the per-sample weight gradient of a
+single output channel with output gradient ``delta^T u`` (one grouped ``conv2d_weight`` call with
+``groups = b``); ``conv_method="unfold"`` uses ``F.unfold`` instead (same numbers, more memory).
+The projections are linear in ``G_i``, so centring ``E_i = G_i - G_bar`` is ``y_i - y_bar``,
+``x_i - x_bar``. The contractions with the activations run in ``projection_dtype`` (default: the
+activations' own dtype, so float32 training keeps torch's fast float32 convolution kernels; a
+float64 model gets float64 throughout); the projections are then cast to ``compute_dtype``
+(float64 by default) before centring and everything after (decomposition, Lemma 13 forms,
+Theorem 14 sums) runs in ``compute_dtype``.
+
+Per-sample loss. The probe uses ``G_i = grad of l_i`` with the per-sample loss defined by
+``L = (1/b) sum_i l_i``. The hooked output gradient of a ``reduction="mean"`` loss is
+``(1/b) grad l_i``, so the probe multiplies ``delta`` by b. A ``reduction="sum"`` loss
+``sum_i l_i = b L`` is SGD on L with learning rate ``b eta``: the hooked gradient is already
+``grad l_i`` and the terms are computed with ``b eta`` (so mu and phi scale by b, psi by b^2). The
+reduction is read from ``loss_fn.reduction`` when present, else ``"mean"`` (the default of torch's
+functional losses); pass ``reduction=`` explicitly for anything else. A loss function returning
+per-sample losses (shape (b,)) is averaged (``reduction="mean"``).
+
+Definition of the per-sample gradient (also with batch norm and dropout). ``G_i`` is b times the
+gradient of the batch loss with respect to a private copy ``W_i`` of the weight that only sample i
+uses in the forward pass (evaluated at ``W_i = W``). Without interactions between samples this is
+exactly ``grad l_i``. With batch norm in training mode (batch statistics) the samples interact:
+``G_i`` then contains the interaction terms through the batch mean and variance (it is what the
+hooks capture: the output gradient of sample i under the full batch loss), and
+``(1/b) sum_i G_i`` is still exactly the batch gradient. With dropout each sample uses its own mask
+of the single forward pass. :func:`reference_per_sample_gradients` implements this definition
+independently of hooks (``mode="copy"``: per-sample weight copies, one autograd pass) and also the
+``torch.func`` ``vmap(grad(l_i))`` definition (``mode="vmap"``) for models without interactions.
+
+Parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm) are not part of the bound
+``K = prod sigma_1(W_l)`` and are ignored. Any other module with its own parameters (Conv1d,
+Conv3d, ConvTranspose, Bilinear, Embedding, ...), a grouped Conv2d, a non-zero padding mode,
+parametrised weights, weights shared between modules or a layer called twice in one forward raise
+a :class:`LipverifyError` listing them, unless named in ``skip=``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipverify._validation import LipverifyError, check_batch_size
+from lipverify.dynamics import LayerTerms, layer_terms, layer_terms_from_projections
+from lipverify.spectral import (
+    DEFAULT_GAP_TOLERANCE,
+    SpectralDecomposition,
+    decompose,
+    hessian_trace_from_spectrum,
+    quadratic_form_from_projections,
+)
+
+#: Quantities a :class:`ProbeSchedule` can schedule.
+QUANTITIES = ("terms", "full_gradient", "discrete")
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+@dataclass
+class ProbeSchedule:
+    """Which probe quantities run every how many steps (0 = never).
+
+    ``terms``: sigma, gap, mu, phi, psi and the network terms (needs the hooks on the training
+    backward); ``full_gradient``: ``mu_full`` from a pass over the whole data set; ``discrete``:
+    observed ``Delta sigma_1`` of the optimiser step against its first/second-order predictions.
+    """
+
+    every: dict[str, int] = field(default_factory=lambda: {"terms": 1, "full_gradient": 0, "discrete": 1})
+
+    def __post_init__(self) -> None:
+        for key, value in self.every.items():
+            if key not in QUANTITIES:
+                raise LipverifyError(
+                    f"unknown probe quantity {key!r}; expected one of {', '.join(QUANTITIES)}"
+                )
+            if not isinstance(value, int) or value < 0:
+                raise LipverifyError(f"probe schedule for {key!r} must be an integer >= 0, got {value!r}")
+
+    def due(self, quantity: str, step: int) -> bool:
+        k = self.every.get(quantity, 0)
+        return k > 0 and step % k == 0
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    kind: str  # "linear" | "conv"
+    inputs: torch.Tensor | None = None
+    grad_out: torch.Tensor | None = None
+    calls: int = 0
+    batch_grad: torch.Tensor | None = None
+    weight_before: torch.Tensor | None = None
+    dec_before: SpectralDecomposition | None = None
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0)
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation, strict=True):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return (pads[0], pads[1])
+    return tuple(module.padding)
+
+
+def find_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[nn.Module, str]]:
+    """The probed layers ``name -> (module, kind)``; raises listing every unsupported module."""
+    from torch.nn.utils import parametrize
+
+    skip = set(skip)
+    layers: dict[str, tuple[nn.Module, str]] = {}
+    problems: list[str] = []
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if name in skip:
+            continue
+        own = [p for p in module.parameters(recurse=False)]
+        if parametrize.is_parametrized(module):
+            problems.append(f"{name} ({type(module).__name__}: parametrised weights)")
+            continue
+        if isinstance(module, nn.Linear):
+            kind = "linear"
+        elif isinstance(module, nn.Conv2d):
+            kind = "conv"
+            if module.groups != 1:
+                problems.append(f"{name} (Conv2d with groups={module.groups})")
+                continue
+            if module.padding_mode != "zeros":
+                problems.append(f"{name} (Conv2d with padding_mode={module.padding_mode!r})")
+                continue
+            if _conv_padding(module) is None:
+                problems.append(f"{name} (Conv2d with asymmetric 'same' padding)")
+                continue
+        elif isinstance(module, _NORM_TYPES) or not own:
+            continue
+        else:
+            problems.append(f"{name} ({type(module).__name__})")
+            continue
+        key = id(module.weight)
+        if key in owners:
+            problems.append(f"{name} (weight shared with {owners[key]})")
+            continue
+        owners[key] = name
+        layers[name] = (module, kind)
+    unknown = skip - {n for n, _ in model.named_modules()}
+    if unknown:
+        raise LipverifyError(f"skip names unknown modules: {', '.join(sorted(unknown))}")
+    if problems:
+        raise LipverifyError(
+            "unsupported layers for the dynamics probe (supported: nn.Linear, nn.Conv2d with groups=1 and "
+            "zero padding, unshared and unparametrised weights): "
+            + "; ".join(problems)
+            + ". Pass their names in skip=[...] to leave them out of the bound."
+        )
+    if not layers:
+        raise LipverifyError("the model has no nn.Linear or nn.Conv2d layer to probe")
+    return layers
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight in the matrix view of MATH section 0: (out, in) or (out, in*kh*kw), detached."""
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def fast_decompose(W: torch.Tensor, dtype: torch.dtype, name: str = "W") -> SpectralDecomposition:
+    """Thin SVD of ``W`` (m, n) in ``dtype`` via the eigendecomposition of the smaller Gram matrix.
+
+    ``W W^T = U diag(s^2) U^T`` (m <= n) and ``V = W^T U / s`` (or the transpose). 3-5x faster than
+    ``torch.linalg.svd`` on CPU; falls back to :func:`lipverify.spectral.decompose` when the smallest
+    singular value is below ``1e-4 sigma_1`` (where ``W^T U / s`` loses digits). Same sign
+    convention as ``decompose``.
+    """
+    Wc = W.to(dtype)
+    m, n = Wc.shape
+    if not bool(torch.isfinite(Wc).all()):
+        return decompose(Wc, name)  # raises the named error
+    tall = m > n
+    gram = Wc.T @ Wc if tall else Wc @ Wc.T
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    if not bool(evals[-1] > (1e-4**2) * evals[0]):
+        return decompose(Wc, name)
+    s = evals.sqrt()
+    other = (Wc @ evecs if tall else Wc.T @ evecs) / s
+    U, V = (other, evecs) if tall else (evecs, other)
+    k = torch.argmax(V[:, 0].abs())
+    sign = torch.sign(V[k, 0])
+    U = U.clone()
+    V = V.clone()
+    U[:, 0] *= sign
+    V[:, 0] *= sign
+    return SpectralDecomposition(U=U, sigma=s, V=V)
+
+
+class DynamicsProbe:
+    """Theorem 14/15 terms of every Linear/Conv2d layer of ``model`` from hooked activations.
+
+    Arguments: ``skip``: module names to leave out; ``compute_dtype``: dtype of the projections and
+    the spectral parts (float64 default; the model may train in float32); ``decomposition``:
+    ``"gram"`` (:func:`fast_decompose`) or ``"svd"`` (:func:`lipverify.spectral.decompose`);
+    ``conv_method``: ``"conv"`` or ``"unfold"`` (see the module docstring); ``projection_dtype``:
+    dtype of the contractions with the activations (None: the activations' dtype);
+    ``conv_chunk_bytes``: bound on the im2col buffer of the per-sample conv weight gradient;
+    ``population_size``: N
+    for the without-replacement factor ``(1 - b/N)`` of Proposition 5 (None: with replacement).
+
+    Two ways to use it: :meth:`measure` (one batch, the model is not updated, the parameters'
+    ``.grad`` are restored), or inside a training loop::
+
+        probe.before_step()                      # snapshot W_t (for the discrete truth)
+        with probe.capture():
+            loss = loss_fn(model(x), y); loss.backward()
+        probe.after_backward()                   # keeps the batch gradient
+        terms = probe.compute(lr)                # name -> LayerTerms
+        optimizer.step()
+        truth = probe.after_step(lr)             # name -> observed/first/second/dropped
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        skip: Iterable[str] = (),
+        compute_dtype: torch.dtype = torch.float64,
+        decomposition: str = "gram",
+        conv_method: str = "conv",
+        projection_dtype: torch.dtype | None = None,
+        conv_chunk_bytes: int = 8 << 20,
+        population_size: int | None = None,
+        gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
+        schedule: ProbeSchedule | None = None,
+    ) -> None:
+        if decomposition not in ("gram", "svd"):
+            raise LipverifyError(f"decomposition must be 'gram' or 'svd', got {decomposition!r}")
+        if conv_method not in ("conv", "unfold"):
+            raise LipverifyError(f"conv_method must be 'conv' or 'unfold', got {conv_method!r}")
+        self.model = model
+        self.compute_dtype = compute_dtype
+        self.decomposition = decomposition
+        self.conv_method = conv_method
+        self.projection_dtype = projection_dtype
+        self.conv_chunk_bytes = conv_chunk_bytes
+        self.population_size = population_size
+        self.gap_tolerance = gap_tolerance
+        self.schedule = schedule or ProbeSchedule()
+        self._layers = {
+            name: _Layer(name, module, kind) for name, (module, kind) in find_layers(model, skip).items()
+        }
+        self._dec_cache: dict[str, tuple[int, int, SpectralDecomposition]] = {}
+        self._capturing = False
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    # ----------------------------------------------------------------- spectral parts
+    def decomposition_of(self, name: str) -> SpectralDecomposition:
+        """Thin SVD of layer ``name``'s weight matrix, cached until the weight changes."""
+        layer = self._layers[name]
+        w = layer.module.weight
+        key = (w.data_ptr(), w._version)
+        cached = self._dec_cache.get(name)
+        if cached is not None and cached[:2] == key:
+            return cached[2]
+        W = weight_matrix(layer.module)
+        if self.decomposition == "gram":
+            dec = fast_decompose(W, self.compute_dtype, name)
+        else:
+            dec = decompose(W.to(self.compute_dtype), name)
+        self._dec_cache[name] = (*key, dec)
+        return dec
+
+    def sigmas(self) -> dict[str, float]:
+        """sigma_1 of every layer: from the cached decomposition when it is current, else from
+        ``torch.linalg.matrix_norm(W, 2)`` (singular values only, cheaper than the SVD)."""
+        out = {}
+        for name, layer in self._layers.items():
+            w = layer.module.weight
+            cached = self._dec_cache.get(name)
+            if cached is not None and cached[:2] == (w.data_ptr(), w._version):
+                out[name] = float(cached[2].sigma1)
+            else:
+                out[name] = float(
+                    torch.linalg.matrix_norm(weight_matrix(layer.module).to(self.compute_dtype), 2)
+                )
+        return out
+
+    def log_bound(self) -> float:
+        """``ln K = sum_l ln sigma_1(W_l)`` (Proposition 8)."""
+        return sum(math.log(s) for s in self.sigmas().values())
+
+    # ----------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Install forward hooks (inputs) and output-tensor hooks (output gradients) for one
+        forward/backward pass; removed on exit, the captured tensors are kept for :meth:`compute`."""
+        handles = []
+        for layer in self._layers.values():
+            layer.inputs = layer.grad_out = None
+            layer.calls = 0
+            handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _make_hook(layer: _Layer) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            layer.calls += 1
+            layer.inputs = args[0].detach()
+            if output.requires_grad:
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    layer.grad_out = g.detach()
+
+                output.register_hook(grad_hook)
+
+        return hook
+
+    # ----------------------------------------------------------------- projections
+    def _per_sample_scale(self, b: int, reduction: str) -> float:
+        """Factor turning the hooked output gradient into that of l_i (L = (1/b) sum l_i)."""
+        if reduction == "mean":
+            return float(b)
+        if reduction == "sum":
+            return 1.0
+        raise LipverifyError(f"loss reduction must be 'mean' or 'sum', got {reduction!r}")
+
+    @staticmethod
+    def _centre(y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return y - y.mean(0, keepdim=True), x - x.mean(0, keepdim=True)
+
+    def _projections(
+        self, layer: _Layer, dec: SpectralDecomposition, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncentred ``(y, x)``: rows ``G_i^T u`` (b, n) and ``G_i v`` (b, m)."""
+        if layer.calls != 1:
+            raise LipverifyError(
+                f"layer {layer.name} was called {layer.calls} times in the captured forward pass; the probe "
+                "needs exactly one call per layer (shared or unused layers are not supported: skip=[...])"
+            )
+        if layer.grad_out is None:
+            raise LipverifyError(
+                f"no output gradient captured for layer {layer.name}: "
+                "run loss.backward() inside probe.capture()"
+            )
+        dt = self.projection_dtype or layer.inputs.dtype
+        if dt not in (torch.float32, torch.float64):
+            dt = torch.float32
+        a = layer.inputs.to(dt)
+        delta = layer.grad_out.to(dt)
+        u, v = dec.u.to(dt), dec.v.to(dt)
+        y, x = self._contract(layer, a, delta, u, v)  # linear in delta: scale afterwards
+        return y.to(self.compute_dtype) * scale, x.to(self.compute_dtype) * scale
+
+    def _contract(
+        self, layer: _Layer, a: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = a.shape[0]
+        module = layer.module
+        if layer.kind == "linear":
+            a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
+            d3 = delta.reshape(b, -1, delta.shape[-1])  # (b, P, m)
+            y = torch.bmm((d3 @ u).unsqueeze(1), a3)[:, 0]
+            x = torch.bmm((a3 @ v).unsqueeze(1), d3)[:, 0]
+            return y, x
+        C = a.shape[1]
+        kh, kw = module.kernel_size
+        padding = _conv_padding(module)
+        m = delta.shape[1]
+        d3 = delta.reshape(b, m, -1)  # (b, m, P), a view
+        t = torch.matmul(u, d3)  # (b, P): delta_{i,p}^T u, no copy of delta
+        if self.conv_method == "unfold":
+            A = F.unfold(a, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
+            P = A.shape[-1]
+            y = torch.bmm(A, t.reshape(b, P, 1))[..., 0]
+            s = torch.matmul(v, A)  # (b, P)
+            x = torch.bmm(d3, s.unsqueeze(-1))[..., 0]
+            return y, x
+        s = F.conv2d(a, v.reshape(1, C, kh, kw), None, module.stride, padding, module.dilation)
+        x = torch.bmm(d3, s.reshape(b, -1, 1))[..., 0]  # sum_p delta_{i,p} (a_{i,p}^T v)
+        # sum_p a_{i,p} t_{i,p}: per-sample weight gradient of one output channel, as one grouped
+        # conv2d_weight over a chunk of samples (chunks bound its im2col buffer).
+        H, Wd = a.shape[-2:]
+        Ho, Wo = delta.shape[-2:]
+        per_sample = C * kh * kw * Ho * Wo * a.element_size()
+        chunk = max(1, min(b, self.conv_chunk_bytes // max(per_sample, 1)))
+        ys = []
+        for i in range(0, b, chunk):
+            c = min(chunk, b - i)
+            ys.append(
+                torch.nn.grad.conv2d_weight(
+                    a[i : i + c].reshape(1, c * C, H, Wd),
+                    (c, C, kh, kw),
+                    t[i : i + c].reshape(1, c, Ho, Wo),
+                    stride=module.stride,
+                    padding=padding,
+                    dilation=module.dilation,
+                    groups=c,
+                ).reshape(c, -1)
+            )
+        return torch.cat(ys), x
+
+    # ----------------------------------------------------------------- terms
+    def compute(
+        self,
+        lr: float,
+        reduction: str = "mean",
+        mean_grads: Mapping[str, torch.Tensor] | None = None,
+        grad_scale: float = 1.0,
+        grad_noise_var: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> dict[str, LayerTerms]:
+        """Theorem 14 terms of every layer from the last captured forward/backward pass.
+
+        ``lr``: eta. The update is ``W <- W - eta (alpha g_B + beta xi + lambda W)`` with
+        ``alpha = grad_scale``, per-entry noise variance ``beta^2 = grad_noise_var`` added once to
+        the batch gradient and weight decay ``lambda``. Then (MATH sections 3 and 8.4)
+        ``mu = -eta alpha u^T grad_L v - eta lambda sigma_1``,
+        ``phi^2 = (eta alpha)^2 J^T Sigma_hat J + eta^2 beta^2`` and
+        ``psi = ((eta alpha)^2 / 2) tr(H Sigma_hat) + (eta^2 beta^2 / 2) tr H``.
+        ``grad_L`` is the batch mean ``G_bar`` unless ``mean_grads`` (name -> (m, n), e.g. from
+        :meth:`full_gradient`) is given. ``noise_projections`` covers the gradient noise only (the
+        injected noise is independent across layers).
+        """
+        out: dict[str, LayerTerms] = {}
+        for name, layer in self._layers.items():
+            if layer.inputs is None:
+                raise LipverifyError(
+                    f"nothing captured for layer {name}: run the forward pass inside capture()"
+                )
+            b = check_batch_size(layer.inputs.shape[0])
+            lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
+            dec = self.decomposition_of(name)
+            y, x = self._projections(layer, dec, self._per_sample_scale(b, reduction))
+            if mean_grads is not None and name in mean_grads:
+                drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
+            else:
+                drift = (x @ dec.u).mean()
+            yc, xc = self._centre(y, x)
+            terms = layer_terms_from_projections(
+                dec, yc, xc, drift, lr_eff, self.population_size, self.gap_tolerance, name
+            )
+            if weight_decay or grad_noise_var:
+                m, n = dec.shape
+                trace_h = float(hessian_trace_from_spectrum(dec.sigma, m, n))
+                terms = replace(
+                    terms,
+                    mu=terms.mu - lr * weight_decay * terms.sigma,
+                    phi=math.sqrt(terms.phi**2 + lr * lr * grad_noise_var),
+                    psi=terms.psi + 0.5 * lr * lr * grad_noise_var * trace_h,
+                )
+            out[name] = terms
+        return out
+
+    def drift(
+        self,
+        mean_grads: Mapping[str, torch.Tensor],
+        lr: float,
+        grad_scale: float = 1.0,
+        weight_decay: float = 0.0,
+    ) -> dict[str, float]:
+        """``mu = -eta alpha u^T grad_L v - eta lambda sigma_1`` for expected gradients (e.g. full-data)."""
+        out = {}
+        for name in self._layers:
+            dec = self.decomposition_of(name)
+            g = mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape)
+            out[name] = -lr * grad_scale * float(dec.u @ g @ dec.v) - lr * weight_decay * float(dec.sigma1)
+        return out
+
+    def measure(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        lr: float,
+        reduction: str | None = None,
+        mean_grads: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, LayerTerms]:
+        """Theorem 14 terms for one batch without updating the model (its ``.grad`` is restored).
+
+        ``loss_fn(outputs, targets)`` returns the batch loss (scalar, ``reduction`` read from
+        ``loss_fn.reduction`` or ``"mean"``) or per-sample losses of shape (b,) (averaged here).
+        The forward runs in the model's current mode (dropout draws masks).
+        """
+        check_batch_size(inputs.shape[0])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with self.capture():
+                loss = loss_fn(self.model(inputs), targets)
+                red = reduction or getattr(loss_fn, "reduction", "mean")
+                if loss.ndim > 0:
+                    loss, red = loss.mean(), "mean"
+                loss.backward()
+            return self.compute(lr, reduction=red, mean_grads=mean_grads)
+        finally:
+            for p, g in zip(params, saved, strict=True):
+                p.grad = g
+
+    def full_gradient(
+        self,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Full-data gradient ``grad_L = (1/N) sum_i grad l_i`` of each layer weight, (m, n).
+
+        ``loss_fn`` must be mean-reduced per batch. Runs in the model's current mode under a forked
+        RNG (dropout masks here do not change the training's random stream); with batch norm the
+        statistics are those of each chunk in ``batches``.
+        """
+        weights = [layer.module.weight for layer in self._layers.values()]
+        total = [torch.zeros_like(w, dtype=self.compute_dtype) for w in weights]
+        count = 0
+        with torch.random.fork_rng(devices=[]):
+            for x, y in batches:
+                loss = loss_fn(self.model(x), y) * x.shape[0]
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                for acc, g in zip(total, grads, strict=True):
+                    if g is not None:
+                        acc += g.to(self.compute_dtype)
+                count += x.shape[0]
+        if count == 0:
+            raise LipverifyError("full_gradient got no data")
+        return {
+            name: (acc / count).reshape(acc.shape[0], -1)
+            for name, acc in zip(self._layers, total, strict=True)
+        }
+
+    # ----------------------------------------------------------------- discrete truth
+    def before_step(self) -> None:
+        """Snapshot every weight (and its decomposition) before the optimiser step."""
+        for name, layer in self._layers.items():
+            layer.dec_before = self.decomposition_of(name)
+            layer.weight_before = weight_matrix(layer.module).clone()
+
+    def after_backward(self) -> None:
+        """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term)."""
+        for layer in self._layers.values():
+            g = layer.module.weight.grad
+            layer.batch_grad = None if g is None else g.detach().reshape(g.shape[0], -1).clone()
+
+    def after_step(
+        self, lr: float, mean_grads: Mapping[str, torch.Tensor] | None = None, grad_scale: float = 1.0
+    ) -> dict[str, dict[str, float]]:
+        """One-step discrete truth (MATH section 3) of the update ``Delta W = W_{t+1} - W_t``.
+
+        Per layer: ``dsigma_observed = sigma_1(W_{t+1}) - sigma_1(W_t)``, ``dsigma_first = u^T Delta W v``,
+        ``dsigma_second = u^T Delta W v + q_H(Delta W) / 2`` and ``dropped_drift_term =
+        ((eta alpha)^2 / 2) q_H(grad_L)`` (grad_L: ``mean_grads`` if given, else the batch mean kept
+        by :meth:`after_backward`; weight decay adds nothing since ``q_H(W) = 0``).
+        """
+        out = {}
+        for name, layer in self._layers.items():
+            if layer.dec_before is None:
+                raise LipverifyError("after_step needs before_step() before the optimiser step")
+            dec = layer.dec_before
+            dt = dec.sigma.dtype
+            dW = weight_matrix(layer.module).to(dt) - layer.weight_before.to(dt)
+            new = self.decomposition_of(name)
+            first = float(dec.u @ dW @ dec.v)
+            q = float(quadratic_form_from_projections(dec, dW.T @ dec.u, dW @ dec.v))
+            g = mean_grads[name] if mean_grads is not None and name in mean_grads else layer.batch_grad
+            dropped = math.nan
+            if g is not None:
+                g = g.to(dt).reshape(dec.shape)
+                qg = float(quadratic_form_from_projections(dec, g.T @ dec.u, g @ dec.v))
+                dropped = 0.5 * (lr * grad_scale) ** 2 * qg
+            out[name] = {
+                "dsigma_observed": float(new.sigma1 - dec.sigma1),
+                "dsigma_first": first,
+                "dsigma_second": first + 0.5 * q,
+                "dropped_drift_term": dropped,
+            }
+            layer.dec_before = layer.weight_before = None
+        return out
+
+
+def cross_layer_diffusion(terms: Mapping[str, LayerTerms]) -> float:
+    """Cross-layer part of the diffusion of ln K that Assumption 3 drops (MATH section 4).
+
+    ``sum_i (sum_l p_{l,i} / sigma_l)^2 - sum_l sum_i p_{l,i}^2 / sigma_l^2
+    = 2 sum_{l < l'} sum_i p_{l,i} p_{l',i} / (sigma_l sigma_l')`` with ``p_{l,i}`` the layers'
+    ``noise_projections``. Unlike ``network_terms(...).phi_sq_cross`` it uses the projections only,
+    so it stays correct when ``phi`` also carries injected gradient noise (independent across
+    layers, hence without cross terms).
+    """
+    items = list(terms.values())
+    if any(t.noise_projections is None for t in items):
+        raise LipverifyError("cross_layer_diffusion needs LayerTerms with noise_projections")
+    scaled = [t.noise_projections.to(torch.float64) / t.sigma for t in items]
+    total = sum(scaled)
+    return float((total * total).sum()) - sum(float((p * p).sum()) for p in scaled)
+
+
+# --------------------------------------------------------------------------- references
+@contextlib.contextmanager
+def _per_sample_weights(layers: Mapping[str, tuple[nn.Module, str]], copies: Mapping[str, torch.Tensor]):
+    """Temporarily make each layer use weight ``copies[name][i]`` for sample i."""
+    for name, (module, kind) in layers.items():
+        Wc = copies[name]
+        if kind == "linear":
+
+            def fwd(a, module=module, Wc=Wc):
+                out = torch.einsum("b...n,bmn->b...m", a, Wc)
+                return out if module.bias is None else out + module.bias
+
+        else:
+            padding = _conv_padding(module)
+
+            def fwd(a, module=module, Wc=Wc, padding=padding):
+                def one(ai, wi):
+                    return F.conv2d(ai[None], wi, module.bias, module.stride, padding, module.dilation)[0]
+
+                return torch.func.vmap(one)(a, Wc)
+
+        module.forward = fwd
+    try:
+        yield
+    finally:
+        for module, _ in layers.values():
+            del module.forward  # back to the class method
+
+
+def reference_per_sample_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    mode: str = "vmap",
+    skip: Iterable[str] = (),
+    reduction: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients ``grad l_i`` of every probed layer, (b, m, n) matrices (reference).
+
+    ``mode="vmap"``: ``torch.func.vmap(grad(l_i))`` over ``functional_call`` with one sample at a
+    time (no interactions between samples; dropout must be off). ``mode="copy"``: each layer gets b
+    weight copies ``W_i = W`` that only sample i uses; one autograd pass of the batch loss gives
+    ``G_i = b dL/dW_i`` (mean reduction) - the probe's definition with batch norm, and with dropout
+    when the RNG state is the same as in the probe's forward pass. Costs O(b d) memory.
+    """
+    layers = find_layers(model, skip)
+    b = inputs.shape[0]
+    check_batch_size(b)
+    if mode == "vmap":
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+        names = {name: f"{name}.weight" for name in layers}
+
+        def loss_one(p, x, t):
+            out = torch.func.functional_call(model, (p, buffers), (x[None],))
+            return loss_fn(out, t[None])
+
+        try:
+            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0), randomness="error")(
+                params, inputs, targets
+            )
+        except RuntimeError as exc:
+            if "randomness" not in str(exc):
+                raise
+            raise LipverifyError(
+                "mode='vmap' cannot replay random layers (dropout in training mode); use mode='copy' "
+                "with the RNG state of the probe's forward pass"
+            ) from exc
+        return {name: grads[key].reshape(b, grads[key].shape[1], -1) for name, key in names.items()}
+    if mode != "copy":
+        raise LipverifyError(f"mode must be 'vmap' or 'copy', got {mode!r}")
+    copies = {
+        name: module.weight.detach().unsqueeze(0).expand(b, *module.weight.shape).clone().requires_grad_(True)
+        for name, (module, _) in layers.items()
+    }
+    with _per_sample_weights(layers, copies):
+        loss = loss_fn(model(inputs), targets)
+    red = reduction or getattr(loss_fn, "reduction", "mean")
+    if loss.ndim > 0:
+        loss, red = loss.mean(), "mean"
+    grads = torch.autograd.grad(loss, list(copies.values()))
+    factor = b if red == "mean" else 1
+    return {name: (g * factor).reshape(b, g.shape[1], -1) for name, g in zip(copies, grads, strict=True)}
+
+
+def reference_layer_terms(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    lr: float,
+    mode: str = "vmap",
+    skip: Iterable[str] = (),
+    population_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, LayerTerms]:
+    """Theorem 14 terms from materialised per-sample gradients fed to
+    :func:`lipverify.dynamics.layer_terms` (the slow reference of the probe)."""
+    grads = reference_per_sample_gradients(model, inputs, targets, loss_fn, mode, skip)
+    layers = find_layers(model, skip)
+    return {
+        name: layer_terms(
+            weight_matrix(module).to(dtype), grads[name].to(dtype), lr, population_size=population_size
+        )
+        for name, (module, _) in layers.items()
+    }

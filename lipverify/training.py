@@ -1,0 +1,503 @@
+"""Plain-SGD training runs with the dynamics probe, crash-safe records and exact resume.
+
+Update (no momentum): ``W <- W - eta (alpha g_B + beta xi + lambda W)`` with ``alpha =
+grad_scale``, ``xi`` per-entry i.i.d. noise of unit variance (Gaussian, or uniform on
+``[-sqrt 3, sqrt 3]``) added once to the mini-batch gradient of every parameter, ``beta =
+grad_noise_std`` (paper Section 8.4) and weight decay ``lambda``. The probe's terms account for all
+three (:meth:`lipverify.probe.DynamicsProbe.compute`).
+
+Randomness: ``seed_init`` seeds only the initialisation; ``seed_sampling`` seeds a generator that
+draws each mini-batch (b indices without replacement, independently at every step, so the
+Proposition 5 factor ``(1 - b/N)`` applies) and, offset by one, torch's global RNG used by
+dropout, mixup, injected noise, FGSM and AutoAugment; label corruption uses
+``seed_sampling + 1_000_003``. Both generator states are checkpointed, so a resumed run on CPU
+reproduces the uninterrupted one bit for bit.
+
+Regularisers: batch norm and dropout (ConvNet; dropout also in the MLP), weight decay, mixup
+(``Beta(a, a)`` mixing coefficient, one per batch, partner = a random permutation of the batch),
+label smoothing, AutoAugment (torchvision's CIFAR-10 policy on uint8 3-channel images; needs
+``pip install lipverify[vision]``), FGSM adversarial training (the step uses
+``x_adv = clip(x + eps sign grad_x L, 0, 1)`` only). The full-data gradient for ``mu_full`` uses the
+plain (clean, unmixed) training loss over the whole training set in chunks of 1000.
+
+Files in ``out_dir``: ``steps.csv`` (one flushed row per step; see :func:`step_columns`),
+``meta.json`` (config, versions, seeds, device, status, all written atomically) and
+``checkpoint.pt`` (model, optimiser-free state, RNG states, step, records so far).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import platform
+import time
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lipverify._validation import LipverifyError
+from lipverify.data import DATASETS, ImageData, corrupt_labels, load_dataset, to_model_input
+from lipverify.dynamics import network_terms
+from lipverify.models import INITS, build_model
+from lipverify.probe import DynamicsProbe, ProbeSchedule, cross_layer_diffusion
+from lipverify.records import StepLog, atomic_torch_save, read_json, write_json
+
+LAYER_FIELDS = (
+    "sigma",
+    "gap",
+    "degenerate",
+    "mu",
+    "psi",
+    "phi",
+    "mu_full",
+    "dsigma_observed",
+    "dsigma_first",
+    "dsigma_second",
+    "dropped_drift_term",
+)
+NET_FIELDS = ("net_mu", "net_psi", "net_phi_sq", "net_phi_sq_cross")
+FULL_GRADIENT_CHUNK = 1000
+
+
+@dataclass
+class TrainConfig:
+    """One training run (see the module docstring for the semantics of each field)."""
+
+    model: str = "mlp"  # "mlp" | "convnet"
+    dataset: str = "mnist5k"  # "mnist5k" | "mnist" | "fashion-mnist" | "cifar10" | "cifar100"
+    data_dir: str | None = None
+    train_size: int | None = None  # use the first n training samples (None: all)
+    batch_size: int = 128
+    lr: float = 0.05
+    steps: int = 300
+    init: str = "default"  # "default" | "kaiming_normal"
+    init_scale: float = 1.0
+    seed_init: int = 0
+    seed_sampling: int = 0
+    dropout: float = 0.0
+    batch_norm: bool = False
+    weight_decay: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+    label_smoothing: float = 0.0
+    autoaugment: bool = False
+    fgsm_eps: float = 0.0
+    grad_scale: float = 1.0  # alpha
+    grad_noise: str = "none"  # "none" | "gaussian" | "uniform"
+    grad_noise_std: float = 0.0  # beta: std of the injected per-entry noise
+    label_noise: float = 0.0  # p
+    probe_every: int = 1
+    full_gradient_every: int = 0  # 0 = off
+    checkpoint_every: int = 50
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def validate(self) -> TrainConfig:
+        def bad(msg: str) -> None:
+            raise LipverifyError(f"invalid config: {msg}")
+
+        if self.model not in ("mlp", "convnet"):
+            bad(f"model must be 'mlp' or 'convnet', got {self.model!r}")
+        if self.dataset not in DATASETS:
+            bad(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.init not in INITS:
+            bad(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.grad_noise not in ("none", "gaussian", "uniform"):
+            bad(f"grad_noise must be 'none', 'gaussian' or 'uniform', got {self.grad_noise!r}")
+        if self.dtype not in ("float32", "float64"):
+            bad(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.batch_size < 2:
+            bad(f"batch_size must be >= 2 (Proposition 5 divides by b(b-1)), got {self.batch_size}")
+        for key in ("steps", "probe_every", "full_gradient_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                bad(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.steps < 1:
+            bad(f"steps must be >= 1, got {self.steps}")
+        if self.probe_every < 1:
+            bad(f"probe_every must be >= 1, got {self.probe_every}")
+        for key in ("lr", "init_scale", "grad_scale"):
+            if not getattr(self, key) > 0:
+                bad(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("weight_decay", "mixup", "fgsm_eps", "grad_noise_std"):
+            if getattr(self, key) < 0:
+                bad(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("dropout", "label_smoothing"):
+            if not 0 <= getattr(self, key) < 1:
+                bad(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.label_noise <= 1:
+            bad(f"label_noise must be in [0, 1], got {self.label_noise}")
+        if self.grad_noise == "none" and self.grad_noise_std > 0:
+            bad("grad_noise_std > 0 needs grad_noise = 'gaussian' or 'uniform'")
+        if self.batch_norm and self.model != "convnet":
+            bad("batch_norm is only available for the convnet")
+        if self.autoaugment:
+            try:
+                import torchvision  # noqa: F401
+            except ImportError:
+                bad("autoaugment needs torchvision: pip install lipverify[vision]")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            bad(f"device {self.device!r} requested but CUDA is not available")
+        return self
+
+
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _parse_value(key: str, text: str, hint: object) -> object:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and text.strip().lower() in ("none", "null", ""):
+        return None
+    base = next(t for t in options if t is not type(None))
+    try:
+        if base is bool:
+            low = text.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        return base(text)
+    except ValueError as exc:
+        raise LipverifyError(f"config key {key!r}: cannot parse {text!r} as {base.__name__}") from exc
+
+
+def _coerce(key: str, value: object, hint: object) -> object:
+    if isinstance(value, str):
+        return _parse_value(key, value, hint)
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    base = next(t for t in options if t is not type(None))
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise LipverifyError(f"config key {key!r}: expected {base.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from a TOML file (keys at top level or under ``[train]``) and
+    ``key=value`` overrides (parsed to the field's type; ``none`` for optional fields)."""
+    hints = _field_types()
+    valid = ", ".join(hints)
+    values: dict[str, object] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise LipverifyError(f"config file {path} not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise LipverifyError(f"malformed TOML in {path}: {exc}") from exc
+        table = doc.get("train", doc)
+        if "train" in doc:
+            extra = set(doc) - {"train"}
+            if extra:
+                raise LipverifyError(f"unknown top-level key(s) {sorted(extra)} in {path} next to [train]")
+        for key, value in table.items():
+            if key not in hints:
+                raise LipverifyError(f"unknown config key {key!r} in {path}; valid keys: {valid}")
+            values[key] = _coerce(key, value, hints[key])
+    for item in overrides:
+        if "=" not in item:
+            raise LipverifyError(f"override {item!r} must have the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in hints:
+            raise LipverifyError(f"unknown config key {key!r}; valid keys: {valid}")
+        values[key] = _parse_value(key, text, hints[key])
+    return TrainConfig(**values).validate()
+
+
+def step_columns(layers: typing.Sequence[str]) -> list[str]:
+    """Header of ``steps.csv``: step, loss, batch_acc, log_bound, the network terms, then per layer
+    ``<layer>.<field>`` for :data:`LAYER_FIELDS`."""
+    cols = ["step", "loss", "batch_acc", "log_bound", *NET_FIELDS]
+    for name in layers:
+        cols += [f"{name}.{f}" for f in LAYER_FIELDS]
+    return cols
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+
+    from lipverify import __version__
+
+    return {
+        "lipverify": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _autoaugment(images: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+    aug = AutoAugment(AutoAugmentPolicy.CIFAR10)
+    if images.shape[1] == 1:
+        return torch.stack([aug(img.expand(3, -1, -1))[:1] for img in images])
+    return torch.stack([aug(img) for img in images])
+
+
+class _Run:
+    """State of one run (built from the config; restored from a checkpoint on resume)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = c = config
+        self.device = torch.device(c.device)
+        self.dtype = getattr(torch, c.dtype)
+        data: ImageData = load_dataset(c.dataset, c.data_dir).subset(c.train_size)
+        if len(data) < c.batch_size:
+            raise LipverifyError(f"batch_size {c.batch_size} exceeds the {len(data)} training samples")
+        labels = corrupt_labels(data.labels, c.label_noise, data.classes, c.seed_sampling + 1_000_003)
+        self.data = ImageData(data.name, data.images, labels, data.classes)
+        self.images = data.images.to(self.device)
+        self.labels = labels.to(self.device)
+        in_features = int(math.prod(data.images.shape[1:]))
+        self.model = build_model(
+            c.model,
+            data.classes,
+            in_features,
+            c.dropout,
+            c.batch_norm,
+            c.init,
+            c.init_scale,
+            seed=c.seed_init,
+        ).to(self.device, self.dtype)
+        self.model.train()
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=c.lr, momentum=0.0, weight_decay=c.weight_decay
+        )
+        self.gen = torch.Generator().manual_seed(c.seed_sampling)
+        torch.manual_seed(c.seed_sampling + 1)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(c.seed_sampling + 1)
+        schedule = ProbeSchedule(
+            {"terms": c.probe_every, "discrete": c.probe_every, "full_gradient": c.full_gradient_every}
+        )
+        self.probe = DynamicsProbe(self.model, population_size=len(self.data), schedule=schedule)
+        self.step = 0
+        self.records: list[dict] = []
+
+    # -- data
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        idx = torch.randperm(len(self.data), generator=self.gen)[: c.batch_size].to(self.device)
+        images = self.images[idx]
+        if c.autoaugment:
+            images = _autoaugment(images.cpu()).to(self.device)
+        return to_model_input(images, c.model, self.dtype), self.labels[idx]
+
+    def loss_fn(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, target, label_smoothing=self.config.label_smoothing)
+
+    def full_batches(self):
+        for start in range(0, len(self.data), FULL_GRADIENT_CHUNK):
+            sl = slice(start, start + FULL_GRADIENT_CHUNK)
+            yield to_model_input(self.images[sl], self.config.model, self.dtype), self.labels[sl]
+
+    # -- one step
+    def train_step(self) -> dict:
+        c, probe, step = self.config, self.probe, self.step
+        x, y = self.batch()
+        if c.fgsm_eps > 0:
+            x_req = x.clone().requires_grad_(True)
+            (gx,) = torch.autograd.grad(self.loss_fn(self.model(x_req), y), x_req)
+            x = (x + c.fgsm_eps * gx.sign()).clamp(0, 1).detach()
+        lam, perm = 1.0, None
+        if c.mixup > 0:
+            lam = float(torch.distributions.Beta(c.mixup, c.mixup).sample())
+            perm = torch.randperm(x.shape[0]).to(self.device)
+            x = lam * x + (1 - lam) * x[perm]
+        due_terms = probe.schedule.due("terms", step)
+        due_disc = probe.schedule.due("discrete", step)
+        due_full = probe.schedule.due("full_gradient", step)
+        if due_disc:
+            probe.before_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        capture = probe.capture() if due_terms else contextlib.nullcontext()
+        with capture:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            if perm is not None:
+                loss = lam * loss + (1 - lam) * self.loss_fn(out, y[perm])
+            loss.backward()
+        row: dict = {
+            "step": step,
+            "loss": float(loss.detach()),
+            "batch_acc": float((out.detach().argmax(1) == y).float().mean()),
+        }
+        full = probe.full_gradient(self.full_batches(), self.loss_fn) if due_full else None
+        noise_var = c.grad_noise_std**2 if c.grad_noise != "none" else 0.0
+        if due_disc:
+            probe.after_backward()
+        if due_terms:
+            terms = probe.compute(
+                c.lr, grad_scale=c.grad_scale, grad_noise_var=noise_var, weight_decay=c.weight_decay
+            )
+            net = network_terms(terms)
+            row.update(
+                log_bound=net.log_bound,
+                net_mu=net.mu,
+                net_psi=net.psi,
+                net_phi_sq=net.phi_sq,
+                net_phi_sq_cross=cross_layer_diffusion(terms),
+            )
+            for name, t in terms.items():
+                for f in ("sigma", "gap", "degenerate", "mu", "psi", "phi"):
+                    row[f"{name}.{f}"] = getattr(t, f)
+        else:
+            sig = probe.sigmas()
+            row["log_bound"] = sum(math.log(s) for s in sig.values())
+            for name, s in sig.items():
+                row[f"{name}.sigma"] = s
+        if full is not None:
+            for name, mu in probe.drift(full, c.lr, c.grad_scale, c.weight_decay).items():
+                row[f"{name}.mu_full"] = mu
+        # gradient modification (Section 8.4), then the plain SGD step
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is None:
+                    continue
+                if c.grad_scale != 1.0:
+                    p.grad.mul_(c.grad_scale)
+                if c.grad_noise == "gaussian":
+                    p.grad.add_(torch.randn_like(p.grad), alpha=c.grad_noise_std)
+                elif c.grad_noise == "uniform":
+                    p.grad.add_((torch.rand_like(p.grad) * 2 - 1) * math.sqrt(3.0), alpha=c.grad_noise_std)
+        self.optimizer.step()
+        if due_disc:
+            for name, d in probe.after_step(c.lr, full, c.grad_scale).items():
+                for k, v in d.items():
+                    row[f"{name}.{k}"] = v
+        if not math.isfinite(row["loss"]):
+            raise LipverifyError(f"training diverged at step {step}: loss is {row['loss']}")
+        self.step += 1
+        return row
+
+    def final_row(self) -> dict:
+        sig = self.probe.sigmas()
+        row = {"step": self.step, "log_bound": sum(math.log(s) for s in sig.values())}
+        row.update({f"{n}.sigma": s for n, s in sig.items()})
+        return row
+
+    # -- checkpoints
+    def state(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "gen_sampling": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "records": self.records,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.gen.set_state(state["gen_sampling"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self.records = list(state["records"])
+
+
+def train(
+    config: TrainConfig, out_dir: str | Path, progress: bool = True, *, stop_after: int | None = None
+) -> Path:
+    """Run (or resume) one training run; returns ``out_dir``.
+
+    Resumes from ``out_dir/checkpoint.pt`` when it holds a checkpoint of the same config (rows of
+    ``steps.csv`` written after that checkpoint are dropped and recomputed identically); a
+    checkpoint of a different config is an error. ``meta.json`` ``status``: ``"running"``, then
+    ``"complete"``, ``"failed"`` (with ``error``) or ``"stopped"`` (``stop_after`` steps were run in
+    this call without a final checkpoint - the behaviour of a killed process, used by tests).
+    """
+    from tqdm import tqdm
+
+    config = dataclasses.replace(config).validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, meta_path = out / "checkpoint.pt", out / "meta.json"
+    state = None
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, weights_only=False)
+        except Exception as exc:
+            raise LipverifyError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
+        if state.get("config") != asdict(config):
+            diff = sorted(k for k, v in asdict(config).items() if state.get("config", {}).get(k) != v)
+            raise LipverifyError(
+                f"{out} holds a checkpoint of a different config (differs in {diff}); "
+                "use another output directory"
+            )
+    started = time.time()
+    meta = {
+        "config": asdict(config),
+        "versions": _versions(),
+        "seeds": {"init": config.seed_init, "sampling": config.seed_sampling},
+        "device": config.device,
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+    }
+    if meta_path.exists() and state is not None:
+        old = read_json(meta_path)
+        meta["resumed_from_step"] = state["step"]
+        meta["started"] = old.get("started", meta["started"])
+    write_json(meta_path, meta)
+    run = None
+    try:
+        run = _Run(config)
+        if state is not None:
+            run.restore(state)
+        meta.update(layers=run.probe.layer_names, train_size=len(run.data), classes=run.data.classes)
+        write_json(meta_path, meta)
+        columns = step_columns(run.probe.layer_names)
+        with (
+            StepLog(out / "steps.csv", columns, run.records) as log,
+            tqdm(
+                total=config.steps, initial=run.step, disable=not progress, desc="train", unit="step"
+            ) as bar,
+        ):
+            done_here = 0
+            while run.step < config.steps:
+                if stop_after is not None and done_here >= stop_after:
+                    meta["status"] = "stopped"
+                    meta["stopped_at_step"] = run.step
+                    write_json(meta_path, meta)
+                    return out
+                row = run.train_step()
+                run.records.append(row)
+                log.append(row)
+                done_here += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lnK=f"{row['log_bound']:.3f}")
+                if (
+                    config.checkpoint_every
+                    and run.step % config.checkpoint_every == 0
+                    and run.step < config.steps
+                ):
+                    atomic_torch_save(ckpt_path, run.state())
+            if not run.records or run.records[-1].get("loss") is not None:
+                final = run.final_row()
+                run.records.append(final)
+                log.append(final)
+            atomic_torch_save(ckpt_path, run.state())
+    except BaseException as exc:
+        meta["status"] = "failed"
+        meta["error"] = f"{type(exc).__name__}: {exc}"
+        write_json(meta_path, meta)
+        raise
+    meta["status"] = "complete"
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta["wall_seconds"] = time.time() - started
+    write_json(meta_path, meta)
+    return out

@@ -1,0 +1,380 @@
+"""DynamicsProbe against torch.func / materialised per-sample references (float64, rtol 1e-8)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipverify import LipverifyError
+from lipverify.dynamics import network_terms
+from lipverify.models import ConvNet, build_model
+from lipverify.probe import (
+    DynamicsProbe,
+    ProbeSchedule,
+    cross_layer_diffusion,
+    fast_decompose,
+    reference_layer_terms,
+    reference_per_sample_gradients,
+)
+from lipverify.spectral import decompose
+
+RTOL = 1e-8
+FIELDS = ("sigma", "gap", "mu", "phi", "psi")
+
+
+def _max_rel(probe_terms, ref_terms) -> float:
+    worst = 0.0
+    for name, ref in ref_terms.items():
+        got = probe_terms[name]
+        for f in FIELDS:
+            a, b = getattr(got, f), getattr(ref, f)
+            worst = max(worst, abs(a - b) / max(abs(b), 1e-300))
+        pa, pb = got.noise_projections, ref.noise_projections.to(got.noise_projections.dtype)
+        worst = max(worst, float((pa - pb).abs().max() / pb.abs().max()))
+    return worst
+
+
+def _mlp(seed=0, dropout=0.0):
+    return build_model("mlp", dropout=dropout, seed=seed).double()
+
+
+def _convnet(seed=0, dropout=0.0, batch_norm=False):
+    return build_model("convnet", dropout=dropout, batch_norm=batch_norm, seed=seed).double()
+
+
+def _batch(shape, b=6, classes=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, *shape, generator=g, dtype=torch.float64), torch.randint(
+        0, classes, (b,), generator=g
+    )
+
+
+LOSS = nn.CrossEntropyLoss()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The CI box has 2 cores shared with other jobs; LAPACK with 2 threads under load is erratic.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _small(seed=0, dropout=0.0):
+    """A small MLP (30 -> 24 -> 16 -> 5) for the checks that are not about the paper's shapes."""
+    torch.manual_seed(seed)
+    layers = [
+        nn.Linear(30, 24),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(24, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    ]
+    return nn.Sequential(*layers).double()
+
+
+def test_mlp_matches_vmap_reference():
+    model = _mlp()
+    x, y = _batch((784,))
+    probe = DynamicsProbe(model)
+    got = probe.measure(x, y, LOSS, lr=0.05)
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.05, mode="vmap")
+    assert list(got) == ["fc1", "fc2", "fc3"]
+    assert _max_rel(got, ref) < RTOL
+
+
+@pytest.mark.parametrize("conv_method,chunk", [("conv", 8 << 20), ("conv", 1), ("unfold", 0)])
+def test_convnet_matches_vmap_reference(conv_method, chunk):
+    model = _convnet()
+    x, y = _batch((3, 32, 32), b=4)
+    probe = DynamicsProbe(model, conv_method=conv_method, conv_chunk_bytes=chunk, population_size=100)
+    got = probe.measure(x, y, LOSS, lr=0.1)
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.1, mode="vmap", population_size=100)
+    assert list(got) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert _max_rel(got, ref) < RTOL
+
+
+def test_copy_reference_equals_vmap_reference_without_interactions():
+    model = _convnet()
+    x, y = _batch((3, 32, 32), b=3)
+    a = reference_per_sample_gradients(model, x, y, LOSS, mode="vmap")
+    b = reference_per_sample_gradients(model, x, y, LOSS, mode="copy")
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-10, atol=1e-14), name
+
+
+@pytest.mark.parametrize("which", ["mlp", "convnet"])
+def test_dropout_matches_copy_reference_with_same_masks(which):
+    # Dropout draws one mask per forward pass; the reference replays the same RNG state, so both
+    # see the same per-sample masks.
+    model = _mlp(dropout=0.3) if which == "mlp" else _convnet(dropout=0.3)
+    model.train()
+    x, y = _batch((784,) if which == "mlp" else (3, 32, 32), b=4)
+    probe = DynamicsProbe(model)
+    state = torch.get_rng_state()
+    got = probe.measure(x, y, LOSS, lr=0.05)
+    torch.set_rng_state(state)
+    grads = reference_per_sample_gradients(model, x, y, LOSS, mode="copy")
+    from lipverify.dynamics import layer_terms
+
+    ref = {
+        n: layer_terms(m.weight.detach().reshape(m.weight.shape[0], -1), grads[n], 0.05)
+        for n, m in model.named_modules()
+        if n in grads
+    }
+    assert _max_rel(got, ref) < RTOL
+    if which == "mlp":
+        with pytest.raises(LipverifyError, match="mode='copy'"):
+            reference_per_sample_gradients(model, x, y, LOSS, mode="vmap")
+    # A different mask gives different terms: the comparison is sensitive to the masks.
+    other = probe.measure(x, y, LOSS, lr=0.05)
+    assert _max_rel(other, ref) > 1e-4
+
+
+def test_batch_norm_matches_copy_reference():
+    model = _convnet(batch_norm=True, dropout=0.2)
+    model.train()
+    x, y = _batch((3, 32, 32), b=4)
+    probe = DynamicsProbe(model)
+    state = torch.get_rng_state()
+    got = probe.measure(x, y, LOSS, lr=0.05)
+    torch.set_rng_state(state)
+    grads = reference_per_sample_gradients(model, x, y, LOSS, mode="copy")
+    from lipverify.dynamics import layer_terms
+
+    ref = {
+        n: layer_terms(m.weight.detach().reshape(m.weight.shape[0], -1), grads[n], 0.05)
+        for n, m in model.named_modules()
+        if n in grads
+    }
+    assert _max_rel(got, ref) < RTOL
+    # The per-sample gradients average exactly to the batch gradient (interaction terms included).
+    model.zero_grad()
+    torch.set_rng_state(state)
+    LOSS(model(x), y).backward()
+    for n, m in model.named_modules():
+        if n in grads:
+            assert torch.allclose(grads[n].mean(0), m.weight.grad.reshape(grads[n].shape[1:]), rtol=1e-10)
+
+
+def test_batch_norm_interaction_terms_are_not_vmap_gradients():
+    # With batch statistics, the 'copy' definition differs from treating samples independently
+    # (vmap over single samples would give per-sample batch statistics): documented choice.
+    model = _convnet(batch_norm=True)
+    model.eval()  # track_running_stats=False: batch statistics even in eval mode
+    x, y = _batch((3, 32, 32), b=4)
+    copy = reference_per_sample_gradients(model, x, y, LOSS, mode="copy")
+    single = reference_per_sample_gradients(model, x, y, LOSS, mode="vmap")
+    assert not torch.allclose(copy["conv1"], single["conv1"], rtol=1e-3)
+
+
+def test_rejects_probe_without_b_scaling(monkeypatch):
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.05)
+    monkeypatch.setattr(DynamicsProbe, "_per_sample_scale", lambda self, b, red: 1.0)
+    assert _max_rel(DynamicsProbe(model).measure(x, y, LOSS, lr=0.05), ref) > 0.5
+
+
+def test_rejects_probe_with_uncentred_projections(monkeypatch):
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.05)
+    monkeypatch.setattr(DynamicsProbe, "_centre", staticmethod(lambda y_, x_: (y_, x_)))
+    assert _max_rel(DynamicsProbe(model).measure(x, y, LOSS, lr=0.05), ref) > 1e-3
+
+
+def test_sum_reduction_and_per_sample_losses():
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    probe = DynamicsProbe(model)
+    mean_terms = probe.measure(x, y, LOSS, lr=0.05)
+    # L_sum = b L_mean is SGD on L_mean with learning rate b eta: mu, phi scale by b, psi by b^2.
+    sum_terms = probe.measure(x, y, nn.CrossEntropyLoss(reduction="sum"), lr=0.05)
+    none_terms = probe.measure(x, y, nn.CrossEntropyLoss(reduction="none"), lr=0.05)
+    b = x.shape[0]
+    for name in mean_terms:
+        assert math.isclose(sum_terms[name].mu, b * mean_terms[name].mu, rel_tol=1e-10)
+        assert math.isclose(sum_terms[name].phi, b * mean_terms[name].phi, rel_tol=1e-10)
+        assert math.isclose(sum_terms[name].psi, b * b * mean_terms[name].psi, rel_tol=1e-10)
+        assert math.isclose(none_terms[name].phi, mean_terms[name].phi, rel_tol=1e-10)
+        assert math.isclose(none_terms[name].mu, mean_terms[name].mu, rel_tol=1e-10)
+
+
+def test_measure_does_not_update_model_or_grads():
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    marker = torch.full_like(model[0].weight, 3.0)
+    model[0].weight.grad = marker.clone()
+    DynamicsProbe(model).measure(x, y, LOSS, lr=0.05)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model[0].weight.grad, marker)
+    assert model[3].weight.grad is None
+
+
+def test_discrete_truth_of_a_plain_sgd_step():
+    torch.manual_seed(0)
+    model = _mlp()
+    x, y = _batch((784,), b=8)
+    lr = 0.005
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    probe = DynamicsProbe(model)
+    probe.before_step()
+    with probe.capture():
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+    probe.after_backward()
+    terms = probe.compute(lr)
+    opt.step()
+    truth = probe.after_step(lr)
+    for name, t in truth.items():
+        # Delta W = -eta G_bar: the first-order prediction is mu (batch-mean drift) and the
+        # second-order correction is exactly the dropped deterministic term.
+        assert math.isclose(t["dsigma_first"], terms[name].mu, rel_tol=1e-9)
+        assert math.isclose(t["dsigma_second"] - t["dsigma_first"], t["dropped_drift_term"], rel_tol=1e-9)
+        # O(|dW|^2) vs O(|dW|^3) errors of the first- and second-order predictions
+        err1 = abs(t["dsigma_observed"] - t["dsigma_first"])
+        err2 = abs(t["dsigma_observed"] - t["dsigma_second"])
+        assert err2 < 0.05 * err1, (name, err1, err2)
+
+
+def test_full_gradient_drift_equals_batch_drift_on_the_whole_data():
+    model = _small()
+    x, y = _batch((30,), b=10, classes=5)
+    probe = DynamicsProbe(model)
+    batch_terms = probe.measure(x, y, LOSS, lr=0.05)
+    full = probe.full_gradient([(x[:4], y[:4]), (x[4:], y[4:])], LOSS)
+    mu_full = probe.drift(full, lr=0.05)
+    for name in batch_terms:
+        assert math.isclose(mu_full[name], batch_terms[name].mu, rel_tol=1e-10)
+    with_full = probe.measure(x[:5], y[:5], LOSS, lr=0.05, mean_grads=full)
+    for name in with_full:
+        assert math.isclose(with_full[name].mu, mu_full[name], rel_tol=1e-10)
+
+
+def test_weight_decay_and_injected_noise_terms():
+    from lipverify.spectral import hessian_trace
+
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    probe = DynamicsProbe(model)
+    with probe.capture():
+        LOSS(model(x), y).backward()
+    base = probe.compute(0.1)
+    alpha, beta2, lam = 0.5, 1e-4, 1e-3
+    mod = probe.compute(0.1, grad_scale=alpha, grad_noise_var=beta2, weight_decay=lam)
+    for name, t in base.items():
+        W = model.get_submodule(name).weight.detach()
+        m = mod[name]
+        assert math.isclose(m.mu, alpha * t.mu - 0.1 * lam * t.sigma, rel_tol=1e-10)
+        assert math.isclose(m.phi**2, alpha**2 * t.phi**2 + 0.01 * beta2, rel_tol=1e-10)
+        expected_psi = alpha**2 * t.psi + 0.5 * 0.01 * beta2 * float(hessian_trace(W))
+        assert math.isclose(m.psi, expected_psi, rel_tol=1e-9)
+
+
+def test_fast_decompose_matches_svd():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 12), (12, 7), (9, 9)]:
+        W = torch.randn(*shape, generator=g, dtype=torch.float64)
+        a, b = fast_decompose(W, torch.float64), decompose(W)
+        assert torch.allclose(a.sigma, b.sigma, rtol=1e-12)
+        assert torch.allclose(a.U[:, 0], b.U[:, 0], atol=1e-12)
+        assert torch.allclose(a.V[:, 0], b.V[:, 0], atol=1e-12)
+        # every singular triple satisfies W v_k = s_k u_k
+        assert torch.allclose(W @ a.V, a.U * a.sigma, atol=1e-12)
+    # rank-deficient input falls back to the SVD instead of dividing by zero
+    W = torch.randn(8, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 6, generator=g, dtype=torch.float64
+    )
+    assert torch.isfinite(fast_decompose(W, torch.float64).V).all()
+
+
+@pytest.mark.parametrize("which", ["mlp", "convnet"])
+def test_float32_model_agrees_with_float64_reference(which):
+    # float32 training: contractions in float32, spectral parts and centring in float64
+    model = build_model(which, seed=0)
+    x, y = _batch((784,) if which == "mlp" else (3, 32, 32), b=6)
+    got = DynamicsProbe(model).measure(x.float(), y, LOSS, lr=0.05)
+    ref = reference_layer_terms(model.double(), x, y, LOSS, lr=0.05)
+    assert _max_rel(got, ref) < 1e-4
+
+
+def test_unsupported_layers_are_listed_and_skippable():
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 4), nn.Bilinear(4, 4, 2))
+    with pytest.raises(LipverifyError, match=r"0 \(Conv1d\).*3 \(Bilinear\)"):
+        DynamicsProbe(model)
+    probe = DynamicsProbe(model, skip=["0", "3"])
+    assert probe.layer_names == ["2"]
+    with pytest.raises(LipverifyError, match="unknown modules"):
+        DynamicsProbe(model, skip=["nope"])
+
+
+def test_grouped_conv_shared_weights_and_parametrisation_are_rejected():
+    with pytest.raises(LipverifyError, match="groups=2"):
+        DynamicsProbe(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+    other = nn.Linear(4, 4)
+    other2 = nn.Linear(4, 4)
+    other2.weight = other.weight
+    with pytest.raises(LipverifyError, match="weight shared"):
+        DynamicsProbe(nn.Sequential(other, other2))
+    par = nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))
+    with pytest.raises(LipverifyError, match="parametrised"):
+        DynamicsProbe(nn.Sequential(par))
+
+
+def test_batch_of_one_and_layer_called_twice_are_refused():
+    model = _mlp()
+    x, y = _batch((784,), b=2)
+    with pytest.raises(LipverifyError, match="b = 1"):
+        DynamicsProbe(model).measure(x[:1], y[:1], LOSS, lr=0.1)
+    lin = nn.Linear(4, 4).double()
+    twice = DynamicsProbe(lin)
+    with pytest.raises(LipverifyError, match="called 2 times"):
+        twice.measure(torch.randn(3, 4, dtype=torch.float64), None, lambda out, _: lin(out).sum(), lr=0.1)
+
+
+def test_schedule():
+    s = ProbeSchedule({"terms": 1, "full_gradient": 50, "discrete": 0})
+    assert s.due("terms", 7) and s.due("full_gradient", 100) and not s.due("full_gradient", 7)
+    assert not s.due("discrete", 0)
+    with pytest.raises(LipverifyError, match="unknown probe quantity"):
+        ProbeSchedule({"sigma": 1})
+
+
+def test_convnet_shape_contract():
+    net = ConvNet(classes=7, batch_norm=True, dropout=0.5)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert net.fc1.in_features == 2048
+
+
+def test_cross_layer_diffusion_matches_materialised_covariance():
+    # Diffusion of ln K without Assumption 3: eta^2 scale sum_i (sum_l u_l^T E_{l,i} v_l / sigma_l)^2,
+    # computed here from the reference's materialised per-sample gradients.
+    from lipverify.noise import estimator_scale
+
+    model = _small()
+    x, y = _batch((30,), b=7, classes=5)
+    probe = DynamicsProbe(model)
+    terms = probe.measure(x, y, LOSS, lr=0.1)
+    grads = reference_per_sample_gradients(model, x, y, LOSS)
+    total = 0.0
+    for name, G in grads.items():
+        dec = probe.decomposition_of(name)
+        E = G - G.mean(0)
+        total = total + (dec.u @ E @ dec.v) / dec.sigma1
+    full = 0.01 * estimator_scale(7) * float((total * total).sum())
+    independent = sum(t.phi**2 / t.sigma**2 for t in terms.values())
+    cross = cross_layer_diffusion(terms)
+    assert math.isclose(cross, full - independent, rel_tol=1e-9)
+    assert math.isclose(cross, network_terms(terms).phi_sq_cross, rel_tol=1e-9)
+    # with injected noise phi grows but the cross term does not
+    with probe.capture():
+        LOSS(model(x), y).backward()
+    noisy = probe.compute(0.1, grad_noise_var=1e-3)
+    assert math.isclose(cross_layer_diffusion(noisy), cross, rel_tol=1e-9)

@@ -1,0 +1,241 @@
+"""Training runs: config loading, records, exact resume, regularisers, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from lipverify import LipverifyError
+from lipverify.cli import main
+from lipverify.records import read_steps
+from lipverify.training import LAYER_FIELDS, TrainConfig, _Run, load_config, step_columns, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw) -> TrainConfig:
+    base = dict(train_size=200, batch_size=16, steps=6, checkpoint_every=2, lr=0.05)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_load_config_toml_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[train]\nmodel = "convnet"\nlr = 1\nbatch_norm = true\ntrain_size = 100\n')
+    c = load_config(p, ["steps=7", "dropout=0.25", "data_dir=none", "autoaugment=false"])
+    assert (c.model, c.lr, c.batch_norm, c.train_size, c.steps, c.dropout) == (
+        "convnet",
+        1.0,
+        True,
+        100,
+        7,
+        0.25,
+    )
+    assert isinstance(c.lr, float) and c.data_dir is None
+    top = tmp_path / "top.toml"
+    top.write_text("steps = 3\n")
+    assert load_config(top).steps == 3
+    assert load_config(None) == TrainConfig()
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(LipverifyError, match=r"unknown config key 'stepz'.*valid keys: model, dataset"):
+        load_config(None, ["stepz=3"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlearning_rate = 0.1\n")
+    with pytest.raises(LipverifyError, match="unknown config key 'learning_rate'"):
+        load_config(bad)
+    with pytest.raises(LipverifyError, match="cannot parse 'abc' as int"):
+        load_config(None, ["steps=abc"])
+    with pytest.raises(LipverifyError, match="batch_size must be >= 2"):
+        load_config(None, ["batch_size=1"])
+    with pytest.raises(LipverifyError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(LipverifyError, match="expected str"):
+        (tmp_path / "t.toml").write_text("model = 3\n")
+        load_config(tmp_path / "t.toml")
+
+
+def test_autoaugment_needs_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(LipverifyError, match=r"pip install lipverify\[vision\]"):
+            TrainConfig(model="convnet", autoaugment=True).validate()
+    else:
+        pytest.skip("torchvision is installed")
+
+
+def test_run_writes_records_and_meta(tmp_path):
+    out = train(tiny(full_gradient_every=3), tmp_path / "run", progress=False)
+    columns, rows = read_steps(out / "steps.csv")
+    assert columns == step_columns(["fc1", "fc2", "fc3"])
+    for key in ("step", "loss", "log_bound", "net_mu", "net_psi", "net_phi_sq", "net_phi_sq_cross"):
+        assert key in columns
+    assert [f"fc1.{f}" for f in LAYER_FIELDS] == [c for c in columns if c.startswith("fc1.")]
+    assert [r["step"] for r in rows] == list(range(7))
+    assert rows[-1]["loss"] is None and rows[-1]["log_bound"] is not None
+    assert (
+        rows[0]["fc1.mu_full"] is not None
+        and rows[1]["fc1.mu_full"] is None
+        and rows[3]["fc2.mu_full"] is not None
+    )
+    # the log bound at step t+1 is ln K of the weights after step t: consistent with the observed jumps
+    for t in range(6):
+        jump = sum(rows[t][f"{n}.dsigma_observed"] for n in ("fc1",))
+        assert math.isclose(
+            rows[t + 1]["fc1.sigma"] - rows[t]["fc1.sigma"], jump, rel_tol=1e-9, abs_tol=1e-12
+        )
+        assert math.isclose(
+            rows[t]["log_bound"], sum(math.log(rows[t][f"{n}.sigma"]) for n in ("fc1", "fc2", "fc3"))
+        )
+    meta = json.loads((out / "meta.json").read_text())
+    assert (
+        meta["status"] == "complete"
+        and meta["config"]["steps"] == 6
+        and meta["layers"] == ["fc1", "fc2", "fc3"]
+    )
+    assert {"torch", "python", "lipverify"} <= set(meta["versions"]) and meta["seeds"] == {
+        "init": 0,
+        "sampling": 0,
+    }
+    assert (out / "checkpoint.pt").exists()
+    assert not list(out.glob(".*tmp"))
+
+
+def test_first_order_prediction_is_the_recorded_drift_in_float64(tmp_path):
+    # Plain SGD: Delta W = -eta G_bar, so u^T Delta W v equals mu (batch-mean drift).
+    out = train(tiny(dtype="float64", steps=3), tmp_path / "r", progress=False)
+    _, rows = read_steps(out / "steps.csv")
+    for r in rows[:3]:
+        for n in ("fc1", "fc2", "fc3"):
+            assert math.isclose(r[f"{n}.dsigma_first"], r[f"{n}.mu"], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "dropout": 0.2,
+            "mixup": 0.4,
+            "label_smoothing": 0.1,
+            "grad_noise": "gaussian",
+            "grad_noise_std": 0.01,
+            "weight_decay": 1e-3,
+            "grad_scale": 0.5,
+            "label_noise": 0.2,
+            "probe_every": 2,
+            "full_gradient_every": 2,
+        },
+    ],
+)
+def test_resume_after_kill_gives_identical_records(tmp_path, overrides):
+    config = tiny(steps=7, checkpoint_every=2, **overrides)
+    straight = train(config, tmp_path / "straight", progress=False)
+    killed = tmp_path / "killed"
+    train(config, killed, progress=False, stop_after=5)  # last checkpoint at step 4, rows 0..4 on disk
+    meta = json.loads((killed / "meta.json").read_text())
+    assert meta["status"] == "stopped"
+    _, partial = read_steps(killed / "steps.csv")
+    assert len(partial) == 5
+    # simulate a kill between checkpoints: one more row on disk than the checkpoint holds
+    train(config, killed, progress=False)
+    assert (killed / "steps.csv").read_text() == (straight / "steps.csv").read_text()
+    assert json.loads((killed / "meta.json").read_text())["resumed_from_step"] == 4
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(tiny(steps=2), tmp_path, progress=False)
+    with pytest.raises(LipverifyError, match=r"different config \(differs in \['lr'\]\)"):
+        train(tiny(steps=2, lr=0.1), tmp_path, progress=False)
+
+
+def test_failure_is_recorded(tmp_path, monkeypatch):
+    def boom(self):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(_Run, "train_step", boom)
+    with pytest.raises(RuntimeError):
+        train(tiny(), tmp_path, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["status"] == "failed" and "simulated failure" in meta["error"]
+
+
+def test_convnet_with_batch_norm_dropout_and_fgsm(tmp_path):
+    config = tiny(
+        model="convnet", batch_norm=True, dropout=0.3, fgsm_eps=0.05, batch_size=8, steps=2, train_size=40
+    )
+    out = train(config, tmp_path, progress=False)
+    _, rows = read_steps(out / "steps.csv")
+    assert all(rows[0][f"{n}.psi"] > 0 for n in ("conv1", "conv2", "conv3", "fc1", "fc2"))
+
+
+def test_gradient_noise_changes_the_update_and_the_terms(tmp_path):
+    base = _Run(tiny())
+    noisy = _Run(tiny(grad_noise="uniform", grad_noise_std=0.05))
+    r0, r1 = base.train_step(), noisy.train_step()
+    # same batch and initialisation: the injected noise adds eta^2 beta^2 to phi^2 ...
+    assert math.isclose(r1["fc2.phi"] ** 2, r0["fc2.phi"] ** 2 + (0.05 * 0.05) ** 2, rel_tol=1e-6)
+    # ... and moves the weights (observed change differs from the noise-free run)
+    assert r1["fc2.dsigma_observed"] != r0["fc2.dsigma_observed"]
+
+
+def test_cli_train_and_report(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--out", str(out), "--no-progress", "steps=4", "train_size=100", "batch_size=16"])
+    assert rc == 0
+    assert (out / "summary.json").exists() and (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    assert "K_T_predicted_mean" in capsys.readouterr().out
+    assert main(["train", "--out", str(out), "--no-progress", "stepz=4"]) == 2
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_report_dispatches_sweeps(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("lipverify.claims")
+    fake.report_sweep = lambda path: calls.append(path) or 0
+    monkeypatch.setitem(sys.modules, "lipverify.claims", fake)
+    (tmp_path / "sweep.json").write_text("{}")
+    assert main(["report", str(tmp_path)]) == 0
+    assert calls == [tmp_path]
+
+
+def test_autoaugment_path_with_a_stand_in_torchvision(tmp_path, monkeypatch):
+    # torchvision is optional and absent here: a stand-in policy (invert the image) checks the wiring.
+    calls = []
+
+    class FakeAutoAugment:
+        def __init__(self, policy):
+            calls.append(policy)
+
+        def __call__(self, img):
+            assert img.dtype == torch.uint8 and img.shape[0] == 3
+            return 255 - img
+
+    tv = types.ModuleType("torchvision")
+    tr = types.ModuleType("torchvision.transforms")
+    tr.AutoAugment = FakeAutoAugment
+    tr.AutoAugmentPolicy = types.SimpleNamespace(CIFAR10="cifar10")
+    tv.transforms = tr
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.transforms", tr)
+    run = _Run(tiny(model="convnet", autoaugment=True, batch_size=4, train_size=20).validate())
+    g = run.gen.get_state()
+    x, _ = run.batch()
+    run.gen.set_state(g)
+    idx = torch.randperm(20, generator=run.gen)[:4]
+    expected = 1 - torch.nn.functional.pad(run.images[idx].float() / 255, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+    inner = (slice(None), slice(None), slice(2, 30), slice(2, 30))
+    assert torch.allclose(x[inner], expected[inner]) and calls == ["cifar10"]
