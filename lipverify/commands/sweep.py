@@ -1,0 +1,42 @@
+"""``lipverify sweep CONFIG``: run a Section 8 parameter sweep (logic in :mod:`lipverify.sweep`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = (
+    "run a parameter sweep for a Section 8 claim (grid of training runs, in parallel, resumable); "
+    "then `lipverify report DIR` writes its figures and claims table"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="sweep config TOML ([base], [grid], [[cases]], claim = ...)")
+    parser.add_argument(
+        "--out", default=None, help="sweep directory (default: runs/sweeps/<config name>[-smoke])"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="parallel runs (processes), default 1")
+    parser.add_argument(
+        "--smoke", action="store_true", help="shrink every run (few steps, tiny subsets) for a quick check"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="write the claims report into the sweep directory afterwards"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from lipverify.sweep import load_sweep_config, run_sweep
+
+    config = load_sweep_config(args.config)
+    out = args.out or str(Path("runs") / "sweeps" / (config.name + ("-smoke" if args.smoke else "")))
+    result = run_sweep(config, out, jobs=args.jobs, smoke=args.smoke)
+    failed = result.failed
+    print(f"sweep {config.name}: {len(result.runs) - len(failed)}/{len(result.runs)} runs complete -> {out}")
+    for record in failed:
+        print(f"  FAILED {record['name']}: {record['error']}")
+    if args.report:
+        from lipverify.claims import report_sweep
+
+        report_sweep(out)
+    return 1 if failed else 0
