@@ -1,0 +1,347 @@
+"""Sweeps (issue 6): grid expansion, input errors, skip/resume, failed runs, the real smoke sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lipverify import LipverifyError
+from lipverify.sweep import (
+    SCHEMA_VERSION,
+    SMOKE_STEPS,
+    SMOKE_TRAIN_SIZE,
+    load_sweep_config,
+    parse_sweep_config,
+    read_sweep,
+    run_sweep,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+
+#: TrainConfig fields of the issue-5 contract (the fake runs below do not need lipverify.training).
+FIELDS = {
+    "model": "mlp",
+    "dataset": "mnist5k",
+    "data_dir": None,
+    "train_size": None,
+    "batch_size": 128,
+    "lr": 0.05,
+    "steps": 300,
+    "init": "default",
+    "init_scale": 1.0,
+    "seed_init": 0,
+    "seed_sampling": 0,
+    "grad_scale": 1.0,
+    "grad_noise": "none",
+    "grad_noise_std": 0.0,
+    "label_noise": 0.0,
+    "probe_every": 1,
+    "full_gradient_every": 0,
+    "checkpoint_every": 50,
+}
+
+
+def fake_resolve(overrides):
+    unknown = set(overrides) - set(FIELDS)
+    if unknown:
+        raise LipverifyError(f"unknown {unknown}")
+    return FIELDS | dict(overrides)
+
+
+def fake_run(config, run_dir):
+    """Cheap stand-in for lipverify.training.train: meta.json + steps.csv; fails when lr < 0."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "calls.txt").open("a") as fh:
+        fh.write("call\n")
+    meta = {"config": config, "status": "running"}
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    if config["lr"] < 0:
+        meta["status"] = "failed"
+        (run_dir / "meta.json").write_text(json.dumps(meta))
+        raise RuntimeError(f"negative learning rate {config['lr']}")
+    rows = ["step,loss,log_bound,net_mu,net_psi,net_phi_sq,net_phi_sq_cross"]
+    for t in range(config["steps"] + 1):
+        rows.append(f"{t},{1 / (t + 1)},{0.01 * t},0.01,0.001,0.0001,0")
+    (run_dir / "steps.csv").write_text("\n".join(rows) + "\n")
+    meta["status"] = "complete"
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def calls(sweep_dir: Path) -> dict[str, int]:
+    return {
+        p.parent.name: len(p.read_text().splitlines())
+        for p in sorted((sweep_dir / "runs").glob("*/calls.txt"))
+    }
+
+
+def config(**extra):
+    data = {
+        "claim": "batch_size",
+        "base": {"steps": 3, "lr": 0.1},
+        "grid": {"batch_size": [8, 16], "seed_sampling": [0, 1, 2]},
+    }
+    data.update(extra)
+    return parse_sweep_config(data, name="t", fields=FIELDS)
+
+
+def test_grid_expansion_product_and_cases():
+    cfg = parse_sweep_config(
+        {
+            "claim": "init",
+            "base": {"steps": 5},
+            "grid": {"init_scale": [0.5, 1.0, 2.0], "seed_init": [0, 1]},
+            "cases": [{"init": "default"}, {"init": "kaiming_normal", "lr": 0.01}],
+        },
+        fields=FIELDS,
+    )
+    runs = cfg.expand()
+    assert len(runs) == 3 * 2 * 2
+    assert len({r.name for r in runs}) == len(runs)
+    combos = {(r.overrides["init"], r.overrides["init_scale"], r.overrides["seed_init"]) for r in runs}
+    assert len(combos) == 12
+    assert all(r.overrides["steps"] == 5 for r in runs)
+    assert all(r.overrides["lr"] == 0.01 for r in runs if r.overrides["init"] == "kaiming_normal")
+    assert all("lr" not in r.overrides for r in runs if r.overrides["init"] == "default")
+    # stable names: a second expansion gives the same directories
+    assert [r.name for r in cfg.expand()] == [r.name for r in runs]
+
+
+def test_smoke_shrinks_steps_data_and_grid():
+    cfg = parse_sweep_config(
+        {
+            "claim": "batch_size",
+            "base": {"steps": 500, "train_size": 1000},
+            "grid": {"batch_size": [8, 16, 32, 64], "seed_sampling": list(range(10))},
+            "smoke": {"steps": 2, "grid": {"seed_sampling": [5, 6]}},
+        },
+        fields=FIELDS,
+    )
+    runs = cfg.expand(smoke=True)
+    assert len(runs) == 3 * 2  # batch sizes capped at 3 values, seeds replaced by [smoke.grid]
+    assert {r.overrides["seed_sampling"] for r in runs} == {5, 6}
+    assert all(r.overrides["steps"] == 2 and r.overrides["train_size"] == SMOKE_TRAIN_SIZE for r in runs)
+    plain = parse_sweep_config(
+        {"claim": "init", "base": {"steps": 500}, "grid": {"seed_init": [0]}}, fields=FIELDS
+    )
+    assert plain.expand(smoke=True)[0].overrides["steps"] == SMOKE_STEPS
+    assert plain.expand()[0].overrides["steps"] == 500
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"claim": "init", "grid": {"learning_rate": [0.1]}}, "learning_rate"),
+        ({"claim": "init", "base": {"bogus": 1}, "grid": {"lr": [0.1]}}, "bogus"),
+        ({"claim": "init", "grid": {"lr": [0.1]}, "cases": [{"nope": 1}]}, "nope"),
+        ({"claim": "init", "grid": {"lr": [0.1]}, "smoke": {"grid": {"zzz": [1]}}}, "zzz"),
+        ({"claim": "init", "grid": {}}, "empty"),
+        ({"claim": "init"}, "empty"),
+        ({"claim": "init", "grid": {"lr": []}}, "empty"),
+        ({"claim": "init", "grid": {"lr": 0.1}}, "list"),
+        ({"claim": "nothing", "grid": {"lr": [0.1]}}, "claim"),
+        ({"claim": "init", "grid": {"lr": [0.1]}, "extra": 1}, "extra"),
+        ({"claim": "init", "grid": {"lr": [0.1]}, "cases": [{"lr": 0.2}]}, "both"),
+    ],
+)
+def test_bad_sweep_configs_are_refused(data, match):
+    with pytest.raises(LipverifyError, match=match):
+        parse_sweep_config(data, fields=FIELDS)
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("claim = [")
+    with pytest.raises(LipverifyError, match="TOML"):
+        load_sweep_config(bad, fields=FIELDS)
+    with pytest.raises(LipverifyError, match="not found"):
+        load_sweep_config(tmp_path / "missing.toml", fields=FIELDS)
+
+
+def test_skip_complete_and_resume_interrupted(tmp_path):
+    cfg = config()
+    result = run_sweep(cfg, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    assert len(result.runs) == 6 and not result.failed
+    assert set(calls(tmp_path).values()) == {1}
+    doc = read_sweep(tmp_path)
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["sweep"]["claim"] == "batch_size"
+    assert all(r["status"] == "complete" and r["config"]["steps"] == 3 for r in doc["runs"])
+
+    # second invocation: everything complete -> nothing runs
+    result = run_sweep(cfg, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    assert all(r["skipped"] for r in result.runs)
+    assert set(calls(tmp_path).values()) == {1}
+
+    # an interrupted run (meta.json still "running") is resumed, the others are not touched
+    victim = doc["runs"][2]
+    meta_path = tmp_path / victim["dir"] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["status"] = "running"
+    meta_path.write_text(json.dumps(meta))
+    result = run_sweep(cfg, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    counts = calls(tmp_path)
+    assert counts.pop(victim["name"]) == 2
+    assert set(counts.values()) == {1}
+    assert [r["name"] for r in result.ran] == [victim["name"]]
+    assert all(r["status"] == "complete" for r in read_sweep(tmp_path)["runs"])
+
+
+def test_incompatible_sweep_dir_refused_before_any_run(tmp_path):
+    run_sweep(config(), tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    before = calls(tmp_path)
+    other = config(base={"steps": 4, "lr": 0.1})
+    with pytest.raises(LipverifyError, match="different sweep config"):
+        run_sweep(other, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    with pytest.raises(LipverifyError, match="different sweep config"):
+        run_sweep(config(), tmp_path, smoke=True, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    doc = json.loads((tmp_path / "sweep.json").read_text())
+    doc["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / "sweep.json").write_text(json.dumps(doc))
+    with pytest.raises(LipverifyError, match="schema version"):
+        run_sweep(config(), tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    assert calls(tmp_path) == before
+
+
+def test_run_dir_with_other_config_refused(tmp_path):
+    cfg = config()
+    name = cfg.expand()[0].name
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "meta.json").write_text(
+        json.dumps({"config": fake_resolve({"steps": 99}), "status": "complete"})
+    )
+    with pytest.raises(LipverifyError, match="different config"):
+        run_sweep(cfg, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    assert calls(tmp_path) == {}
+    assert not (tmp_path / "sweep.json").exists()
+
+
+def test_failed_run_reported_others_complete_in_parallel(tmp_path):
+    cfg = parse_sweep_config(
+        {"claim": "noisy_gradient", "base": {"steps": 2}, "grid": {"lr": [0.1, -1.0, 0.2]}}, fields=FIELDS
+    )
+    result = run_sweep(cfg, tmp_path, jobs=2, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    status = {r["params"]["lr"]: r for r in read_sweep(tmp_path)["runs"]}
+    assert status[-1.0]["status"] == "failed"
+    assert "negative learning rate" in status[-1.0]["error"]
+    assert status[0.1]["status"] == status[0.2]["status"] == "complete"
+    assert [r["params"]["lr"] for r in result.failed] == [-1.0]
+    # the failed run is retried (resumed) on the next invocation, the complete ones are skipped
+    run_sweep(cfg, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    assert sorted(calls(tmp_path).values()) == [1, 1, 2]
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(LipverifyError, match="jobs"):
+        run_sweep(config(), tmp_path, jobs=0, run_fn=fake_run, resolve=fake_resolve)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(EXPERIMENTS.glob("sweep_*.toml")) + sorted(EXPERIMENTS.glob("gpu/*.toml"))
+)
+def test_experiment_configs_are_valid(path):
+    pytest.importorskip("lipverify.training")
+    cfg = load_sweep_config(path)
+    for smoke in (False, True):
+        runs = cfg.expand(smoke=smoke)
+        assert runs
+    assert len(cfg.expand(smoke=True)) <= len(cfg.expand())
+
+
+def test_all_six_claims_have_a_cpu_config():
+    from lipverify.sweep import CLAIMS
+
+    pytest.importorskip("lipverify.training")
+    claims = {load_sweep_config(p).claim for p in EXPERIMENTS.glob("sweep_*.toml")}
+    assert claims == set(CLAIMS)
+
+
+# ------------------------------------------------------------------------------------ real training
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "lipverify.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_real_smoke_sweep_and_report(tmp_path):
+    """End to end with the real ``train``: ``lipverify sweep --smoke`` (3 seeds), ``lipverify report``."""
+    pytest.importorskip("lipverify.training")
+    pytest.importorskip("lipverify.prediction")
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(
+        'claim = "trajectories"\n'
+        '[base]\nmodel = "mlp"\ndataset = "mnist5k"\ntrain_size = 48\nbatch_size = 8\nsteps = 4\n'
+        "checkpoint_every = 2\n"
+        "[grid]\nseed_sampling = [0, 1, 2]\n"
+    )
+    out = tmp_path / "sweep"
+    proc = _cli("sweep", toml, "--smoke", "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = read_sweep(out)
+    assert [r["status"] for r in doc["runs"]] == ["complete"] * 3
+    assert doc["smoke"] is True
+    for r in doc["runs"]:
+        meta = json.loads((out / r["dir"] / "meta.json").read_text())
+        assert meta["status"] == "complete"
+
+    proc = _cli("report", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "claims.json").read_text())
+    assert report["claim"] == "trajectories"
+    assert [c["id"] for c in report["claims"]] == ["8.7"]
+    assert report["claims"][0]["verdict"] in ("pass", "fail")
+    assert math.isfinite(report["claims"][0]["numbers"]["median_ratio"])
+    assert (out / "claims.md").read_text().startswith("# Claims")
+    assert (out / "trajectories.png").stat().st_size > 0
+
+
+def test_real_interrupted_run_is_resumed_by_the_sweep(tmp_path):
+    """A real run stopped mid-way (as a killed process leaves it) is reported failed, then resumed from
+    its checkpoint by the next invocation, reproducing the uninterrupted run's records exactly."""
+    training = pytest.importorskip("lipverify.training")
+    cfg = parse_sweep_config(
+        {
+            "claim": "trajectories",
+            "base": {"train_size": 32, "batch_size": 4, "steps": 4, "checkpoint_every": 2},
+            "grid": {"seed_sampling": [0]},
+        },
+        name="resume",
+    )
+
+    def interrupted(config, run_dir):
+        return training.train(training.TrainConfig(**config), run_dir, progress=False, stop_after=3)
+
+    first = run_sweep(cfg, tmp_path / "a", run_fn=interrupted, log=lambda m: None)
+    assert first.runs[0]["status"] == "failed" and "stopped" in first.runs[0]["error"]
+    second = run_sweep(cfg, tmp_path / "a", log=lambda m: None)
+    assert second.runs[0]["status"] == "complete" and not second.runs[0]["skipped"]
+    meta = json.loads((tmp_path / "a" / second.runs[0]["dir"] / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["resumed_from_step"] == 2
+    straight = run_sweep(cfg, tmp_path / "b", log=lambda m: None)
+    rows = [
+        (tmp_path / d / r["dir"] / "steps.csv").read_text()
+        for d, r in (("a", second.runs[0]), ("b", straight.runs[0]))
+    ]
+    assert rows[0] == rows[1]
+    # and a third invocation skips it
+    assert run_sweep(cfg, tmp_path / "a", log=lambda m: None).runs[0]["skipped"]
+
+
+def test_bad_value_refused_before_any_run(tmp_path):
+    pytest.importorskip("lipverify.training")
+    cfg = parse_sweep_config({"claim": "init", "base": {"steps": 2}, "grid": {"init": ["default", "xavier"]}})
+    with pytest.raises(LipverifyError, match="xavier"):
+        run_sweep(cfg, tmp_path, log=lambda m: None)
+    assert not (tmp_path / "sweep.json").exists()
