@@ -39,8 +39,9 @@ class LayerTerms:
 
     ``sigma``: sigma_1; ``mu``, ``psi``: drift parts per step; ``phi``: diffusion per sqrt(step);
     ``gap``: sigma_1 - sigma_2; ``degenerate``: relative gap below the tolerance (default
-    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype; psi then loses accuracy like eps/gap). ``noise_projections`` (b,): ``eta sqrt(scale) u^T (G_i - G_bar) v``, whose
-    squares sum to phi^2; used for the cross-layer diagnostic of MATH section 4.
+    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype; psi then loses accuracy like
+    eps/gap). ``noise_projections`` (b,): ``eta sqrt(scale) u^T (G_i - G_bar) v``, whose squares sum
+    to phi^2; used for the cross-layer diagnostic of MATH section 4.
     """
 
     sigma: float
@@ -133,7 +134,9 @@ def layer_terms(
     if mean_grad is None:
         mean_grad = G_bar
     elif tuple(mean_grad.shape) != (m, n):
-        raise LipverifyError(f"shape mismatch: mean_grad has shape {tuple(mean_grad.shape)}, W has ({m}, {n})")
+        raise LipverifyError(
+            f"shape mismatch: mean_grad has shape {tuple(mean_grad.shape)}, W has ({m}, {n})"
+        )
     elif mean_grad.dtype not in SUPPORTED_DTYPES:
         raise LipverifyError(f"mean_grad has unsupported dtype {mean_grad.dtype}")
     E = G - G_bar

@@ -108,7 +108,9 @@ class NoiseSqrt:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``Sigma_hat^{1/2} x`` for x of shape (..., d)."""
         if x.shape[-1] != self.dim:
-            raise LipverifyError(f"shape mismatch: vector of length {x.shape[-1]}, noise dimension d = {self.dim}")
+            raise LipverifyError(
+                f"shape mismatch: vector of length {x.shape[-1]}, noise dimension d = {self.dim}"
+            )
         Gc = self.centred_grads
         return ((x.to(Gc.dtype) @ Gc.T) @ self.core) @ Gc * math.sqrt(self.scale)
 
@@ -139,4 +141,6 @@ def noise_sqrt(G: torch.Tensor, population_size: int | None = None, rtol: float 
     keep = lam > rtol * lam.abs().max().clamp_min(torch.finfo(Gc.dtype).tiny)
     Qk = Q[:, keep]
     core = (Qk * lam[keep].rsqrt()) @ Qk.T
-    return NoiseSqrt(centred_grads=Gc, core=core, scale=estimator_scale(b, population_size), rank=int(keep.sum()))
+    return NoiseSqrt(
+        centred_grads=Gc, core=core, scale=estimator_scale(b, population_size), rank=int(keep.sum())
+    )

@@ -34,6 +34,8 @@ def gap_tolerance_for(dtype: torch.dtype) -> float:
     float32; the 1e-6 floor governs float64).
     """
     return max(DEFAULT_GAP_TOLERANCE, torch.finfo(dtype).eps ** 0.5)
+
+
 #: Largest d = m*n for which the dense (d, d) Hessian is built.
 MAX_DENSE_HESSIAN_DIM = 4096
 
@@ -174,7 +176,10 @@ def hessian(W: torch.Tensor, max_dim: int = MAX_DENSE_HESSIAN_DIM) -> torch.Tens
         xk = _vec(torch.outer(u, Vf[:, k]))
         yk = _vec(torch.outer(Uf[:, k], v))
         denom = (s1 - sk) * (s1 + sk)
-        H += (s1 * (torch.outer(xk, xk) + torch.outer(yk, yk)) + sk * (torch.outer(xk, yk) + torch.outer(yk, xk))) / denom
+        H += (
+            s1 * (torch.outer(xk, xk) + torch.outer(yk, yk))
+            + sk * (torch.outer(xk, yk) + torch.outer(yk, xk))
+        ) / denom
     for k in range(r, n):
         xk = _vec(torch.outer(u, Vf[:, k]))
         H += torch.outer(xk, xk) / s1
@@ -218,7 +223,9 @@ def quadratic_form_from_projections(
 def _check_direction(W: torch.Tensor, E: torch.Tensor) -> None:
     if not isinstance(E, torch.Tensor) or E.ndim < 2 or tuple(E.shape[-2:]) != tuple(W.shape):
         shape = tuple(E.shape) if isinstance(E, torch.Tensor) else type(E).__name__
-        raise LipverifyError(f"shape mismatch: direction E has shape {shape}, expected (..., {W.shape[0]}, {W.shape[1]})")
+        raise LipverifyError(
+            f"shape mismatch: direction E has shape {shape}, expected (..., {W.shape[0]}, {W.shape[1]})"
+        )
     if E.dtype not in SUPPORTED_DTYPES:
         raise LipverifyError(f"direction E has unsupported dtype {E.dtype}")
     if not all_finite(E):

@@ -32,7 +32,6 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
 import re
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from lipverify._validation import LipverifyError
+from lipverify.records import atomic_write_text
 
 #: Version of the sweep.json layout; a directory written under another version is refused.
 SCHEMA_VERSION = 1
@@ -61,15 +61,6 @@ SMOKE_TRAIN_SIZE = 64
 SMOKE_MAX_VALUES = 3
 
 RunFn = Callable[[dict, Path], Any]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -11,11 +11,9 @@ import argparse
 import inspect
 import json
 import math
-import os
 import sys
-import tempfile
-from pathlib import Path
 
+from lipverify.records import atomic_write_text
 from lipverify.verification import KINDS, RESULTS, CheckOutcome, load_checks, run_checks
 
 HELP = "run the numeric / symbolic / Monte Carlo checks of every result and print a table"
@@ -171,20 +169,6 @@ def format_markdown(
     return "\n".join(lines)
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file in the target's directory, then ``os.replace`` it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         kinds = parse_kinds(args.kind)
@@ -198,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_text(outcomes, summary))
     if args.report:
-        write_atomic(args.report, format_markdown(outcomes, summary, kinds))
+        atomic_write_text(args.report, format_markdown(outcomes, summary, kinds))
         if not args.json:
             print(f"report written to {args.report}")
     return 0 if all(o.passed for o in outcomes) else 1
