@@ -7,9 +7,12 @@ after the imports to the end of the timed steps (model, batch, activations, prob
 it is ``torch.cuda.max_memory_allocated`` over the whole run.
 
 Variants: ``plain`` (zero_grad, forward, backward, SGD step); ``probe`` (the same step with the
-full probe every step: hooks, Theorem 14/15 terms, cross-layer diagnostic and the discrete truth;
-the full-data gradient is a separate pass over the data and not included); ``probe-f32``
-(spectral parts in float32); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``); ``reference``
+full probe every step with its defaults: hooks, Theorem 14/15 terms, cross-layer diagnostic and
+the discrete truth; ``decomposition="resolvent"``: warm-started top pair and deflated Cholesky
+factor instead of a full decomposition per step, its fallback counts are printed; the full-data
+gradient is a separate pass over the data and not included); ``probe-f32`` (spectral parts in
+float32); ``probe-gram`` and ``probe-gram-f32`` (the same with ``decomposition="gram"``, a full
+decomposition of every weight per step); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``); ``reference``
 (torch.func ``vmap(grad)`` per-sample gradients, ``layer_terms`` with full SVDs, then the step).
 
     python benchmarks/bench_probe.py                     # MLP and ConvNet, b = 128, CPU
@@ -54,8 +57,9 @@ def _worker(args: argparse.Namespace) -> dict:
     if variant.startswith("probe"):
         probe = DynamicsProbe(
             model,
-            compute_dtype=torch.float32 if variant == "probe-f32" else torch.float64,
+            compute_dtype=torch.float32 if variant.endswith("-f32") else torch.float64,
             conv_method="unfold" if variant == "probe-unfold" else "conv",
+            decomposition="gram" if variant.startswith("probe-gram") else "resolvent",
             population_size=60000,
         )
 
@@ -97,7 +101,10 @@ def _worker(args: argparse.Namespace) -> dict:
         mem = torch.cuda.max_memory_allocated()
     else:
         mem = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024
-    return {"median_s": statistics.median(times), "min_s": min(times), "peak_mem_bytes": mem}
+    out = {"median_s": statistics.median(times), "min_s": min(times), "peak_mem_bytes": mem}
+    if probe is not None and probe.decomposition == "resolvent":
+        out["resolvent_stats"] = probe.resolvent_stats
+    return out
 
 
 def _run_variant(args: argparse.Namespace, model: str, variant: str) -> dict:
@@ -148,7 +155,7 @@ def main() -> None:
     head = ("model", "variant", "median ms", "x plain", "peak MB", "x plain mem")
     print(f"{head[0]:8s} {head[1]:14s} {head[2]:>10s} {head[3]:>8s} {head[4]:>9s} {head[5]:>11s}")
     for model in models:
-        variants = ["plain", "probe", "probe-f32"]
+        variants = ["plain", "probe", "probe-f32", "probe-gram", "probe-gram-f32"]
         if model == "convnet":
             variants.append("probe-unfold")
         if not args.no_reference:
@@ -164,6 +171,7 @@ def main() -> None:
             print(
                 f"{model:8s} {v:14s} {1e3 * r['median_s']:10.2f} {r['median_s'] / plain['median_s']:8.2f} "
                 f"{r['peak_mem_bytes'] / 2**20:9.1f} {mem_ratio:>11s}"
+                + (f"  {r['resolvent_stats']}" if "resolvent_stats" in r else "")
             )
 
 

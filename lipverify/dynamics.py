@@ -29,7 +29,6 @@ from lipverify.spectral import (
     SpectralDecomposition,
     decompose,
     gap_tolerance_for,
-    quadratic_form_from_projections,
 )
 
 
@@ -81,7 +80,10 @@ def layer_terms_from_projections(
 
     ``y``: (b, n) rows ``E_i^T u``; ``x``: (b, m) rows ``E_i v``; ``drift_projection``:
     ``u^T grad_L v`` for the chosen estimate of the expected gradient. The kernel shared by
-    :func:`layer_terms` and the model probe.
+    :func:`layer_terms` and the model probe. ``dec`` is a
+    :class:`~lipverify.spectral.SpectralDecomposition` or any object with the same ``sigma``
+    (at least sigma_1, sigma_2), ``sigma1``, ``gap``, ``u`` and ``quadratic_form(y, x)`` (the probe's
+    Cholesky-based resolvent spectrum).
     """
     b = y.shape[0]
     scale = estimator_scale(b, population_size)
@@ -90,9 +92,9 @@ def layer_terms_from_projections(
             f"{name}: sigma_1 = sigma_2 = {float(dec.sigma[0]):.6g}; psi (Theorem 14) is undefined"
         )
     if gap_tolerance is None:
-        gap_tolerance = gap_tolerance_for(dec.sigma.dtype)
+        gap_tolerance = gap_tolerance_for(dec.sigma1.dtype)
     proj = x @ dec.u  # u^T E_i v, (b,)
-    q = quadratic_form_from_projections(dec, y, x)
+    q = dec.quadratic_form(y, x)
     jsj = (proj * proj).sum() * scale
     trace_hs = q.sum() * scale
     sigma = float(dec.sigma1)

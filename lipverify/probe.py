@@ -27,6 +27,15 @@ float64 model gets float64 throughout); the projections are then cast to ``compu
 (float64 by default) before centring and everything after (decomposition, Lemma 13 forms,
 Theorem 14 sums) runs in ``compute_dtype``.
 
+Spectral parts per step (``decomposition=``). ``"gram"`` and ``"svd"`` take a full thin
+SVD of every weight and evaluate Lemma 13 over all r singular pairs. ``"resolvent"`` (default) never does
+after a layer's first step: it keeps the top pair, sigma_2 and the Cholesky factor of the deflated
+``s1^2 I - W W^T + s1^2 u u^T`` on the smaller Gram side, warm-started from the previous step
+(:func:`resolvent_spectrum`), and evaluates the resolvent form of MATH section 2 with one
+triangular solve (:meth:`ResolventSpectrum.quadratic_form`). Not-converged steps fall back to the
+full decomposition and are counted in ``DynamicsProbe.resolvent_stats``; for bitwise-identical
+resumed runs the warm-start state must travel with the checkpoint (:meth:`DynamicsProbe.warm_state`).
+
 Per-sample loss. The probe uses ``G_i = grad of l_i`` with the per-sample loss defined by
 ``L = (1/b) sum_i l_i``. The hooked output gradient of a ``reduction="mean"`` loss is
 ``(1/b) grad l_i``, so the probe multiplies ``delta`` by b. A ``reduction="sum"`` loss
@@ -71,8 +80,6 @@ from lipverify.spectral import (
     DEFAULT_GAP_TOLERANCE,
     SpectralDecomposition,
     decompose,
-    hessian_trace_from_spectrum,
-    quadratic_form_from_projections,
 )
 
 #: Quantities a :class:`ProbeSchedule` can schedule.
@@ -223,12 +230,250 @@ def fast_decompose(W: torch.Tensor, dtype: torch.dtype, name: str = "W") -> Spec
     return SpectralDecomposition(U=U, sigma=s, V=V)
 
 
+@dataclass(frozen=True)
+class ResolventSpectrum:
+    """What the resolvent form of Lemma 13 needs (MATH section 2), without a full decomposition.
+
+    With ``k = min(m, n)`` (the smaller Gram side) and ``w = u`` (m <= n, ``G = W W^T``) or
+    ``w = v`` (m > n, ``G = W^T W``): ``L`` (k, k) is the lower Cholesky factor of the deflated
+    matrix ``A = s1^2 I_k - G + s1^2 w w^T``. A's eigenvalues are ``s1^2`` (on w) and
+    ``s1^2 - s_j^2`` (j = 2..k), so A is SPD iff ``s1 > s2``, and on the complement of w
+    ``A^{-1}`` is the pseudo-inverse ``R_U = (s1^2 I - W W^T)^+`` (resp. ``R_V``).
+
+    ``W``: (m, n) snapshot in the compute dtype; ``u`` (m,), ``v`` (n,), ``s1``, ``s2``: 0-d
+    tensors, same dtype; ``basis``: (k, p) Ritz vectors of G for the top p eigenvalues (the warm
+    start of the next step). Duck-types the parts of :class:`SpectralDecomposition` the probe uses
+    (``sigma1``, ``u``, ``v``, ``gap``, ``shape``).
+    """
+
+    W: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+    L: torch.Tensor
+    basis: torch.Tensor = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.W.shape)
+
+    @property
+    def sigma1(self) -> torch.Tensor:
+        return self.s1
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """``(sigma_1, sigma_2)`` only (the rest of the spectrum is not computed)."""
+        return torch.stack([self.s1, self.s2])
+
+    @property
+    def gap(self) -> torch.Tensor:
+        return self.s1 - self.s2
+
+    @property
+    def relative_gap(self) -> torch.Tensor:
+        return self.gap / self.s1
+
+    @property
+    def tall(self) -> bool:
+        return self.W.shape[0] > self.W.shape[1]
+
+    def quadratic_form(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Lemma 13 ``q_H(E)`` from ``y = E^T u`` (..., n) and ``x = E v`` (..., m) -> (...,).
+
+        MATH section 2: ``q = s1 (y_perp^T R_V y_perp + x_perp^T R_U x_perp) + 2 y_perp^T R_V W^T x_perp``
+        with ``y_perp = y - (v^T y) v``, ``x_perp = x - (u^T x) u``. For m <= n the push-through
+        identity ``R_V y_perp = s1^{-2} (y_perp + W^T A^{-1} W y_perp)`` (``W y_perp`` is orthogonal to u
+        since ``u^T W y_perp = s1 v^T y_perp = 0``) and ``W R_V y_perp = A^{-1} W y_perp`` turn it into
+
+        ``q = (|y_perp|^2 + |L^{-1} (W y_perp + s1 x_perp)|^2) / s1``
+
+        (one triangular solve, a sum of squares: no cancellation, q >= 0 as H is PSD). For m > n
+        the mirror image ``q = (|x_perp|^2 + |L^{-1} (W^T x_perp + s1 y_perp)|^2) / s1``.
+        """
+        u, v, s1 = self.u, self.v, self.s1
+        yp = y - (y @ v).unsqueeze(-1) * v
+        xp = x - (x @ u).unsqueeze(-1) * u
+        if self.tall:
+            rhs = xp @ self.W + s1 * yp  # (..., n)
+            outside = (xp * xp).sum(-1)
+        else:
+            rhs = yp @ self.W.T + s1 * xp  # (..., m)
+            outside = (yp * yp).sum(-1)
+        k = rhs.shape[-1]
+        z = torch.linalg.solve_triangular(self.L, rhs.reshape(-1, k).T, upper=False)  # (k, N)
+        return (outside + (z * z).sum(0).reshape(rhs.shape[:-1])) / s1
+
+    def hessian_trace(self) -> torch.Tensor:
+        """``tr H = s1 (tr R_U + tr R_V) = 2 s1 tr R_k + (m + n - 2k) / s1`` with
+        ``tr R_k = tr A^{-1} - 1/s1^2 = |L^{-1}|_F^2 - 1/s1^2`` (MATH section 2, k = min(m, n))."""
+        m, n = self.shape
+        k = min(m, n)
+        Linv = torch.linalg.solve_triangular(
+            self.L, torch.eye(k, dtype=self.L.dtype, device=self.L.device), upper=False
+        )
+        tr_r = (Linv * Linv).sum() - 1.0 / (self.s1 * self.s1)
+        return 2 * self.s1 * tr_r + (m + n - 2 * k) / self.s1
+
+
+#: Block size (Ritz vectors carried between steps) and iteration cap of :func:`resolvent_spectrum`.
+RESOLVENT_BLOCK = 4
+RESOLVENT_MAX_ITER = 25
+#: Thick restart of the shift-invert block Krylov subspace at this many blocks.
+RESOLVENT_MAX_DIM = 10
+
+
+def resolvent_spectrum(
+    W: torch.Tensor,
+    dtype: torch.dtype,
+    basis: torch.Tensor,
+    max_iter: int = RESOLVENT_MAX_ITER,
+) -> tuple[ResolventSpectrum | None, int]:
+    """sigma_1, u, v, sigma_2 and the deflated Cholesky factor of W (m, n) from a warm start.
+
+    ``basis`` (k, p), k = min(m, n), p >= 2: approximate top eigenvectors of the smaller Gram matrix
+    G (e.g. the previous step's :attr:`ResolventSpectrum.basis`). All in ``dtype``.
+
+    Phase 1 (sigma_1, u, v): block inverse iteration with the Cholesky factor of ``s I - G``, s
+    slightly above lambda_1 (a successful factorisation certifies ``s > lambda_1``; the margin is at
+    least ``1e-2 (theta_1 - theta_2)``, so the top vector converges by ~1e-2 per iteration), with
+    Rayleigh-Ritz on G each iteration. It stops when the residual ``r_1 = |G z_1 - theta_1 z_1|`` is at
+    the rounding floor ``2 eps theta_1``, or below ``16 sqrt(k) eps theta_1`` and no longer decreasing
+    (stagnation at the floor); the eigenvector error is then ``r_1 / (lambda_1 - lambda_2)``, as for a
+    full ``eigh`` of the same G. ``sigma_1 = |W^T u|`` (or ``|W v|``), the other vector by
+    ``W^T u / sigma_1``. Then the deflated ``A`` of :class:`ResolventSpectrum` is factorised.
+
+    Phase 2 (sigma_2): block Krylov subspace of ``A^{-1}`` on the complement of u (its largest
+    eigenvalue is ``1 / (lambda_1 - lambda_2)``), Rayleigh-Ritz on G, until
+    ``r_2 <= 1e-8 theta_1 sqrt(eps / eps_64)``: the Ritz value error is ``<= r_2^2 / sep`` (sep: the
+    distance to the rest of the spectrum), i.e. ``sigma_2`` to ~1e-16 relative for separations down
+    to ~1e-6 theta_1 in float64.
+
+    Returns ``(spectrum, iterations)``, or ``(None, iterations)`` when the iteration did not
+    converge within ``max_iter`` or a factorisation failed (the caller falls back to the full
+    decomposition; a failed factorisation of the deflated A means ``s1 = s2`` numerically).
+    """
+    Wc = W.to(dtype)
+    if Wc.data_ptr() == W.data_ptr():
+        Wc = Wc.clone()  # the spectrum keeps W_t; the optimiser updates the parameter in place
+    m, n = Wc.shape
+    tall = m > n
+    G = Wc.T @ Wc if tall else Wc @ Wc.T
+    k = G.shape[0]
+    eps = torch.finfo(dtype).eps
+    tol1_rel = 16 * math.sqrt(k) * eps
+    tol2_rel = 1e-8 * math.sqrt(eps / torch.finfo(torch.float64).eps)
+    p = basis.shape[1]
+    # Phase 1: sigma_1 and the top eigenvector of G by block inverse iteration with s I - G.
+    Z = basis.to(dtype)
+    chol = None
+    converged = False
+    it = 0
+    prev = math.inf
+    for it in range(1, max_iter + 1):
+        Z, _ = torch.linalg.qr(Z)
+        GZ = G @ Z
+        T = Z.T @ GZ
+        theta, S = torch.linalg.eigh(0.5 * (T + T.T))
+        theta, S = theta.flip(0), S.flip(1)
+        Z, GZ = Z @ S, GZ @ S
+        res = torch.linalg.vector_norm(GZ[:, 0] - Z[:, 0] * theta[0])
+        lam1 = float(theta[0])
+        if not (lam1 > 0 and math.isfinite(float(res))):
+            return None, it
+        r = float(res)
+        # at the rounding floor, or below the bound and no longer decreasing (stagnation at the floor)
+        if r <= 2 * eps * lam1 or (r <= tol1_rel * lam1 and r > 0.25 * prev):
+            converged = True
+            break
+        prev = r
+        if chol is None:
+            # shift above lambda_1: the Ritz value is a lower bound, the residual bounds the distance
+            margin = max(2 * float(res), 1e-2 * (lam1 - float(theta[1])), 64 * eps * lam1)
+            for _ in range(8):
+                B = -G
+                B.diagonal().add_(lam1 + margin)
+                chol, info = torch.linalg.cholesky_ex(B)
+                if int(info) == 0:
+                    break
+                chol, margin = None, 4 * margin
+            if chol is None:
+                return None, it
+        Z = torch.cholesky_solve(Z, chol)
+    if not converged:
+        return None, it
+    z1 = Z[:, 0]
+    other = Wc @ z1 if tall else Wc.T @ z1  # W v (tall) or W^T u
+    s1 = torch.linalg.vector_norm(other)
+    other = other / s1
+    u, v = (other, z1) if tall else (z1, other)
+    j = torch.argmax(v.abs())
+    sign = torch.sign(v[j])
+    u, v = u * sign, v * sign
+    w = v if tall else u
+    A = -G
+    A.diagonal().add_(s1 * s1)
+    A.addr_(w, w, alpha=float(s1 * s1))
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        return None, it
+    # Phase 2: lambda_2 = s1^2 - lambda_min(A) by block shift-invert Krylov with A^{-1} on the
+    # complement of w (Rayleigh-Ritz on G, thick restart at RESOLVENT_MAX_DIM blocks).
+    X = Z[:, 1:]
+    X = X - torch.outer(w, w @ X)
+    Q, _ = torch.linalg.qr(X)
+    GQ = G @ Q
+    q = Q.shape[1]
+    max_dim = min(k - 1, RESOLVENT_MAX_DIM * q)
+    lam2 = None
+    it2 = 0
+    while it2 < max_iter:
+        it2 += 1
+        T = Q.T @ GQ
+        theta2, S = torch.linalg.eigh(0.5 * (T + T.T))
+        theta2, S = theta2.flip(0)[:q], S.flip(1)[:, :q]
+        X = Q @ S
+        z2 = X[:, 0]
+        res2 = torch.linalg.vector_norm(G @ z2 - theta2[0] * z2)
+        if float(res2) <= tol2_rel * lam1 or Q.shape[1] >= k - 1:
+            lam2 = theta2[0]
+            break
+        if Q.shape[1] + q > max_dim:
+            Q, GQ = X, GQ @ S
+        new = torch.cholesky_solve(X, L)
+        new = new / torch.linalg.vector_norm(new, dim=0)
+        for _ in range(2):  # classical Gram-Schmidt against w and Q, twice
+            new = new - torch.outer(w, w @ new)
+            new = new - Q @ (Q.T @ new)
+        # at most k - 1 orthonormal columns fit in the complement of w
+        keep = torch.nonzero(torch.linalg.vector_norm(new, dim=0) > 1e-8)[:, 0][: k - 1 - Q.shape[1]]
+        if keep.numel() == 0:
+            lam2 = theta2[0]
+            break
+        new, _ = torch.linalg.qr(new[:, keep])
+        new = new - Q @ (Q.T @ new)
+        new = new / torch.linalg.vector_norm(new, dim=0)
+        Q = torch.cat([Q, new], 1)
+        GQ = torch.cat([GQ, G @ new], 1)
+    it += it2
+    if lam2 is None or not bool(lam2 < s1 * s1):
+        return None, it
+    s2 = lam2.clamp(min=0).sqrt()
+    basis_next = torch.cat([w.unsqueeze(1), X[:, : p - 1]], 1)
+    return ResolventSpectrum(W=Wc, u=u, v=v, s1=s1, s2=s2, L=L, basis=basis_next), it
+
+
 class DynamicsProbe:
     """Theorem 14/15 terms of every Linear/Conv2d layer of ``model`` from hooked activations.
 
     Arguments: ``skip``: module names to leave out; ``compute_dtype``: dtype of the projections and
     the spectral parts (float64 default; the model may train in float32); ``decomposition``:
-    ``"gram"`` (:func:`fast_decompose`) or ``"svd"`` (:func:`lipverify.spectral.decompose`);
+    ``"gram"`` (:func:`fast_decompose`), ``"svd"`` (:func:`lipverify.spectral.decompose`) or
+    ``"resolvent"`` (:func:`resolvent_spectrum`: top pair, sigma_2 and the deflated Cholesky factor
+    from the smaller Gram matrix, warm-started from the previous step; no full decomposition, the
+    first step of each layer and any non-converged step use the full ``"gram"`` decomposition,
+    counted in :attr:`resolvent_stats`);
     ``conv_method``: ``"conv"`` or ``"unfold"`` (see the module docstring); ``projection_dtype``:
     dtype of the contractions with the activations (None: the activations' dtype);
     ``conv_chunk_bytes``: bound on the im2col buffer of the per-sample conv weight gradient;
@@ -252,7 +497,7 @@ class DynamicsProbe:
         model: nn.Module,
         skip: Iterable[str] = (),
         compute_dtype: torch.dtype = torch.float64,
-        decomposition: str = "gram",
+        decomposition: str = "resolvent",
         conv_method: str = "conv",
         projection_dtype: torch.dtype | None = None,
         conv_chunk_bytes: int = 8 << 20,
@@ -260,8 +505,8 @@ class DynamicsProbe:
         gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
         schedule: ProbeSchedule | None = None,
     ) -> None:
-        if decomposition not in ("gram", "svd"):
-            raise LipverifyError(f"decomposition must be 'gram' or 'svd', got {decomposition!r}")
+        if decomposition not in ("gram", "svd", "resolvent"):
+            raise LipverifyError(f"decomposition must be 'gram', 'svd' or 'resolvent', got {decomposition!r}")
         if conv_method not in ("conv", "unfold"):
             raise LipverifyError(f"conv_method must be 'conv' or 'unfold', got {conv_method!r}")
         self.model = model
@@ -276,7 +521,13 @@ class DynamicsProbe:
         self._layers = {
             name: _Layer(name, module, kind) for name, (module, kind) in find_layers(model, skip).items()
         }
-        self._dec_cache: dict[str, tuple[int, int, SpectralDecomposition]] = {}
+        self._dec_cache: dict[str, tuple[int, int, SpectralDecomposition | ResolventSpectrum]] = {}
+        self._warm: dict[str, torch.Tensor] = {}
+        self._warm_in: dict[str, torch.Tensor | None] = {}
+        #: ``"resolvent"`` mode: ``iterative`` (warm-started resolvent steps), ``iterations`` (their
+        #: total block iterations), ``cold`` (first decomposition of a layer: full), ``fallback``
+        #: (warm start did not converge or a factorisation failed: full decomposition instead).
+        self.resolvent_stats = {"iterative": 0, "iterations": 0, "cold": 0, "fallback": 0}
         self._capturing = False
 
     @property
@@ -284,8 +535,9 @@ class DynamicsProbe:
         return list(self._layers)
 
     # ----------------------------------------------------------------- spectral parts
-    def decomposition_of(self, name: str) -> SpectralDecomposition:
-        """Thin SVD of layer ``name``'s weight matrix, cached until the weight changes."""
+    def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
+        """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
+        weight matrix, cached until the weight changes."""
         layer = self._layers[name]
         w = layer.module.weight
         key = (w.data_ptr(), w._version)
@@ -293,12 +545,63 @@ class DynamicsProbe:
         if cached is not None and cached[:2] == key:
             return cached[2]
         W = weight_matrix(layer.module)
-        if self.decomposition == "gram":
+        if self.decomposition == "resolvent":
+            dec = self._resolvent_decomposition(name, W)
+        elif self.decomposition == "gram":
             dec = fast_decompose(W, self.compute_dtype, name)
         else:
             dec = decompose(W.to(self.compute_dtype), name)
         self._dec_cache[name] = (*key, dec)
         return dec
+
+    def _resolvent_decomposition(
+        self, name: str, W: torch.Tensor
+    ) -> SpectralDecomposition | ResolventSpectrum:
+        stats = self.resolvent_stats
+        basis = self._warm.get(name)
+        k = min(W.shape)
+        self._warm_in[name] = basis
+        if basis is not None and k >= 2:  # non-finite W: NaN Ritz values, fallback raises
+            spec, iters = resolvent_spectrum(W, self.compute_dtype, basis)
+            stats["iterations"] += iters
+            if spec is not None:
+                stats["iterative"] += 1
+                self._warm[name] = spec.basis
+                return spec
+            stats["fallback"] += 1
+        else:
+            stats["cold"] += 1
+        dec = fast_decompose(W, self.compute_dtype, name)
+        small = dec.V if W.shape[0] > W.shape[1] else dec.U
+        if k >= 2:
+            self._warm[name] = small[:, : min(RESOLVENT_BLOCK, k)].clone()
+        return dec
+
+    def warm_state(self) -> dict[str, torch.Tensor | None]:
+        """``"resolvent"`` mode: per layer, the warm-start basis (k, p) the next decomposition of
+        the uninterrupted run starts from (None: a cold, full one). When the cached decomposition is
+        of the current weight (the uninterrupted run would reuse it), that is the basis that produced
+        it, so the resumed run recomputes it identically; otherwise the basis it left behind. Saved
+        with a checkpoint and given to :meth:`load_warm_state` of a fresh probe, the resumed run gives
+        bitwise the same numbers as the uninterrupted run."""
+        state: dict[str, torch.Tensor | None] = {}
+        for name, layer in self._layers.items():
+            w = layer.module.weight
+            cached = self._dec_cache.get(name)
+            current = cached is not None and cached[:2] == (w.data_ptr(), w._version)
+            basis = self._warm_in.get(name) if current else self._warm.get(name)
+            state[name] = None if basis is None else basis.clone()
+        return state
+
+    def load_warm_state(self, state: Mapping[str, torch.Tensor | None]) -> None:
+        """Restore :meth:`warm_state` (call before the first step of the resumed run)."""
+        for name, basis in state.items():
+            if name not in self._layers:
+                raise LipverifyError(f"warm state names unknown layer {name!r}")
+            if basis is None:
+                self._warm.pop(name, None)
+            else:
+                self._warm[name] = basis.to(self.compute_dtype).clone()
 
     def sigmas(self) -> dict[str, float]:
         """sigma_1 of every layer: from the cached decomposition when it is current, else from
@@ -476,8 +779,7 @@ class DynamicsProbe:
                 dec, yc, xc, drift, lr_eff, self.population_size, self.gap_tolerance, name
             )
             if weight_decay or grad_noise_var:
-                m, n = dec.shape
-                trace_h = float(hessian_trace_from_spectrum(dec.sigma, m, n))
+                trace_h = float(dec.hessian_trace())
                 terms = replace(
                     terms,
                     mu=terms.mu - lr * weight_decay * terms.sigma,
@@ -582,9 +884,15 @@ class DynamicsProbe:
         """One-step discrete truth (MATH section 3) of the update ``Delta W = W_{t+1} - W_t``.
 
         Per layer: ``dsigma_observed = sigma_1(W_{t+1}) - sigma_1(W_t)``, ``dsigma_first = u^T Delta W v``,
-        ``dsigma_second = u^T Delta W v + q_H(Delta W) / 2`` and ``dropped_drift_term =
+        ``dsigma_second = u^T Delta W v + q_H(Delta W) / 2``, ``dropped_drift_term =
         ((eta alpha)^2 / 2) q_H(grad_L)`` (grad_L: ``mean_grads`` if given, else the batch mean kept
-        by :meth:`after_backward`; weight decay adds nothing since ``q_H(W) = 0``).
+        by :meth:`after_backward`; weight decay adds nothing since ``q_H(W) = 0``) and
+        ``update_exceeds_gap``: ``|Delta W|_2 >= (sigma_1 - sigma_2) / 2`` at W_t. Then Weyl's
+        inequality no longer keeps sigma_1(W_{t+1}) apart from the perturbed sigma_2 (both move by at
+        most ``|Delta W|_2``), the expansion's remainder ``O(|Delta W|^3 / gap^2)`` is not small, and the
+        observed top pair may be another singular pair: the discrete truth of that layer is unreliable.
+        ``|Delta W|_F < gap / 2`` decides False without the spectral norm (``|.|_2 <= |.|_F``); only
+        otherwise ``torch.linalg.matrix_norm(Delta W, 2)`` is computed.
         """
         out = {}
         for name, layer in self._layers.items():
@@ -595,21 +903,42 @@ class DynamicsProbe:
             dW = weight_matrix(layer.module).to(dt) - layer.weight_before.to(dt)
             new = self.decomposition_of(name)
             first = float(dec.u @ dW @ dec.v)
-            q = float(quadratic_form_from_projections(dec, dW.T @ dec.u, dW @ dec.v))
+            q = float(dec.quadratic_form(dW.T @ dec.u, dW @ dec.v))
             g = mean_grads[name] if mean_grads is not None and name in mean_grads else layer.batch_grad
             dropped = math.nan
             if g is not None:
                 g = g.to(dt).reshape(dec.shape)
-                qg = float(quadratic_form_from_projections(dec, g.T @ dec.u, g @ dec.v))
+                qg = float(dec.quadratic_form(g.T @ dec.u, g @ dec.v))
                 dropped = 0.5 * (lr * grad_scale) ** 2 * qg
             out[name] = {
                 "dsigma_observed": float(new.sigma1 - dec.sigma1),
                 "dsigma_first": first,
                 "dsigma_second": first + 0.5 * q,
                 "dropped_drift_term": dropped,
+                "update_exceeds_gap": update_exceeds_gap(dW, float(dec.gap)),
             }
             layer.dec_before = layer.weight_before = None
         return out
+
+
+def update_exceeds_gap(dW: torch.Tensor, gap: float, power_steps: int = 8) -> bool:
+    """``|dW|_2 >= gap / 2`` for an update dW (m, n) and the gap ``sigma_1 - sigma_2`` of W_t.
+
+    Decided without the spectral norm where possible: ``|dW|_F < gap / 2`` gives False (the Frobenius
+    norm bounds the spectral norm from above); ``|dW x| >= gap / 2`` for a unit x from a few power
+    steps on ``dW^T dW`` gives True (a lower bound). Otherwise the exact spectral norm decides.
+    """
+    half = 0.5 * gap
+    if float(torch.linalg.matrix_norm(dW)) < half:
+        return False
+    x = dW[torch.argmax(torch.linalg.vector_norm(dW, dim=1))]  # largest row: dW x != 0
+    for _ in range(power_steps):
+        x = x / torch.linalg.vector_norm(x)
+        dWx = dW @ x
+        if float(torch.linalg.vector_norm(dWx)) >= half:
+            return True
+        x = dW.T @ dWx
+    return bool(float(torch.linalg.matrix_norm(dW, 2)) >= half)
 
 
 def cross_layer_diffusion(terms: Mapping[str, LayerTerms]) -> float:

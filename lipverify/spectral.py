@@ -82,6 +82,14 @@ class SpectralDecomposition:
     def relative_gap(self) -> torch.Tensor:
         return self.gap / self.sigma[0]
 
+    def quadratic_form(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Lemma 13 ``q_H(E)`` from ``y = E^T u`` and ``x = E v``: :func:`quadratic_form_from_projections`."""
+        return quadratic_form_from_projections(self, y, x)
+
+    def hessian_trace(self) -> torch.Tensor:
+        """``tr H`` from the spectrum: :func:`hessian_trace_from_spectrum`."""
+        return hessian_trace_from_spectrum(self.sigma, *self.shape)
+
 
 def decompose(W: torch.Tensor, name: str = "W") -> SpectralDecomposition:
     """Validated thin SVD of ``W`` (m, n). Raises if W is zero, non-finite or of a bad dtype."""

@@ -60,6 +60,7 @@ LAYER_FIELDS = (
     "dsigma_first",
     "dsigma_second",
     "dropped_drift_term",
+    "update_exceeds_gap",
 )
 NET_FIELDS = ("net_mu", "net_psi", "net_phi_sq", "net_phi_sq_cross")
 FULL_GRADIENT_CHUNK = 1000
@@ -398,6 +399,8 @@ class _Run:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "records": self.records,
+            # warm start of the probe's iterative spectrum: a resumed run decomposes identically
+            "probe_warm_state": self.probe.warm_state(),
         }
 
     def restore(self, state: dict) -> None:
@@ -408,6 +411,8 @@ class _Run:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
         self.records = list(state["records"])
+        if state.get("probe_warm_state") is not None:
+            self.probe.load_warm_state(state["probe_warm_state"])
 
 
 def train(

@@ -14,12 +14,15 @@ from lipverify.models import ConvNet, build_model
 from lipverify.probe import (
     DynamicsProbe,
     ProbeSchedule,
+    ResolventSpectrum,
     cross_layer_diffusion,
     fast_decompose,
     reference_layer_terms,
     reference_per_sample_gradients,
+    resolvent_spectrum,
+    update_exceeds_gap,
 )
-from lipverify.spectral import decompose
+from lipverify.spectral import decompose, hessian_trace_from_spectrum, quadratic_form_from_projections
 
 RTOL = 1e-8
 FIELDS = ("sigma", "gap", "mu", "phi", "psi")
@@ -378,3 +381,230 @@ def test_cross_layer_diffusion_matches_materialised_covariance():
         LOSS(model(x), y).backward()
     noisy = probe.compute(0.1, grad_noise_var=1e-3)
     assert math.isclose(cross_layer_diffusion(noisy), cross, rel_tol=1e-9)
+
+
+# --------------------------------------------------------------------------- resolvent mode
+def _warm_probe(model, shape, decomposition="resolvent", steps=3, lr=0.05, b=6, classes=10, **kw):
+    """A probe that has seen ``steps`` SGD steps of ``model``, so its next decomposition is warm."""
+    probe = DynamicsProbe(model, decomposition=decomposition, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for s in range(steps):
+        x, y = _batch(shape, b=b, classes=classes, seed=100 + s)
+        x = x.to(next(model.parameters()).dtype)
+        probe.before_step()
+        opt.zero_grad()
+        with probe.capture():
+            LOSS(model(x), y).backward()
+        probe.after_backward()
+        probe.compute(lr)
+        opt.step()
+        probe.after_step(lr)
+    return probe
+
+
+@pytest.mark.parametrize("which", ["mlp", "convnet"])
+def test_resolvent_mode_matches_vmap_reference(which):
+    # Warm-started resolvent decompositions (no full SVD) against torch.func + full SVDs, float64.
+    model = _mlp() if which == "mlp" else _convnet()
+    shape = (784,) if which == "mlp" else (3, 32, 32)
+    probe = _warm_probe(model, shape, population_size=100)
+    n_layers = len(probe.layer_names)
+    stats = dict(probe.resolvent_stats)
+    # the first decomposition of each layer is the full one, every later one is iterative
+    assert stats["cold"] == n_layers and stats["fallback"] == 0 and stats["iterative"] == 3 * n_layers
+    x, y = _batch(shape, b=6)
+    got = probe.measure(x, y, LOSS, lr=0.05)
+    # W_3 was decomposed (warm) by the last after_step; measure reuses it
+    assert probe.resolvent_stats == stats
+    assert all(isinstance(probe.decomposition_of(n), ResolventSpectrum) for n in probe.layer_names)
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.05, mode="vmap", population_size=100)
+    assert _max_rel(got, ref) < RTOL
+    # the gram mode on the same weights agrees to rounding
+    gram = DynamicsProbe(model, population_size=100).measure(x, y, LOSS, lr=0.05)
+    assert _max_rel(got, gram) < 1e-10
+
+
+def _with_gap(m, n, rel_gap, seed):
+    """Random (m, n) float64 matrix with sigma_1 = 1 and sigma_2 = 1 - rel_gap."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    r = min(m, n)
+    s = torch.sort(torch.rand(r, generator=g, dtype=torch.float64), descending=True).values
+    s = s * 0.9 * (1.0 - rel_gap)
+    s[0], s[1] = 1.0, 1.0 - rel_gap
+    return U[:, :r] @ torch.diag(s) @ V[:, :r].T
+
+
+def _warm_basis(W, seed, noise=1e-2):
+    """Top-4 small-side singular vectors of a perturbation of W (a previous step's basis)."""
+    g = torch.Generator().manual_seed(seed)
+    prev = decompose(W + noise * torch.randn(W.shape, generator=g, dtype=W.dtype) / max(W.shape) ** 0.5)
+    small = prev.V if W.shape[0] > W.shape[1] else prev.U
+    return small[:, :4]
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (12, 7), (9, 9), (40, 60), (60, 40)])
+@pytest.mark.parametrize("rel_gap", [0.3, 1e-3, 1e-5])
+def test_resolvent_spectrum_matches_full_decompositions(shape, rel_gap):
+    W = _with_gap(*shape, rel_gap, seed=sum(shape))
+    spec, iters = resolvent_spectrum(W, torch.float64, _warm_basis(W, 1))
+    assert spec is not None and 1 <= iters <= 25
+    ref = decompose(W)
+    gram = fast_decompose(W, torch.float64)
+    m, n = shape
+    g = torch.Generator().manual_seed(2)
+    E = torch.randn(5, m, n, generator=g, dtype=torch.float64)
+    for full in (ref, gram):
+        assert math.isclose(float(spec.sigma1), float(full.sigma1), rel_tol=1e-13)
+        # sigma_2 from a Rayleigh-Ritz value: error <= r_2^2 / separation, far below rtol 1e-8 of the gap
+        assert math.isclose(float(spec.gap), float(full.gap), rel_tol=1e-8)
+        # the singular vectors to rounding over the gap (eps / rel_gap), same sign convention
+        tol = 1e-13 / rel_gap
+        assert torch.allclose(spec.u, full.u, atol=tol) and torch.allclose(spec.v, full.v, atol=tol)
+        q_ref = quadratic_form_from_projections(full, full.u @ E, E @ full.v)
+        q = spec.quadratic_form(spec.u @ E, E @ spec.v)
+        # Lemma 13 terms carry a relative rounding error ~ eps / rel_gap (MATH section 7)
+        assert torch.allclose(q, q_ref, rtol=1e-12 / rel_gap, atol=0)
+        tr = hessian_trace_from_spectrum(full.sigma, m, n)
+        assert math.isclose(float(spec.hessian_trace()), float(tr), rel_tol=1e-12 / rel_gap)
+
+
+def test_resolvent_wrong_variants_are_rejected():
+    # The deflation term s1^2 w w^T and the push-through term W y_perp are both needed.
+    W = _with_gap(9, 14, 0.2, seed=3)
+    spec, _ = resolvent_spectrum(W, torch.float64, _warm_basis(W, 4))
+    ref = decompose(W)
+    E = torch.randn(4, 9, 14, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y, x = spec.u @ E, E @ spec.v
+    q_ref = quadratic_form_from_projections(ref, ref.u @ E, E @ ref.v)
+    assert torch.allclose(spec.quadratic_form(y, x), q_ref, rtol=1e-12)
+    s1, u, v = spec.s1, spec.u, spec.v
+    yp = y - (y @ v)[:, None] * v
+    xp = x - (x @ u)[:, None] * u
+    # missing push-through term: only the R_U part and the R_V null-space part survive
+    z = torch.linalg.solve_triangular(spec.L, (s1 * xp).T, upper=False)
+    no_push = ((yp * yp).sum(-1) + (z * z).sum(0)) / s1
+    assert ((no_push - q_ref).abs() / q_ref).max() > 1e-2
+    # non-deflated resolvent: s1^2 I - W W^T is singular (u is its null vector), no Cholesky factor
+    _, info = torch.linalg.cholesky_ex(s1 * s1 * torch.eye(9, dtype=W.dtype) - W @ W.T)
+    assert int(info) != 0
+
+
+def test_resolvent_spectrum_gives_up_on_degenerate_or_unconverged_input():
+    # sigma_1 = sigma_2 exactly: the deflated A is singular, the Cholesky fails -> None
+    W = torch.diag(torch.tensor([2.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    basis = torch.eye(4, dtype=torch.float64)[:, :3] + 1e-3
+    assert resolvent_spectrum(W, torch.float64, basis)[0] is None
+    # a poor basis and one iteration allowed: not converged -> None
+    W = _with_gap(30, 40, 1e-2, seed=7)
+    rand = torch.randn(30, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    spec, iters = resolvent_spectrum(W, torch.float64, rand, max_iter=1)
+    assert spec is None and iters == 1
+
+
+def test_resolvent_mode_falls_back_to_the_full_decomposition(monkeypatch):
+    import lipverify.probe as probe_mod
+
+    model = _small()
+    probe = _warm_probe(model, (30,), steps=2, b=5, lr=0.1, classes=5)
+    assert probe.resolvent_stats["fallback"] == 0
+    monkeypatch.setattr(probe_mod, "resolvent_spectrum", lambda W, dtype, basis: (None, 25))
+    with torch.no_grad():  # a new weight: the next decomposition is not the cached one
+        for p in model.parameters():
+            p.mul_(1.001)
+    x, y = _batch((30,), classes=5)
+    got = probe.measure(x, y, LOSS, lr=0.1)
+    assert probe.resolvent_stats["fallback"] == 3 and probe.resolvent_stats["iterations"] >= 75
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.1)
+    assert _max_rel(got, ref) < RTOL
+
+
+def test_resolvent_mode_weight_decay_noise_and_discrete_truth():
+    from lipverify.spectral import hessian_trace
+
+    model = _small()
+    probe = _warm_probe(model, (30,), steps=2, b=5, lr=0.1, classes=5)
+    gram = DynamicsProbe(model)
+    x, y = _batch((30,), classes=5)
+    kw = {"grad_scale": 0.5, "grad_noise_var": 1e-4, "weight_decay": 1e-3}
+    terms = {}
+    for p in (probe, gram):
+        with p.capture():
+            model.zero_grad()
+            LOSS(model(x), y).backward()
+        terms[p] = p.compute(0.1, **kw)
+    assert isinstance(probe.decomposition_of("0"), ResolventSpectrum)
+    assert _max_rel(terms[probe], terms[gram]) < 1e-10
+    for name in terms[probe]:
+        W = model.get_submodule(name).weight.detach()
+        tr = float(hessian_trace(W))
+        assert math.isclose(float(probe.decomposition_of(name).hessian_trace()), tr, rel_tol=1e-10)
+    # discrete truth of one step: same numbers as the gram mode
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    truths = []
+    for p in (probe, gram):
+        p.before_step()
+    opt.step()
+    for p in (probe, gram):
+        p.after_backward()
+        truths.append(p.after_step(0.1))
+    for name in truths[0]:
+        for k in ("dsigma_first", "dsigma_second", "dropped_drift_term"):
+            assert math.isclose(truths[0][name][k], truths[1][name][k], rel_tol=1e-10), (name, k)
+        assert truths[0][name]["update_exceeds_gap"] == truths[1][name]["update_exceeds_gap"]
+
+
+def test_update_exceeds_gap():
+    g = torch.Generator().manual_seed(0)
+    # |dW|_F = 1 but |dW|_2 = 1 / sqrt(4): the spectral norm decides, not the Frobenius bound
+    dW = torch.eye(4, dtype=torch.float64) / 2
+    assert not update_exceeds_gap(dW, gap=1.2)  # 0.5 < 0.6
+    assert update_exceeds_gap(dW, gap=1.0)  # 0.5 >= 0.5
+    assert not update_exceeds_gap(torch.randn(5, 6, generator=g, dtype=torch.float64) * 1e-6, gap=1e-3)
+    # in the discrete truth: a tiny step keeps clear of the gap, a huge one does not
+    for lr, expected in ((1e-7, False), (50.0, True)):
+        model = _small()
+        probe = DynamicsProbe(model)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        x, y = _batch((30,), classes=5)
+        probe.before_step()
+        with probe.capture():
+            LOSS(model(x), y).backward()
+        probe.after_backward()
+        opt.step()
+        flags = {n: t["update_exceeds_gap"] for n, t in probe.after_step(lr).items()}
+        assert set(flags.values()) == {expected}, (lr, flags)
+
+
+def test_resolvent_mode_float32_model():
+    # float32 training with float32 spectral parts (the fast training setting): as accurate as the
+    # float32 gram mode against the float64 reference (both lose ~eps_32 / rel_gap).
+    model = build_model("mlp", seed=0)
+    probe = _warm_probe(model, (784,), compute_dtype=torch.float32, b=6)
+    x, y = _batch((784,), b=6)
+    got = probe.measure(x.float(), y, LOSS, lr=0.05)
+    gram = DynamicsProbe(model, compute_dtype=torch.float32).measure(x.float(), y, LOSS, lr=0.05)
+    assert probe.resolvent_stats["fallback"] == 0 and probe.resolvent_stats["iterative"] >= 9
+    ref = reference_layer_terms(model.double(), x, y, LOSS, lr=0.05)
+    err, err_gram = _max_rel(got, ref), _max_rel(gram, ref)
+    assert err < 1e-2 and err < 3 * err_gram, (err, err_gram)
+
+
+def test_resolvent_warm_state_makes_a_resumed_probe_bitwise_identical():
+    model = _small()
+    probe = _warm_probe(model, (30,), steps=3, b=5, lr=0.1, classes=5)
+    state = probe.warm_state()
+    assert all(isinstance(b, torch.Tensor) for b in state.values())
+    resumed = DynamicsProbe(model, decomposition="resolvent")
+    resumed.load_warm_state(state)
+    for name in probe.layer_names:
+        a, b = probe.decomposition_of(name), resumed.decomposition_of(name)
+        assert isinstance(b, ResolventSpectrum)
+        for f in ("s1", "s2", "u", "v", "L"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), (name, f)
+    # without the state the resumed probe starts cold (full decomposition), to rounding only
+    cold = DynamicsProbe(model, decomposition="resolvent")
+    assert not isinstance(cold.decomposition_of("0"), ResolventSpectrum)
+    with pytest.raises(LipverifyError, match="unknown layer"):
+        cold.load_warm_state({"nope": None})

@@ -114,6 +114,21 @@ def test_run_writes_records_and_meta(tmp_path):
     assert not list(out.glob(".*tmp"))
 
 
+def test_update_exceeds_gap_column(tmp_path):
+    # <layer>.update_exceeds_gap: |Delta W|_2 >= (sigma_1 - sigma_2) / 2 at W_t, recorded as 0/1
+    # with the discrete truth; a tiny learning rate keeps every update clear of the gap, a huge one
+    # (diverging later is irrelevant: 2 steps) does not.
+    flags = {}
+    for lr in (1e-6, 20.0):
+        out = train(tiny(dtype="float64", steps=2, lr=lr), tmp_path / f"r{lr}", progress=False)
+        columns, rows = read_steps(out / "steps.csv")
+        assert "fc1.update_exceeds_gap" in columns
+        assert rows[-1]["fc1.update_exceeds_gap"] is None  # final row: no step taken
+        flags[lr] = {r[f"{n}.update_exceeds_gap"] for r in rows[:2] for n in ("fc1", "fc2", "fc3")}
+    assert flags[1e-6] == {0.0}
+    assert 1.0 in flags[20.0]
+
+
 def test_first_order_prediction_is_the_recorded_drift_in_float64(tmp_path):
     # Plain SGD: Delta W = -eta G_bar, so u^T Delta W v equals mu (batch-mean drift).
     out = train(tiny(dtype="float64", steps=3), tmp_path / "r", progress=False)
