@@ -7,6 +7,8 @@ measure for the wrong variant.
 
 from __future__ import annotations
 
+import functools
+
 from derivations import ito, moments, noise, singular_value
 from lipverify.verification import Comparison, register
 
@@ -44,6 +46,28 @@ def lemma12_symbolic_2x2() -> Comparison:
     )
 
 
+@functools.cache
+def _rational_results() -> list[tuple[tuple, tuple]]:
+    """(correct, wrong) exact and 60-digit derivations per shape; each holds (Lemma 12, Lemma 13),
+    so the two checks share one computation."""
+    exact = [
+        (singular_value.lemma12_13_exact(*s), singular_value.lemma12_13_exact(*s, wrong=True)) for s in SHAPES
+    ]
+    high = [
+        (
+            singular_value.lemma12_13_high_precision(*s),
+            singular_value.lemma12_13_high_precision(*s, wrong=True),
+        )
+        for s in SHAPES
+    ]
+    return exact + high
+
+
+def _rational_pairs(index: int) -> list[tuple]:
+    """(correct, wrong) pairs for Lemma 12 (index 0) or Lemma 13 (index 1)."""
+    return [(good[index], bad[index]) for good, bad in _rational_results()]
+
+
 @register(
     "Lemma 12",
     KIND,
@@ -51,18 +75,7 @@ def lemma12_symbolic_2x2() -> Comparison:
 )
 def lemma12_rational() -> Comparison:
     """Lemma 12: exact and 60-digit comparison at rational matrices up to 3×4 / 4×3"""
-    pairs = [
-        (singular_value.lemma12_13_exact(*s)[0], singular_value.lemma12_13_exact(*s, wrong=True)[0])
-        for s in SHAPES
-    ]
-    pairs += [
-        (
-            singular_value.lemma12_13_high_precision(*s)[0],
-            singular_value.lemma12_13_high_precision(*s, wrong=True)[0],
-        )
-        for s in SHAPES
-    ]
-    return _worst(pairs, "v_2 ⊗ u (wrong singular vector)")
+    return _worst(_rational_pairs(0), "v_2 ⊗ u (wrong singular vector)")
 
 
 @register(
@@ -90,18 +103,7 @@ def lemma13_symbolic_2x2() -> Comparison:
 @register("Lemma 13", KIND, "∂²σ1/∂vec W² = H, exact and 60-digit at rational matrices up to 3×4 and 4×3")
 def lemma13_rational() -> Comparison:
     """Lemma 13: exact and 60-digit comparison at rational matrices up to 3×4 / 4×3"""
-    pairs = [
-        (singular_value.lemma12_13_exact(*s)[1], singular_value.lemma12_13_exact(*s, wrong=True)[1])
-        for s in SHAPES
-    ]
-    pairs += [
-        (
-            singular_value.lemma12_13_high_precision(*s)[1],
-            singular_value.lemma12_13_high_precision(*s, wrong=True)[1],
-        )
-        for s in SHAPES
-    ]
-    return _worst(pairs, "σk cross term dropped")
+    return _worst(_rational_pairs(1), "σk cross term dropped")
 
 
 @register("Lemma 13", KIND, "Lemma 13 (resolvent form) exactly in Q(σ1) at generic rational 2×3, 3×2, 3×3")
