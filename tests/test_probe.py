@@ -122,14 +122,7 @@ def test_dropout_matches_copy_reference_with_same_masks(which):
     state = torch.get_rng_state()
     got = probe.measure(x, y, LOSS, lr=0.05)
     torch.set_rng_state(state)
-    grads = reference_per_sample_gradients(model, x, y, LOSS, mode="copy")
-    from lipverify.dynamics import layer_terms
-
-    ref = {
-        n: layer_terms(m.weight.detach().reshape(m.weight.shape[0], -1), grads[n], 0.05)
-        for n, m in model.named_modules()
-        if n in grads
-    }
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.05, mode="copy")
     assert _max_rel(got, ref) < RTOL
     if which == "mlp":
         with pytest.raises(LipverifyError, match="mode='copy'"):
@@ -147,15 +140,10 @@ def test_batch_norm_matches_copy_reference():
     state = torch.get_rng_state()
     got = probe.measure(x, y, LOSS, lr=0.05)
     torch.set_rng_state(state)
-    grads = reference_per_sample_gradients(model, x, y, LOSS, mode="copy")
-    from lipverify.dynamics import layer_terms
-
-    ref = {
-        n: layer_terms(m.weight.detach().reshape(m.weight.shape[0], -1), grads[n], 0.05)
-        for n, m in model.named_modules()
-        if n in grads
-    }
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.05, mode="copy")
     assert _max_rel(got, ref) < RTOL
+    torch.set_rng_state(state)
+    grads = reference_per_sample_gradients(model, x, y, LOSS, mode="copy")
     # The per-sample gradients average exactly to the batch gradient (interaction terms included).
     model.zero_grad()
     torch.set_rng_state(state)
