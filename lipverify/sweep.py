@@ -382,16 +382,7 @@ def check_sweep_dir(sweep_dir: Path, config: SweepConfig, smoke: bool) -> dict |
     path = Path(sweep_dir) / "sweep.json"
     if not path.exists():
         return None
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LipverifyError(f"{path} is not valid JSON ({exc}); delete it or choose another --out") from exc
-    version = doc.get("schema_version") if isinstance(doc, dict) else None
-    if version != SCHEMA_VERSION:
-        raise LipverifyError(
-            f"{path} has sweep schema version {version!r}, this lipverify writes {SCHEMA_VERSION}: "
-            "incompatible sweep directory; choose another --out"
-        )
+    doc = read_sweep(sweep_dir, hint="; choose another --out or delete the directory")
     if doc.get("sweep") != json.loads(json.dumps(config.as_dict())) or bool(doc.get("smoke")) != smoke:
         raise LipverifyError(
             f"{path} holds a different sweep config (or smoke setting) than the one given: "
@@ -487,18 +478,19 @@ def run_sweep(
     return SweepResult(sweep_dir=sweep_dir, runs=runs)
 
 
-def read_sweep(sweep_dir: str | Path) -> dict:
-    """Load and schema-check a sweep directory's sweep.json."""
+def read_sweep(sweep_dir: str | Path, hint: str = "") -> dict:
+    """Load and schema-check a sweep directory's sweep.json (``hint`` is appended to errors)."""
     path = Path(sweep_dir) / "sweep.json"
     if not path.exists():
         raise LipverifyError(f"{sweep_dir} is not a sweep directory (no sweep.json)")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise LipverifyError(f"{path} is not valid JSON: {exc}") from exc
+        raise LipverifyError(f"{path} is not valid JSON: {exc}{hint}") from exc
     version = doc.get("schema_version") if isinstance(doc, dict) else None
     if version != SCHEMA_VERSION:
         raise LipverifyError(
-            f"{path} has sweep schema version {version!r}, this lipverify reads {SCHEMA_VERSION}"
+            f"{path} has sweep schema version {version!r}, this lipverify reads {SCHEMA_VERSION}: "
+            f"incompatible sweep directory{hint}"
         )
     return doc
