@@ -80,6 +80,7 @@ from lipverify.spectral import (
     DEFAULT_GAP_TOLERANCE,
     SpectralDecomposition,
     decompose,
+    with_canonical_sign,
 )
 
 #: Quantities a :class:`ProbeSchedule` can schedule.
@@ -221,13 +222,7 @@ def fast_decompose(W: torch.Tensor, dtype: torch.dtype, name: str = "W") -> Spec
     s = evals.sqrt()
     other = (Wc @ evecs if tall else Wc.T @ evecs) / s
     U, V = (other, evecs) if tall else (evecs, other)
-    k = torch.argmax(V[:, 0].abs())
-    sign = torch.sign(V[k, 0])
-    U = U.clone()
-    V = V.clone()
-    U[:, 0] *= sign
-    V[:, 0] *= sign
-    return SpectralDecomposition(U=U, sigma=s, V=V)
+    return with_canonical_sign(U, s, V)
 
 
 @dataclass(frozen=True)

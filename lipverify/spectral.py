@@ -91,22 +91,27 @@ class SpectralDecomposition:
         return hessian_trace_from_spectrum(self.sigma, *self.shape)
 
 
+def with_canonical_sign(U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor) -> SpectralDecomposition:
+    """Flip ``(u, v)`` together so that v's largest-magnitude entry is positive: results are then
+    deterministic (every formula is invariant to the flip). U (m, r), sigma (r,), V (n, r)."""
+    k = torch.argmax(V[:, 0].abs())
+    s = torch.sign(V[k, 0])
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    U = U.clone()
+    V = V.clone()
+    U[:, 0] *= s
+    V[:, 0] *= s
+    return SpectralDecomposition(U=U, sigma=sigma, V=V)
+
+
 def decompose(W: torch.Tensor, name: str = "W") -> SpectralDecomposition:
     """Validated thin SVD of ``W`` (m, n). Raises if W is zero, non-finite or of a bad dtype."""
     check_weight(W, name)
     Wc = W.to(compute_dtype(W.dtype))
     U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
-    # Fix the sign so that results are deterministic (every formula is invariant to it).
-    k = torch.argmax(Vh[0].abs())
-    s = torch.sign(Vh[0, k])
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    U = U.clone()
-    Vh = Vh.clone()
-    U[:, 0] *= s
-    Vh[0] *= s
     if not bool(S[0] > 0):
         raise DegenerateSpectrumError(f"{name}: sigma_1 = 0 (dead layer)")
-    return SpectralDecomposition(U=U, sigma=S, V=Vh.transpose(-1, -2))
+    return with_canonical_sign(U, S, Vh.transpose(-1, -2))
 
 
 def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float | None = None) -> None:
