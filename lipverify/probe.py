@@ -77,7 +77,6 @@ from torch import nn
 from lipverify._validation import LipverifyError, check_batch_size
 from lipverify.dynamics import LayerTerms, layer_terms, layer_terms_from_projections
 from lipverify.spectral import (
-    DEFAULT_GAP_TOLERANCE,
     SpectralDecomposition,
     decompose,
     with_canonical_sign,
@@ -473,7 +472,9 @@ class DynamicsProbe:
     dtype of the contractions with the activations (None: the activations' dtype);
     ``conv_chunk_bytes``: bound on the im2col buffer of the per-sample conv weight gradient;
     ``population_size``: N
-    for the without-replacement factor ``(1 - b/N)`` of Proposition 5 (None: with replacement).
+    for the without-replacement factor ``(1 - b/N)`` of Proposition 5 (None: with replacement);
+    ``gap_tolerance``: relative gap below which a layer is flagged ``degenerate`` (None:
+    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype).
 
     Two ways to use it: :meth:`measure` (one batch, the model is not updated, the parameters'
     ``.grad`` are restored), or inside a training loop::
@@ -497,7 +498,7 @@ class DynamicsProbe:
         projection_dtype: torch.dtype | None = None,
         conv_chunk_bytes: int = 8 << 20,
         population_size: int | None = None,
-        gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
+        gap_tolerance: float | None = None,
         schedule: ProbeSchedule | None = None,
     ) -> None:
         if decomposition not in ("gram", "svd", "resolvent"):

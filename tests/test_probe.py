@@ -596,3 +596,26 @@ def test_resolvent_warm_state_makes_a_resumed_probe_bitwise_identical():
     assert not isinstance(cold.decomposition_of("0"), ResolventSpectrum)
     with pytest.raises(LipverifyError, match="unknown layer"):
         cold.load_warm_state({"nope": None})
+
+
+def test_gap_flag_follows_the_compute_dtype():
+    """Relative gap 1e-4: Lemma 13 terms carry ~eps/gap relative error (1e-3 in float32), so a
+    float32 probe flags the layer (threshold sqrt(eps32) = 3.5e-4) and a float64 one does not
+    (threshold 1e-6). A probe pinned to 1e-6 would leave the float32 layer unflagged."""
+    g = torch.Generator().manual_seed(5)
+    Q1, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=g))
+    Q2, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=g))
+    S = torch.zeros(4, 6, dtype=torch.float64)
+    S[range(4), range(4)] = torch.tensor([1.0, 1.0 - 1e-4, 0.5, 0.2], dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(6, 4, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(Q1 @ S @ Q2.T)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (8,), generator=g)
+    flags = {
+        dtype: DynamicsProbe(model, compute_dtype=dtype, decomposition="svd")
+        .measure(x, y, LOSS, lr=0.05)["0"]
+        .degenerate
+        for dtype in (torch.float32, torch.float64)
+    }
+    assert flags == {torch.float32: True, torch.float64: False}
