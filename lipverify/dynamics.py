@@ -75,6 +75,7 @@ def layer_terms_from_projections(
     population_size: int | None = None,
     gap_tolerance: float | None = None,
     name: str = "layer",
+    quadratic_forms: torch.Tensor | None = None,
 ) -> LayerTerms:
     """Theorem 14 from projections of the centred per-sample gradients E_i = G_i - G_bar.
 
@@ -83,7 +84,8 @@ def layer_terms_from_projections(
     :func:`layer_terms` and the model probe. ``dec`` is a
     :class:`~lipverify.spectral.SpectralDecomposition` or any object with the same ``sigma``
     (at least sigma_1, sigma_2), ``sigma1``, ``gap``, ``u`` and ``quadratic_form(y, x)`` (the probe's
-    Cholesky-based resolvent spectrum).
+    Cholesky-based resolvent spectrum). ``quadratic_forms``: (b,) ``q_H(E_i)`` when the caller has
+    computed them already (default: ``dec.quadratic_form(y, x)``).
     """
     b = y.shape[0]
     scale = estimator_scale(b, population_size)
@@ -94,7 +96,7 @@ def layer_terms_from_projections(
     if gap_tolerance is None:
         gap_tolerance = gap_tolerance_for(dec.sigma1.dtype)
     proj = x @ dec.u  # u^T E_i v, (b,)
-    q = dec.quadratic_form(y, x)
+    q = dec.quadratic_form(y, x) if quadratic_forms is None else quadratic_forms
     jsj = (proj * proj).sum() * scale
     trace_hs = q.sum() * scale
     sigma = float(dec.sigma1)

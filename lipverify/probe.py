@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipverify import _linalg
 from lipverify._validation import LipverifyError, check_batch_size
 from lipverify.dynamics import LayerTerms, layer_terms, layer_terms_from_projections
 from lipverify.spectral import (
@@ -120,9 +121,16 @@ class _Layer:
     kind: str  # "linear" | "conv"
     inputs: torch.Tensor | None = None
     grad_out: torch.Tensor | None = None
+    # a Linear layer's forward output and its version (an in-place op after the layer changes it)
+    outputs: torch.Tensor | None = None
+    outputs_version: int = -1
     calls: int = 0
+    # (G_bar^T u, G_bar v) of the batch gradient at W_t (after_backward), or G_bar itself
+    batch_grad_projections: tuple[torch.Tensor, torch.Tensor] | None = None
     batch_grad: torch.Tensor | None = None
     weight_before: torch.Tensor | None = None
+    # persistent buffer of Delta W (a fresh (m, n) tensor per step costs page faults on CPU)
+    update_buffer: torch.Tensor | None = None
     dec_before: SpectralDecomposition | None = None
 
 
@@ -245,8 +253,14 @@ class ResolventSpectrum:
     v: torch.Tensor
     s1: torch.Tensor
     s2: torch.Tensor
-    L: torch.Tensor
+    factor: torch.Tensor = field(repr=False)
     basis: torch.Tensor = field(repr=False)
+
+    @property
+    def L(self) -> torch.Tensor:
+        """The lower Cholesky factor (``factor`` holds it in its lower triangle; its upper triangle is
+        LAPACK workspace, never read)."""
+        return torch.tril(self.factor)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -273,7 +287,9 @@ class ResolventSpectrum:
     def tall(self) -> bool:
         return self.W.shape[0] > self.W.shape[1]
 
-    def quadratic_form(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def quadratic_form(
+        self, y: torch.Tensor, x: torch.Tensor, weight_times_y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Lemma 13 ``q_H(E)`` from ``y = E^T u`` (..., n) and ``x = E v`` (..., m) -> (...,).
 
         MATH section 2: ``q = s1 (y_perp^T R_V y_perp + x_perp^T R_U x_perp) + 2 y_perp^T R_V W^T x_perp``
@@ -285,18 +301,26 @@ class ResolventSpectrum:
 
         (one triangular solve, a sum of squares: no cancellation, q >= 0 as H is PSD). For m > n
         the mirror image ``q = (|x_perp|^2 + |L^{-1} (W^T x_perp + s1 y_perp)|^2) / s1``.
+
+        ``weight_times_y`` (m <= n only): ``W y`` (..., m) when the caller has it (the probe takes it
+        from a Linear layer's forward output); then ``W y_perp = W y - s1 (v^T y) u`` costs no product
+        with W.
         """
         u, v, s1 = self.u, self.v, self.s1
-        yp = y - (y @ v).unsqueeze(-1) * v
+        yv = y @ v
+        yp = y - yv.unsqueeze(-1) * v
         xp = x - (x @ u).unsqueeze(-1) * u
         if self.tall:
             rhs = xp @ self.W + s1 * yp  # (..., n)
             outside = (xp * xp).sum(-1)
         else:
-            rhs = yp @ self.W.T + s1 * xp  # (..., m)
+            if weight_times_y is None:
+                rhs = yp @ self.W.T + s1 * xp  # (..., m)
+            else:
+                rhs = weight_times_y - (s1 * yv).unsqueeze(-1) * u + s1 * xp
             outside = (yp * yp).sum(-1)
         k = rhs.shape[-1]
-        z = torch.linalg.solve_triangular(self.L, rhs.reshape(-1, k).T, upper=False)  # (k, N)
+        z = _linalg.solve_lower(self.factor, rhs.reshape(-1, k).T, overwrite=True)  # (k, N)
         return (outside + (z * z).sum(0).reshape(rhs.shape[:-1])) / s1
 
     def hessian_trace(self) -> torch.Tensor:
@@ -304,9 +328,8 @@ class ResolventSpectrum:
         ``tr R_k = tr A^{-1} - 1/s1^2 = |L^{-1}|_F^2 - 1/s1^2`` (MATH section 2, k = min(m, n))."""
         m, n = self.shape
         k = min(m, n)
-        Linv = torch.linalg.solve_triangular(
-            self.L, torch.eye(k, dtype=self.L.dtype, device=self.L.device), upper=False
-        )
+        eye = torch.eye(k, dtype=self.factor.dtype, device=self.factor.device)
+        Linv = _linalg.solve_lower(self.factor, eye, overwrite=True)
         tr_r = (Linv * Linv).sum() - 1.0 / (self.s1 * self.s1)
         return 2 * self.s1 * tr_r + (m + n - 2 * k) / self.s1
 
@@ -316,6 +339,9 @@ RESOLVENT_BLOCK = 4
 RESOLVENT_MAX_ITER = 25
 #: Thick restart of the shift-invert block Krylov subspace at this many blocks.
 RESOLVENT_MAX_DIM = 10
+#: Smaller sides up to this size take G's full eigendecomposition instead of the iteration
+#: (at k <= 64 ``eigh`` costs less than the iteration's fixed per-step work).
+RESOLVENT_DIRECT_K = 64
 
 
 def resolvent_spectrum(
@@ -323,11 +349,15 @@ def resolvent_spectrum(
     dtype: torch.dtype,
     basis: torch.Tensor,
     max_iter: int = RESOLVENT_MAX_ITER,
+    direct_k: int = RESOLVENT_DIRECT_K,
 ) -> tuple[ResolventSpectrum | None, int]:
     """sigma_1, u, v, sigma_2 and the deflated Cholesky factor of W (m, n) from a warm start.
 
     ``basis`` (k, p), k = min(m, n), p >= 2: approximate top eigenvectors of the smaller Gram matrix
-    G (e.g. the previous step's :attr:`ResolventSpectrum.basis`). All in ``dtype``.
+    G (e.g. the previous step's :attr:`ResolventSpectrum.basis`). All in ``dtype``. G is formed once
+    with ``syrk``; on CPU the dense kernels run through scipy's BLAS/LAPACK (:mod:`lipverify._linalg`).
+
+    ``k <= direct_k``: G's full ``eigh`` gives the top pair and lambda_2 (0 iterations).
 
     Phase 1 (sigma_1, u, v): block inverse iteration with the Cholesky factor of ``s I - G``, s
     slightly above lambda_1 (a successful factorisation certifies ``s > lambda_1``; the margin is at
@@ -348,26 +378,37 @@ def resolvent_spectrum(
     converge within ``max_iter`` or a factorisation failed (the caller falls back to the full
     decomposition; a failed factorisation of the deflated A means ``s1 = s2`` numerically).
     """
+    with _linalg.single_threaded_blas():
+        return _resolvent_spectrum(W, dtype, basis, max_iter, direct_k)
+
+
+def _resolvent_spectrum(
+    W: torch.Tensor, dtype: torch.dtype, basis: torch.Tensor, max_iter: int, direct_k: int
+) -> tuple[ResolventSpectrum | None, int]:
     Wc = W.to(dtype)
     if Wc.data_ptr() == W.data_ptr():
         Wc = Wc.clone()  # the spectrum keeps W_t; the optimiser updates the parameter in place
-    m, n = Wc.shape
-    tall = m > n
-    G = Wc.T @ Wc if tall else Wc @ Wc.T
+    G = _linalg.gram(Wc)  # lower triangle
     k = G.shape[0]
+    p = basis.shape[1]
+    if k <= direct_k:
+        evals, evecs = torch.linalg.eigh(G)  # reads the lower triangle
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        top = _top_pair(Wc, evecs[:, 0])
+        L = _linalg.shifted_cholesky(G, float(top[2]) ** 2, top[3], float(top[2]) ** 2)
+        if L is None or not bool(evals[1] < top[2] * top[2]):
+            return None, 0
+        return _assemble(Wc, top, evals[1], L, evecs[:, 1:p]), 0
     eps = torch.finfo(dtype).eps
     tol1_rel = 16 * math.sqrt(k) * eps
-    tol2_rel = 1e-8 * math.sqrt(eps / torch.finfo(torch.float64).eps)
-    p = basis.shape[1]
     # Phase 1: sigma_1 and the top eigenvector of G by block inverse iteration with s I - G.
-    Z = basis.to(dtype)
+    Z, _ = torch.linalg.qr(basis.to(dtype))
     chol = None
     converged = False
     it = 0
     prev = math.inf
     for it in range(1, max_iter + 1):
-        Z, _ = torch.linalg.qr(Z)
-        GZ = G @ Z
+        GZ = _linalg.sym_matmul(G, Z)
         T = Z.T @ GZ
         theta, S = torch.linalg.eigh(0.5 * (T + T.T))
         theta, S = theta.flip(0), S.flip(1)
@@ -384,58 +425,69 @@ def resolvent_spectrum(
         prev = r
         if chol is None:
             # shift above lambda_1: the Ritz value is a lower bound, the residual bounds the distance
-            margin = max(2 * float(res), 1e-2 * (lam1 - float(theta[1])), 64 * eps * lam1)
+            margin = max(2 * r, 1e-2 * (lam1 - float(theta[1])), 64 * eps * lam1)
             for _ in range(8):
-                B = -G
-                B.diagonal().add_(lam1 + margin)
-                chol, info = torch.linalg.cholesky_ex(B)
-                if int(info) == 0:
+                chol = _linalg.shifted_cholesky(G, lam1 + margin)
+                if chol is not None:
                     break
-                chol, margin = None, 4 * margin
+                margin *= 4
             if chol is None:
                 return None, it
-        Z = torch.cholesky_solve(Z, chol)
+        Z, _ = torch.linalg.qr(_linalg.cholesky_solve(chol, Z))
     if not converged:
         return None, it
-    z1 = Z[:, 0]
+    top = _top_pair(Wc, Z[:, 0])
+    s1sq = float(top[2]) ** 2
+    L = _linalg.shifted_cholesky(G, s1sq, top[3], s1sq)
+    if L is None:
+        return None, it
+    lam2, X, it2 = _second_eigenvalue(G, L, top[3], Z[:, 1:], lam1, eps, max_iter)
+    it += it2
+    if lam2 is None or not bool(lam2 < s1sq):
+        return None, it
+    return _assemble(Wc, top, lam2, L, X[:, : p - 1]), it
+
+
+def _top_pair(Wc: torch.Tensor, z1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(u, v, sigma_1, w)`` from the top eigenvector ``z1`` of the smaller Gram matrix (w = z1 up to
+    the sign convention of :func:`lipverify.spectral.with_canonical_sign`: largest |v_j| positive)."""
+    tall = Wc.shape[0] > Wc.shape[1]
     other = Wc @ z1 if tall else Wc.T @ z1  # W v (tall) or W^T u
     s1 = torch.linalg.vector_norm(other)
     other = other / s1
     u, v = (other, z1) if tall else (z1, other)
-    j = torch.argmax(v.abs())
-    sign = torch.sign(v[j])
+    sign = torch.sign(v[torch.argmax(v.abs())])
     u, v = u * sign, v * sign
-    w = v if tall else u
-    A = -G
-    A.diagonal().add_(s1 * s1)
-    A.addr_(w, w, alpha=float(s1 * s1))
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:
-        return None, it
-    # Phase 2: lambda_2 = s1^2 - lambda_min(A) by block shift-invert Krylov with A^{-1} on the
-    # complement of w (Rayleigh-Ritz on G, thick restart at RESOLVENT_MAX_DIM blocks).
-    X = Z[:, 1:]
+    return u, v, s1, (v if tall else u)
+
+
+def _second_eigenvalue(
+    G: torch.Tensor, L: torch.Tensor, w: torch.Tensor, X: torch.Tensor, lam1: float, eps: float, max_iter: int
+) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """Phase 2 of :func:`resolvent_spectrum`: lambda_2 of G (and its Ritz block) by block Krylov with
+    ``A^{-1} = (L L^T)^{-1}`` on the complement of w, Rayleigh-Ritz on G, thick restart at
+    RESOLVENT_MAX_DIM blocks. Returns ``(lambda_2 or None, Ritz vectors (k, q), iterations)``."""
+    k = G.shape[0]
+    tol2 = 1e-8 * math.sqrt(eps / torch.finfo(torch.float64).eps) * lam1
     X = X - torch.outer(w, w @ X)
     Q, _ = torch.linalg.qr(X)
-    GQ = G @ Q
+    GQ = _linalg.sym_matmul(G, Q)
     q = Q.shape[1]
     max_dim = min(k - 1, RESOLVENT_MAX_DIM * q)
-    lam2 = None
-    it2 = 0
-    while it2 < max_iter:
-        it2 += 1
+    it = 0
+    while it < max_iter:
+        it += 1
         T = Q.T @ GQ
-        theta2, S = torch.linalg.eigh(0.5 * (T + T.T))
-        theta2, S = theta2.flip(0)[:q], S.flip(1)[:, :q]
+        theta, S = torch.linalg.eigh(0.5 * (T + T.T))
+        theta, S = theta.flip(0)[:q], S.flip(1)[:, :q]
         X = Q @ S
         z2 = X[:, 0]
-        res2 = torch.linalg.vector_norm(G @ z2 - theta2[0] * z2)
-        if float(res2) <= tol2_rel * lam1 or Q.shape[1] >= k - 1:
-            lam2 = theta2[0]
-            break
+        res2 = torch.linalg.vector_norm(GQ @ S[:, 0] - theta[0] * z2)
+        if float(res2) <= tol2 or Q.shape[1] >= k - 1:
+            return theta[0], X, it
         if Q.shape[1] + q > max_dim:
             Q, GQ = X, GQ @ S
-        new = torch.cholesky_solve(X, L)
+        new = _linalg.cholesky_solve(L, X)
         new = new / torch.linalg.vector_norm(new, dim=0)
         for _ in range(2):  # classical Gram-Schmidt against w and Q, twice
             new = new - torch.outer(w, w @ new)
@@ -443,19 +495,20 @@ def resolvent_spectrum(
         # at most k - 1 orthonormal columns fit in the complement of w
         keep = torch.nonzero(torch.linalg.vector_norm(new, dim=0) > 1e-8)[:, 0][: k - 1 - Q.shape[1]]
         if keep.numel() == 0:
-            lam2 = theta2[0]
-            break
+            return theta[0], X, it
         new, _ = torch.linalg.qr(new[:, keep])
         new = new - Q @ (Q.T @ new)
         new = new / torch.linalg.vector_norm(new, dim=0)
         Q = torch.cat([Q, new], 1)
-        GQ = torch.cat([GQ, G @ new], 1)
-    it += it2
-    if lam2 is None or not bool(lam2 < s1 * s1):
-        return None, it
+        GQ = torch.cat([GQ, _linalg.sym_matmul(G, new)], 1)
+    return None, X, it
+
+
+def _assemble(Wc, top, lam2, L, X) -> ResolventSpectrum:
+    u, v, s1, w = top
     s2 = lam2.clamp(min=0).sqrt()
-    basis_next = torch.cat([w.unsqueeze(1), X[:, : p - 1]], 1)
-    return ResolventSpectrum(W=Wc, u=u, v=v, s1=s1, s2=s2, L=L, basis=basis_next), it
+    basis_next = torch.cat([w.unsqueeze(1), X], 1).contiguous()
+    return ResolventSpectrum(W=Wc, u=u, v=v, s1=s1, s2=s2, factor=L, basis=basis_next)
 
 
 class DynamicsProbe:
@@ -625,7 +678,7 @@ class DynamicsProbe:
         forward/backward pass; removed on exit, the captured tensors are kept for :meth:`compute`."""
         handles = []
         for layer in self._layers.values():
-            layer.inputs = layer.grad_out = None
+            layer.inputs = layer.grad_out = layer.outputs = None
             layer.calls = 0
             handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
         self._capturing = True
@@ -641,6 +694,9 @@ class DynamicsProbe:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             layer.calls += 1
             layer.inputs = args[0].detach()
+            if layer.kind == "linear":
+                layer.outputs = output.detach()
+                layer.outputs_version = output._version
             if output.requires_grad:
 
                 def grad_hook(g: torch.Tensor) -> None:
@@ -664,9 +720,12 @@ class DynamicsProbe:
         return y - y.mean(0, keepdim=True), x - x.mean(0, keepdim=True)
 
     def _projections(
-        self, layer: _Layer, dec: SpectralDecomposition, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uncentred ``(y, x)``: rows ``G_i^T u`` (b, n) and ``G_i v`` (b, m)."""
+        self, layer: _Layer, dec: SpectralDecomposition | ResolventSpectrum, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Uncentred ``(y, x, W y)``: rows ``G_i^T u`` (b, n), ``G_i v`` (b, m) and, when it comes for
+        free, ``W G_i^T u`` (b, m) (else None): for a wide Linear layer in resolvent mode whose
+        forward output ``z = a W^T + bias`` is in the compute dtype and unchanged since the forward,
+        ``W y_i = sum_p (delta_{i,p}^T u) (z_{i,p} - bias)`` (MATH section 2: no product with W)."""
         if layer.calls != 1:
             raise LipverifyError(
                 f"layer {layer.name} was called {layer.calls} times in the captured forward pass; the probe "
@@ -683,20 +742,46 @@ class DynamicsProbe:
         a = layer.inputs.to(dt)
         delta = layer.grad_out.to(dt)
         u, v = dec.u.to(dt), dec.v.to(dt)
-        y, x = self._contract(layer, a, delta, u, v)  # linear in delta: scale afterwards
-        return y.to(self.compute_dtype) * scale, x.to(self.compute_dtype) * scale
+        z = layer.outputs
+        use_z = (
+            isinstance(dec, ResolventSpectrum)
+            and not dec.tall
+            and z is not None
+            and z._version == layer.outputs_version
+            and z.dtype == dt == self.compute_dtype
+        )
+        y, x, wy = self._contract(layer, a, delta, u, v, z if use_z else None)  # linear in delta
+        cd = self.compute_dtype
+        return y.to(cd) * scale, x.to(cd) * scale, None if wy is None else wy * scale
 
     def _contract(
-        self, layer: _Layer, a: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        layer: _Layer,
+        a: torch.Tensor,
+        delta: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        outputs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         b = a.shape[0]
         module = layer.module
         if layer.kind == "linear":
             a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
             d3 = delta.reshape(b, -1, delta.shape[-1])  # (b, P, m)
-            y = torch.bmm((d3 @ u).unsqueeze(1), a3)[:, 0]
+            z3 = None
+            if outputs is not None:
+                z3 = outputs.reshape(b, -1, outputs.shape[-1])
+                if module.bias is not None:
+                    z3 = z3 - module.bias.detach().to(z3.dtype)
+            if a3.shape[1] == 1:  # one position per sample: outer products, no batched matmul
+                t, s = (d3[:, 0] @ u).unsqueeze(1), (a3[:, 0] @ v).unsqueeze(1)
+                wy = None if z3 is None else t * z3[:, 0]
+                return t * a3[:, 0], s * d3[:, 0], wy
+            t = (d3 @ u).unsqueeze(1)  # (b, 1, P)
+            y = torch.bmm(t, a3)[:, 0]
             x = torch.bmm((a3 @ v).unsqueeze(1), d3)[:, 0]
-            return y, x
+            wy = None if z3 is None else torch.bmm(t, z3)[:, 0]
+            return y, x, wy
         C = a.shape[1]
         kh, kw = module.kernel_size
         padding = _conv_padding(module)
@@ -709,7 +794,7 @@ class DynamicsProbe:
             y = torch.bmm(A, t.reshape(b, P, 1))[..., 0]
             s = torch.matmul(v, A)  # (b, P)
             x = torch.bmm(d3, s.unsqueeze(-1))[..., 0]
-            return y, x
+            return y, x, None
         s = F.conv2d(a, v.reshape(1, C, kh, kw), None, module.stride, padding, module.dilation)
         x = torch.bmm(d3, s.reshape(b, -1, 1))[..., 0]  # sum_p delta_{i,p} (a_{i,p}^T v)
         # sum_p a_{i,p} t_{i,p}: per-sample weight gradient of one output channel, as one grouped
@@ -732,7 +817,7 @@ class DynamicsProbe:
                     groups=c,
                 ).reshape(c, -1)
             )
-        return torch.cat(ys), x
+        return torch.cat(ys), x, None
 
     # ----------------------------------------------------------------- terms
     def compute(
@@ -765,14 +850,17 @@ class DynamicsProbe:
             b = check_batch_size(layer.inputs.shape[0])
             lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
             dec = self.decomposition_of(name)
-            y, x = self._projections(layer, dec, self._per_sample_scale(b, reduction))
+            y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
             if mean_grads is not None and name in mean_grads:
                 drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
             else:
                 drift = (x @ dec.u).mean()
             yc, xc = self._centre(y, x)
+            q = None
+            if wy is not None:
+                q = dec.quadratic_form(yc, xc, weight_times_y=wy - wy.mean(0, keepdim=True))
             terms = layer_terms_from_projections(
-                dec, yc, xc, drift, lr_eff, self.population_size, self.gap_tolerance, name
+                dec, yc, xc, drift, lr_eff, self.population_size, self.gap_tolerance, name, q
             )
             if weight_decay or grad_noise_var:
                 trace_h = float(dec.hessian_trace())
@@ -863,16 +951,35 @@ class DynamicsProbe:
 
     # ----------------------------------------------------------------- discrete truth
     def before_step(self) -> None:
-        """Snapshot every weight (and its decomposition) before the optimiser step."""
+        """Snapshot every weight (and its decomposition) before the optimiser step.
+
+        In ``"resolvent"`` mode the decomposition's own copy of W_t is the snapshot when it holds the
+        weight's values exactly (same dtype, or float32/16-bit weights in float64)."""
         for name, layer in self._layers.items():
-            layer.dec_before = self.decomposition_of(name)
-            layer.weight_before = weight_matrix(layer.module).clone()
+            dec = self.decomposition_of(name)
+            layer.dec_before = dec
+            W = weight_matrix(layer.module)
+            if isinstance(dec, ResolventSpectrum) and _exactly_representable(W.dtype, dec.W.dtype):
+                layer.weight_before = dec.W
+            else:
+                layer.weight_before = W.clone()
+            layer.batch_grad_projections = layer.batch_grad = None
 
     def after_backward(self) -> None:
-        """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term)."""
+        """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term): its projections
+        ``(G_bar^T u, G_bar v)`` on the top pair of W_t after :meth:`before_step`, else a copy."""
         for layer in self._layers.values():
             g = layer.module.weight.grad
-            layer.batch_grad = None if g is None else g.detach().reshape(g.shape[0], -1).clone()
+            layer.batch_grad_projections = layer.batch_grad = None
+            if g is None:
+                continue
+            g = g.detach().reshape(g.shape[0], -1)
+            dec = layer.dec_before
+            if dec is not None:
+                g = g.to(dec.u.dtype)
+                layer.batch_grad_projections = (g.T @ dec.u, g @ dec.v)
+            else:
+                layer.batch_grad = g.clone()
 
     def after_step(
         self, lr: float, mean_grads: Mapping[str, torch.Tensor] | None = None, grad_scale: float = 1.0
@@ -896,15 +1003,28 @@ class DynamicsProbe:
                 raise LipverifyError("after_step needs before_step() before the optimiser step")
             dec = layer.dec_before
             dt = dec.sigma.dtype
-            dW = weight_matrix(layer.module).to(dt) - layer.weight_before.to(dt)
+            buf = layer.update_buffer
+            if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
+                buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+            W1, W0 = weight_matrix(layer.module), layer.weight_before
+            if torch.promote_types(W1.dtype, W0.dtype) == dt:
+                dW = torch.sub(W1, W0, out=buf)  # the promotion to dt is exact
+            else:
+                dW = W1.to(dt) - W0.to(dt)
             new = self.decomposition_of(name)
             first = float(dec.u @ dW @ dec.v)
             q = float(dec.quadratic_form(dW.T @ dec.u, dW @ dec.v))
-            g = mean_grads[name] if mean_grads is not None and name in mean_grads else layer.batch_grad
+            if mean_grads is not None and name in mean_grads:
+                g = mean_grads[name].to(dt).reshape(dec.shape)
+                projections = (g.T @ dec.u, g @ dec.v)
+            elif layer.batch_grad is not None:
+                g = layer.batch_grad.to(dt).reshape(dec.shape)
+                projections = (g.T @ dec.u, g @ dec.v)
+            else:
+                projections = layer.batch_grad_projections
             dropped = math.nan
-            if g is not None:
-                g = g.to(dt).reshape(dec.shape)
-                qg = float(dec.quadratic_form(g.T @ dec.u, g @ dec.v))
+            if projections is not None:
+                qg = float(dec.quadratic_form(*projections))
                 dropped = 0.5 * (lr * grad_scale) ** 2 * qg
             out[name] = {
                 "dsigma_observed": float(new.sigma1 - dec.sigma1),
@@ -914,7 +1034,16 @@ class DynamicsProbe:
                 "update_exceeds_gap": update_exceeds_gap(dW, float(dec.gap)),
             }
             layer.dec_before = layer.weight_before = None
+            layer.batch_grad_projections = layer.batch_grad = None
         return out
+
+
+def _exactly_representable(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every ``src`` value is a ``dst`` value (float16/bfloat16 -> float32 -> float64)."""
+    order = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+    if src == dst:
+        return True
+    return src in order and dst in order and order[dst] > order[src]
 
 
 def update_exceeds_gap(dW: torch.Tensor, gap: float, power_steps: int = 8) -> bool:

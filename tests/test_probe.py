@@ -209,14 +209,18 @@ def test_measure_does_not_update_model_or_grads():
     assert model[3].weight.grad is None
 
 
-def test_discrete_truth_of_a_plain_sgd_step():
+@pytest.mark.parametrize("warm", [False, True])
+def test_discrete_truth_of_a_plain_sgd_step(warm):
+    # warm: resolvent spectra, W_t snapshot shared with the spectrum, batch gradient kept as projections
     torch.manual_seed(0)
     model = _mlp()
     x, y = _batch((784,), b=8)
     lr = 0.005
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    probe = DynamicsProbe(model)
+    probe = _warm_probe(model, (784,), steps=2, lr=lr) if warm else DynamicsProbe(model)
     probe.before_step()
+    if warm:
+        assert all(isinstance(probe.decomposition_of(n), ResolventSpectrum) for n in probe.layer_names)
     with probe.capture():
         opt.zero_grad()
         LOSS(model(x), y).backward()
@@ -434,10 +438,13 @@ def _warm_basis(W, seed, noise=1e-2):
 
 @pytest.mark.parametrize("shape", [(7, 12), (12, 7), (9, 9), (40, 60), (60, 40)])
 @pytest.mark.parametrize("rel_gap", [0.3, 1e-3, 1e-5])
-def test_resolvent_spectrum_matches_full_decompositions(shape, rel_gap):
+@pytest.mark.parametrize("route", ["iterative", "direct"])
+def test_resolvent_spectrum_matches_full_decompositions(shape, rel_gap, route):
     W = _with_gap(*shape, rel_gap, seed=sum(shape))
-    spec, iters = resolvent_spectrum(W, torch.float64, _warm_basis(W, 1))
-    assert spec is not None and 1 <= iters <= 25
+    direct_k = 0 if route == "iterative" else min(shape)
+    spec, iters = resolvent_spectrum(W, torch.float64, _warm_basis(W, 1), direct_k=direct_k)
+    assert spec is not None and (1 <= iters <= 25 if route == "iterative" else iters == 0)
+    assert spec.basis.shape == (min(shape), 4)
     ref = decompose(W)
     gram = fast_decompose(W, torch.float64)
     m, n = shape
@@ -461,7 +468,7 @@ def test_resolvent_spectrum_matches_full_decompositions(shape, rel_gap):
 def test_resolvent_wrong_variants_are_rejected():
     # The deflation term s1^2 w w^T and the push-through term W y_perp are both needed.
     W = _with_gap(9, 14, 0.2, seed=3)
-    spec, _ = resolvent_spectrum(W, torch.float64, _warm_basis(W, 4))
+    spec, _ = resolvent_spectrum(W, torch.float64, _warm_basis(W, 4), direct_k=0)
     ref = decompose(W)
     E = torch.randn(4, 9, 14, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     y, x = spec.u @ E, E @ spec.v
@@ -483,11 +490,12 @@ def test_resolvent_spectrum_gives_up_on_degenerate_or_unconverged_input():
     # sigma_1 = sigma_2 exactly: the deflated A is singular, the Cholesky fails -> None
     W = torch.diag(torch.tensor([2.0, 2.0, 1.0, 0.5], dtype=torch.float64))
     basis = torch.eye(4, dtype=torch.float64)[:, :3] + 1e-3
-    assert resolvent_spectrum(W, torch.float64, basis)[0] is None
+    for direct_k in (0, 4):
+        assert resolvent_spectrum(W, torch.float64, basis, direct_k=direct_k)[0] is None
     # a poor basis and one iteration allowed: not converged -> None
     W = _with_gap(30, 40, 1e-2, seed=7)
     rand = torch.randn(30, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    spec, iters = resolvent_spectrum(W, torch.float64, rand, max_iter=1)
+    spec, iters = resolvent_spectrum(W, torch.float64, rand, max_iter=1, direct_k=0)
     assert spec is None and iters == 1
 
 
@@ -619,3 +627,59 @@ def test_gap_flag_follows_the_compute_dtype():
         for dtype in (torch.float32, torch.float64)
     }
     assert flags == {torch.float32: True, torch.float64: False}
+
+
+# --------------------------------------------------------------------------- W y from the forward output
+def _spy_weight_times_y(monkeypatch):
+    """Record, per quadratic-form call of the resolvent route, whether W y came from the forward."""
+    calls = []
+    orig = ResolventSpectrum.quadratic_form
+
+    def spy(self, y, x, weight_times_y=None):
+        calls.append(weight_times_y is not None)
+        return orig(self, y, x, weight_times_y)
+
+    monkeypatch.setattr(ResolventSpectrum, "quadratic_form", spy)
+    return calls
+
+
+def test_linear_output_shortcut_matches_the_product_with_w(monkeypatch):
+    # MATH section 2: W y_i = sum_p (delta_{i,p}^T u)(z_{i,p} - bias) from the Linear layer's output
+    model = _mlp()
+    probe = _warm_probe(model, (784,), population_size=100)
+    x, y = _batch((784,), b=6)
+    calls = _spy_weight_times_y(monkeypatch)
+    fast = probe.measure(x, y, LOSS, lr=0.05)
+    assert calls == [True] * 3  # every MLP layer is wide: all three take the shortcut
+    orig = DynamicsProbe._contract
+
+    def without_outputs(self, layer, a, d, u, v, outputs=None):
+        return orig(self, layer, a, d, u, v)
+
+    monkeypatch.setattr(DynamicsProbe, "_contract", without_outputs)
+    slow = probe.measure(x, y, LOSS, lr=0.05)
+    assert calls[3:] == [False] * 3
+    assert _max_rel(fast, slow) < 1e-12
+    ref = reference_layer_terms(model, x, y, LOSS, lr=0.05, mode="vmap", population_size=100)
+    assert _max_rel(fast, ref) < RTOL
+    # wrong variant: the bias left in z
+    monkeypatch.setattr(
+        DynamicsProbe,
+        "_contract",
+        lambda self, layer, a, d, u, v, outputs=None: orig(
+            self, layer, a, d, u, v, None if outputs is None else outputs + layer.module.bias.detach()
+        ),
+    )
+    assert _max_rel(probe.measure(x, y, LOSS, lr=0.05), ref) > 1e-3
+
+
+def test_linear_output_shortcut_skips_outputs_changed_in_place(monkeypatch):
+    # ReLU(inplace=True) overwrites the first layer's output: that layer multiplies by W instead
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(inplace=True), nn.Linear(20, 5)).double()
+    probe = _warm_probe(model, (30,), steps=2, b=5, classes=5)
+    x, y = _batch((30,), classes=5)
+    calls = _spy_weight_times_y(monkeypatch)
+    got = probe.measure(x, y, LOSS, lr=0.1)
+    assert calls == [False, True]
+    assert _max_rel(got, reference_layer_terms(model, x, y, LOSS, lr=0.1)) < RTOL
