@@ -391,21 +391,42 @@ def _resolvent_spectrum(
     G = _linalg.gram(Wc)  # lower triangle
     k = G.shape[0]
     p = basis.shape[1]
+    eps = torch.finfo(dtype).eps
     if k <= direct_k:
         evals, evecs = torch.linalg.eigh(G)  # reads the lower triangle
         evals, evecs = evals.flip(0), evecs.flip(1)
-        top = _top_pair(Wc, evecs[:, 0])
-        L = _linalg.shifted_cholesky(G, float(top[2]) ** 2, top[3], float(top[2]) ** 2)
-        if L is None or not bool(evals[1] < top[2] * top[2]):
-            return None, 0
-        return _assemble(Wc, top, evals[1], L, evecs[:, 1:p]), 0
-    eps = torch.finfo(dtype).eps
+        z1, it = evecs[:, 0], 0
+    else:
+        z1, Z, lam1, it = _top_eigenvector(G, basis.to(dtype), eps, max_iter)
+        if z1 is None:
+            return None, it
+    top = _top_pair(Wc, z1)
+    s1sq = float(top[2]) ** 2
+    L = _linalg.shifted_cholesky(G, s1sq, top[3], s1sq)  # the deflated A
+    if L is None:
+        return None, it
+    if k <= direct_k:
+        lam2, X = evals[1], evecs[:, 1:p]
+    else:
+        lam2, X, it2 = _second_eigenvalue(G, L, top[3], Z[:, 1:], lam1, eps, max_iter)
+        it += it2
+        X = X[:, : p - 1]
+    if lam2 is None or not bool(lam2 < s1sq):
+        return None, it
+    return _assemble(Wc, top, lam2, L, X), it
+
+
+def _top_eigenvector(
+    G: torch.Tensor, basis: torch.Tensor, eps: float, max_iter: int
+) -> tuple[torch.Tensor | None, torch.Tensor, float, int]:
+    """Phase 1 of :func:`resolvent_spectrum`: block inverse iteration with ``s I - G`` from ``basis``.
+    Returns ``(z_1 or None if not converged, Ritz block (k, p), theta_1, iterations)``."""
+    k = G.shape[0]
     tol1_rel = 16 * math.sqrt(k) * eps
-    # Phase 1: sigma_1 and the top eigenvector of G by block inverse iteration with s I - G.
-    Z, _ = torch.linalg.qr(basis.to(dtype))
+    Z, _ = torch.linalg.qr(basis)
     chol = None
-    converged = False
     it = 0
+    lam1 = math.nan
     prev = math.inf
     for it in range(1, max_iter + 1):
         GZ = _linalg.sym_matmul(G, Z)
@@ -416,12 +437,11 @@ def _resolvent_spectrum(
         res = torch.linalg.vector_norm(GZ[:, 0] - Z[:, 0] * theta[0])
         lam1 = float(theta[0])
         if not (lam1 > 0 and math.isfinite(float(res))):
-            return None, it
+            return None, Z, lam1, it
         r = float(res)
         # at the rounding floor, or below the bound and no longer decreasing (stagnation at the floor)
         if r <= 2 * eps * lam1 or (r <= tol1_rel * lam1 and r > 0.25 * prev):
-            converged = True
-            break
+            return Z[:, 0], Z, lam1, it
         prev = r
         if chol is None:
             # shift above lambda_1: the Ritz value is a lower bound, the residual bounds the distance
@@ -432,20 +452,9 @@ def _resolvent_spectrum(
                     break
                 margin *= 4
             if chol is None:
-                return None, it
+                return None, Z, lam1, it
         Z, _ = torch.linalg.qr(_linalg.cholesky_solve(chol, Z))
-    if not converged:
-        return None, it
-    top = _top_pair(Wc, Z[:, 0])
-    s1sq = float(top[2]) ** 2
-    L = _linalg.shifted_cholesky(G, s1sq, top[3], s1sq)
-    if L is None:
-        return None, it
-    lam2, X, it2 = _second_eigenvalue(G, L, top[3], Z[:, 1:], lam1, eps, max_iter)
-    it += it2
-    if lam2 is None or not bool(lam2 < s1sq):
-        return None, it
-    return _assemble(Wc, top, lam2, L, X[:, : p - 1]), it
+    return None, Z, lam1, it
 
 
 def _top_pair(Wc: torch.Tensor, z1: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -963,7 +972,6 @@ class DynamicsProbe:
                 layer.weight_before = dec.W
             else:
                 layer.weight_before = W.clone()
-            layer.batch_grad_projections = layer.batch_grad = None
 
     def after_backward(self) -> None:
         """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term): its projections
@@ -974,11 +982,9 @@ class DynamicsProbe:
             if g is None:
                 continue
             g = g.detach().reshape(g.shape[0], -1)
-            dec = layer.dec_before
-            if dec is not None:
-                g = g.to(dec.u.dtype)
-                layer.batch_grad_projections = (g.T @ dec.u, g @ dec.v)
-            else:
+            if layer.dec_before is not None:
+                layer.batch_grad_projections = _top_pair_projections(layer.dec_before, g)
+            else:  # after_backward before before_step: u, v of W_t are not known yet
                 layer.batch_grad = g.clone()
 
     def after_step(
@@ -1013,13 +1019,11 @@ class DynamicsProbe:
                 dW = W1.to(dt) - W0.to(dt)
             new = self.decomposition_of(name)
             first = float(dec.u @ dW @ dec.v)
-            q = float(dec.quadratic_form(dW.T @ dec.u, dW @ dec.v))
+            q = float(dec.quadratic_form(*_top_pair_projections(dec, dW)))
             if mean_grads is not None and name in mean_grads:
-                g = mean_grads[name].to(dt).reshape(dec.shape)
-                projections = (g.T @ dec.u, g @ dec.v)
+                projections = _top_pair_projections(dec, mean_grads[name])
             elif layer.batch_grad is not None:
-                g = layer.batch_grad.to(dt).reshape(dec.shape)
-                projections = (g.T @ dec.u, g @ dec.v)
+                projections = _top_pair_projections(dec, layer.batch_grad)
             else:
                 projections = layer.batch_grad_projections
             dropped = math.nan
@@ -1036,6 +1040,12 @@ class DynamicsProbe:
             layer.dec_before = layer.weight_before = None
             layer.batch_grad_projections = layer.batch_grad = None
         return out
+
+
+def _top_pair_projections(dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor):
+    """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``."""
+    M = M.to(dec.u.dtype).reshape(dec.shape)
+    return M.T @ dec.u, M @ dec.v
 
 
 def _exactly_representable(src: torch.dtype, dst: torch.dtype) -> bool:
