@@ -320,7 +320,7 @@ class ResolventSpectrum:
                 rhs = weight_times_y - (s1 * yv).unsqueeze(-1) * u + s1 * xp
             outside = (yp * yp).sum(-1)
         k = rhs.shape[-1]
-        z = _linalg.solve_lower(self.factor, rhs.reshape(-1, k).T, overwrite=True)  # (k, N)
+        z = _linalg.solve_lower(self.factor, rhs.reshape(-1, k).T)  # (k, N)
         return (outside + (z * z).sum(0).reshape(rhs.shape[:-1])) / s1
 
     def hessian_trace(self) -> torch.Tensor:
@@ -329,7 +329,7 @@ class ResolventSpectrum:
         m, n = self.shape
         k = min(m, n)
         eye = torch.eye(k, dtype=self.factor.dtype, device=self.factor.device)
-        Linv = _linalg.solve_lower(self.factor, eye, overwrite=True)
+        Linv = _linalg.solve_lower(self.factor, eye)
         tr_r = (Linv * Linv).sum() - 1.0 / (self.s1 * self.s1)
         return 2 * self.s1 * tr_r + (m + n - 2 * k) / self.s1
 
@@ -1018,8 +1018,9 @@ class DynamicsProbe:
             else:
                 dW = W1.to(dt) - W0.to(dt)
             new = self.decomposition_of(name)
-            first = float(dec.u @ dW @ dec.v)
-            q = float(dec.quadratic_form(*_top_pair_projections(dec, dW)))
+            y, x = _top_pair_projections(dec, dW)
+            first = float(x @ dec.u)  # u^T Delta W v
+            q = float(dec.quadratic_form(y, x))
             if mean_grads is not None and name in mean_grads:
                 projections = _top_pair_projections(dec, mean_grads[name])
             elif layer.batch_grad is not None:

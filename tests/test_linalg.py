@@ -59,7 +59,7 @@ def test_kernels_match_torch(m, n, p, dtype, seed):
             _linalg.sym_matmul(G, Z),
             torch.tril(L),
             _linalg.cholesky_solve(L, Z),
-            _linalg.solve_lower(L, Z.clone(), overwrite=True),
+            _linalg.solve_lower(L, Z),
             _linalg.shifted_cholesky(G, 0.5 * scale),  # below lambda_max: not positive definite
         )
 
@@ -97,3 +97,21 @@ def test_scipy_route_only_on_one_cpu_thread():
         assert _linalg._scipy(x.half()) is None
     with _threads(2):
         assert _linalg._scipy(x) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solves_read_the_lower_triangle_only(dtype):
+    # shifted_cholesky leaves LAPACK workspace in the upper triangle (clean=0): a solve that read it
+    # would turn these NaNs into NaN results
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 60, generator=g, dtype=torch.float64).to(dtype)
+    Z = torch.randn(40, 3, generator=g, dtype=torch.float64).to(dtype)
+    with _threads(1):
+        G = _linalg.gram(W)
+        L = _linalg.shifted_cholesky(G, 2 * float(torch.linalg.matrix_norm(W.double(), 2)) ** 2)
+        clean = torch.tril(L)
+        poisoned = clean + torch.triu(torch.full_like(L, float("nan")), 1)
+        for solve in (_linalg.solve_lower, _linalg.cholesky_solve):
+            got, want = solve(poisoned, Z), solve(clean, Z)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -290,10 +290,28 @@ def test_fast_decompose_matches_svd():
     assert torch.isfinite(fast_decompose(W, torch.float64).V).all()
 
 
-@pytest.mark.parametrize("which", ["mlp", "convnet"])
+def _smooth_convnet() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(16 * 16 * 16, 10),
+        )
+
+
+@pytest.mark.parametrize("which", ["mlp", "smooth-convnet"])
 def test_float32_model_agrees_with_float64_reference(which):
-    # float32 training: contractions in float32, spectral parts and centring in float64
-    model = build_model(which, seed=0)
+    # float32 training: contractions in float32, spectral parts and centring in float64. Only rounding
+    # separates the two runs: f32 errors ~1e-6 in activations and output gradients, amplified at most
+    # ~10x by the centring of b = 6 samples, so 1e-4 has a 10x margin. The conv case uses tanh: with
+    # ReLU/max-pool a pre-activation within f32 rounding of a kink flips its gradient between the two
+    # runs (one flipped ReLU in the paper ConvNet's conv1 moved its mu by 2.6e-3 on an AMX CPU), which
+    # is the model's non-smoothness, not the probe's precision.
+    model = build_model("mlp", seed=0) if which == "mlp" else _smooth_convnet()
     x, y = _batch((784,) if which == "mlp" else (3, 32, 32), b=6)
     got = DynamicsProbe(model).measure(x.float(), y, LOSS, lr=0.05)
     ref = reference_layer_terms(model.double(), x, y, LOSS, lr=0.05)
