@@ -2,9 +2,11 @@
 
 Every variant runs in its own subprocess (so the peak-memory numbers do not mix): a fixed random
 batch, ``--warmup`` untimed steps, then the median wall time of ``--repeats`` steps. Memory on CPU
-is the growth of the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) from just
-after the imports to the end of the timed steps (model, batch, activations, probe state); on CUDA
-it is ``torch.cuda.max_memory_allocated`` over the whole run.
+is the growth of the process's peak RSS from just after the imports to the end of the timed steps
+(model, batch, activations, probe state): on Linux ``VmHWM`` of /proc/self/status, reset after the
+imports through /proc/self/clear_refs; elsewhere ``ru_maxrss``, which getrusage(2) carries across
+``execve``, so it starts from the launching process's peak. On CUDA it is
+``torch.cuda.max_memory_allocated`` over the whole run.
 
 Variants: ``plain`` (zero_grad, forward, backward, SGD step); ``probe`` (the same step with the
 full probe every step with its defaults: hooks, Theorem 14/15 terms, cross-layer diagnostic and
@@ -12,8 +14,12 @@ the discrete truth; ``decomposition="resolvent"``: warm-started top pair and def
 factor instead of a full decomposition per step, its fallback counts are printed; the full-data
 gradient is a separate pass over the data and not included); ``probe-f32`` (spectral parts in
 float32); ``probe-gram`` and ``probe-gram-f32`` (the same with ``decomposition="gram"``, a full
-decomposition of every weight per step); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``); ``reference``
-(torch.func ``vmap(grad)`` per-sample gradients, ``layer_terms`` with full SVDs, then the step).
+decomposition of every weight per step); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``);
+``floor-f64`` and ``floor-f32`` (a plain step plus only the dense kernels the resolvent route cannot
+avoid: per layer one Gram product, two Cholesky factorisations and one b-column triangular solve; the
+lower bound of ``probe`` / ``probe-f32`` on this machine; its ratio is against the plain step timed
+in the same subprocess, no memory figure); ``reference`` (torch.func
+``vmap(grad)`` per-sample gradients, ``layer_terms`` with full SVDs, then the step).
 
     python benchmarks/bench_probe.py                     # MLP and ConvNet, b = 128, CPU
     python benchmarks/bench_probe.py --device cuda --model convnet --batch-size 256
@@ -29,6 +35,19 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+
+def _peak_rss_bytes(reset: bool = False) -> int:
+    """Peak resident set size of this process so far (after ``reset``: the current RSS)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -42,7 +61,7 @@ def _worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_rss = _peak_rss_bytes(reset=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = build_model(args.model, seed=0).to(device)
@@ -88,6 +107,8 @@ def _worker(args: argparse.Namespace) -> dict:
     F.cross_entropy(model(x), y).backward()
     opt.step()
     sync()
+    if variant.startswith("floor"):
+        return _kernel_floor(args, model, step, sync)
     for _ in range(args.warmup):
         step()
     sync()
@@ -100,11 +121,58 @@ def _worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         mem = torch.cuda.max_memory_allocated()
     else:
-        mem = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024
+        mem = _peak_rss_bytes() - base_rss
     out = {"median_s": statistics.median(times), "min_s": min(times), "peak_mem_bytes": mem}
     if probe is not None and probe.decomposition == "resolvent":
         out["resolvent_stats"] = probe.resolvent_stats
     return out
+
+
+def _median_time(fn, sync, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _kernel_floor(args: argparse.Namespace, model, step, sync) -> dict:
+    """``floor-f64`` / ``floor-f32``: a plain step plus only the dense kernels the resolvent route
+    cannot avoid, per probed layer (k = min(m, n) of its weight matrix): one Gram product (``syrk``),
+    two Cholesky factorisations of k x k (phase 1 and the deflated factor; ``eigh`` and one
+    factorisation for k <= RESOLVENT_DIRECT_K) and one triangular solve with b columns (the
+    quadratic forms of psi). No iteration, projection or Python work: a lower bound on the probe."""
+    import torch
+
+    from lipverify import _linalg
+    from lipverify.probe import RESOLVENT_DIRECT_K, find_layers, weight_matrix
+
+    dtype = torch.float32 if args.variant.endswith("f32") else torch.float64
+    plain_s = _median_time(step, sync, args.warmup, args.repeats)
+    kernels_s = 0.0
+    with _linalg.single_threaded_blas():
+        for module, _ in find_layers(model).values():
+            W = weight_matrix(module).to(dtype)
+            G = _linalg.gram(W)
+            k = G.shape[0]
+            shift = 1.01 * float(torch.linalg.matrix_norm(W, 2)) ** 2  # positive definite shift
+            B = torch.randn(k, args.batch_size, dtype=dtype, device=W.device)
+            L = _linalg.shifted_cholesky(G, shift)
+            parts = [lambda W=W: _linalg.gram(W), lambda G=G, s=shift: _linalg.shifted_cholesky(G, s)]
+            parts.append(lambda L=L, B=B: _linalg.solve_lower(L, B))
+            counts = [1, 1 if k <= RESOLVENT_DIRECT_K else 2, 1]
+            if k <= RESOLVENT_DIRECT_K:
+                parts.append(lambda G=G: torch.linalg.eigh(G))
+                counts.append(1)
+            for fn, c in zip(parts, counts, strict=True):
+                kernels_s += c * _median_time(fn, sync, args.warmup, args.repeats)
+    total = plain_s + kernels_s
+    return {"median_s": total, "min_s": total, "peak_mem_bytes": 0, "plain_s": plain_s}
 
 
 def _run_variant(args: argparse.Namespace, model: str, variant: str) -> dict:
@@ -158,18 +226,20 @@ def main() -> None:
         variants = ["plain", "probe", "probe-f32", "probe-gram", "probe-gram-f32"]
         if model == "convnet":
             variants.append("probe-unfold")
+        variants += ["floor-f64", "floor-f32"]
         if not args.no_reference:
             variants.append("reference")
         results = {v: _run_variant(args, model, v) for v in variants}
         plain = results["plain"]
         for v, r in results.items():
+            base = r.get("plain_s", plain["median_s"])  # a floor row: its own plain step
             mem_ratio = (
                 "n/a"
-                if plain["peak_mem_bytes"] <= 0
+                if plain["peak_mem_bytes"] <= 0 or r["peak_mem_bytes"] <= 0
                 else f"{r['peak_mem_bytes'] / plain['peak_mem_bytes']:.2f}"
             )
             print(
-                f"{model:8s} {v:14s} {1e3 * r['median_s']:10.2f} {r['median_s'] / plain['median_s']:8.2f} "
+                f"{model:8s} {v:14s} {1e3 * r['median_s']:10.2f} {r['median_s'] / base:8.2f} "
                 f"{r['peak_mem_bytes'] / 2**20:9.1f} {mem_ratio:>11s}"
                 + (f"  {r['resolvent_stats']}" if "resolvent_stats" in r else "")
             )

@@ -602,6 +602,9 @@ class DynamicsProbe:
         cached = self._dec_cache.get(name)
         if cached is not None and cached[:2] == key:
             return cached[2]
+        # a stale one is dropped before the new one is computed (peak memory)
+        self._dec_cache.pop(name, None)
+        cached = None
         W = weight_matrix(layer.module)
         if self.decomposition == "resolvent":
             dec = self._resolvent_decomposition(name, W)
@@ -1017,7 +1020,6 @@ class DynamicsProbe:
                 dW = torch.sub(W1, W0, out=buf)  # the promotion to dt is exact
             else:
                 dW = W1.to(dt) - W0.to(dt)
-            new = self.decomposition_of(name)
             y, x = _top_pair_projections(dec, dW)
             first = float(x @ dec.u)  # u^T Delta W v
             q = float(dec.quadratic_form(y, x))
@@ -1031,15 +1033,20 @@ class DynamicsProbe:
             if projections is not None:
                 qg = float(dec.quadratic_form(*projections))
                 dropped = 0.5 * (lr * grad_scale) ** 2 * qg
+            exceeds = update_exceeds_gap(dW, float(dec.gap))
+            sigma_before = dec.sigma1
+            # W_t's spectrum (weight copy, factor) is released before W_{t+1}'s is computed: peak memory
+            dec = dW = W0 = None
+            layer.dec_before = layer.weight_before = None
+            layer.batch_grad_projections = layer.batch_grad = None
+            new = self.decomposition_of(name)
             out[name] = {
-                "dsigma_observed": float(new.sigma1 - dec.sigma1),
+                "dsigma_observed": float(new.sigma1 - sigma_before),
                 "dsigma_first": first,
                 "dsigma_second": first + 0.5 * q,
                 "dropped_drift_term": dropped,
-                "update_exceeds_gap": update_exceeds_gap(dW, float(dec.gap)),
+                "update_exceeds_gap": exceeds,
             }
-            layer.dec_before = layer.weight_before = None
-            layer.batch_grad_projections = layer.batch_grad = None
         return out
 
 

@@ -701,3 +701,38 @@ def test_linear_output_shortcut_skips_outputs_changed_in_place(monkeypatch):
     got = probe.measure(x, y, LOSS, lr=0.1)
     assert calls == [False, True]
     assert _max_rel(got, reference_layer_terms(model, x, y, LOSS, lr=0.1)) < RTOL
+
+
+@pytest.mark.parametrize("decomposition", ["resolvent", "gram"])
+def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, monkeypatch):
+    # peak memory: W_t's spectrum (a weight copy and a k x k factor per layer) must be garbage by the
+    # time W_{t+1}'s is computed, or the probe holds two of each at its peak
+    import weakref
+
+    import lipverify.probe as probe_module
+
+    model = _small()
+    probe = _warm_probe(model, (30,), decomposition=decomposition, steps=2, b=5, lr=0.1, classes=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch((30,), b=5, classes=5, seed=7)
+    probe.before_step()
+    old = [weakref.ref(probe.decomposition_of(name)) for name in probe.layer_names]
+    with probe.capture():
+        LOSS(model(x), y).backward()
+    probe.after_backward()
+    probe.compute(0.1)
+    opt.step()
+    alive = []
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            alive.append(sum(ref() is not None for ref in old))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for fn in ("resolvent_spectrum", "fast_decompose"):
+        monkeypatch.setattr(probe_module, fn, spy(getattr(probe_module, fn)))
+    probe.after_step(0.1)
+    # layer l's new spectrum is computed once layers 0..l have released their old ones
+    assert alive == [len(old) - 1 - i for i in range(len(old))]

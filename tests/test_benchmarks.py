@@ -1,0 +1,43 @@
+"""The benchmark scripts run (tiny sizes; their timings are not checked here, only that each
+variant completes and reports what the README's tables are made of)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_probe.py"
+
+
+def _worker(variant: str, model: str = "mlp") -> dict:
+    cmd = [sys.executable, str(BENCH_PROBE), "--worker", "--model", model, "--variant", variant]
+    cmd += ["--batch-size", "8", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("variant", ["plain", "probe-f32", "floor-f64"])
+def test_bench_probe_variants_report_time_and_memory(variant):
+    r = _worker(variant)
+    assert r["median_s"] > 0 and r["min_s"] > 0
+    if variant == "floor-f64":
+        # the floor adds the dense kernels to a plain step timed in the same process
+        assert r["median_s"] > r["plain_s"] > 0
+    else:
+        assert r["peak_mem_bytes"] > 0
+    if variant == "probe-f32":
+        stats = r["resolvent_stats"]
+        assert stats["cold"] == 3 and stats["iterative"] + stats["fallback"] > 0
+
+
+def test_bench_probe_memory_is_the_workers_own_growth():
+    # ru_maxrss survives execve, so a worker launched from a large process (e.g. this test session)
+    # would start from that process's peak and report no growth at all
+    ballast = b"\x01" * (600 << 20)  # 600 MiB of touched pages in the launching process
+    r = _worker("plain")
+    del ballast
+    assert 0 < r["peak_mem_bytes"] < 400 << 20
