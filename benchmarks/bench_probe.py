@@ -109,15 +109,7 @@ def _worker(args: argparse.Namespace) -> dict:
     sync()
     if variant.startswith("floor"):
         return _kernel_floor(args, model, step, sync)
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = _step_times(step, sync, args.warmup, args.repeats)
     if device.type == "cuda":
         mem = torch.cuda.max_memory_allocated()
     else:
@@ -128,7 +120,8 @@ def _worker(args: argparse.Namespace) -> dict:
     return out
 
 
-def _median_time(fn, sync, warmup: int, repeats: int) -> float:
+def _step_times(fn, sync, warmup: int, repeats: int) -> list[float]:
+    """Wall times (s) of ``repeats`` synchronised calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     sync()
@@ -138,7 +131,11 @@ def _median_time(fn, sync, warmup: int, repeats: int) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, sync, warmup: int, repeats: int) -> float:
+    return statistics.median(_step_times(fn, sync, warmup, repeats))
 
 
 def _kernel_floor(args: argparse.Namespace, model, step, sync) -> dict:
@@ -163,14 +160,16 @@ def _kernel_floor(args: argparse.Namespace, model, step, sync) -> dict:
             shift = 1.01 * float(torch.linalg.matrix_norm(W, 2)) ** 2  # positive definite shift
             B = torch.randn(k, args.batch_size, dtype=dtype, device=W.device)
             L = _linalg.shifted_cholesky(G, shift)
-            parts = [lambda W=W: _linalg.gram(W), lambda G=G, s=shift: _linalg.shifted_cholesky(G, s)]
-            parts.append(lambda L=L, B=B: _linalg.solve_lower(L, B))
-            counts = [1, 1 if k <= RESOLVENT_DIRECT_K else 2, 1]
-            if k <= RESOLVENT_DIRECT_K:
-                parts.append(lambda G=G: torch.linalg.eigh(G))
-                counts.append(1)
-            for fn, c in zip(parts, counts, strict=True):
-                kernels_s += c * _median_time(fn, sync, args.warmup, args.repeats)
+            direct = k <= RESOLVENT_DIRECT_K
+            kernels = [  # (kernel, calls per probe step)
+                (lambda W=W: _linalg.gram(W), 1),
+                (lambda G=G, s=shift: _linalg.shifted_cholesky(G, s), 1 if direct else 2),
+                (lambda L=L, B=B: _linalg.solve_lower(L, B), 1),
+                (lambda G=G: torch.linalg.eigh(G), 1 if direct else 0),
+            ]
+            for fn, calls in kernels:
+                if calls:
+                    kernels_s += calls * _median_time(fn, sync, args.warmup, args.repeats)
     total = plain_s + kernels_s
     return {"median_s": total, "min_s": total, "peak_mem_bytes": 0, "plain_s": plain_s}
 
