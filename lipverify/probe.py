@@ -59,8 +59,14 @@ independently of hooks (``mode="copy"``: per-sample weight copies, one autograd 
 Parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm) are not part of the bound
 ``K = prod sigma_1(W_l)`` and are ignored. Any other module with its own parameters (Conv1d,
 Conv3d, ConvTranspose, Bilinear, Embedding, ...), a grouped Conv2d, a non-zero padding mode,
-parametrised weights, weights shared between modules or a layer called twice in one forward raise
-a :class:`LipverifyError` listing them, unless named in ``skip=``.
+parametrised weights, computed weights (the hooks of ``torch.nn.utils.weight_norm`` /
+``spectral_norm``), frozen weights (``requires_grad=False``: a constant factor of K), a Linear/Conv2d
+subclass that overrides ``forward`` (or ``_conv_forward``), weights shared between modules or a layer
+called twice in one forward raise a :class:`LipverifyError` listing them, unless named in ``skip=``.
+
+Decompositions are cached per layer and reused while the weight holds the values they were computed
+from: the version counter and a comparison with a snapshot of W (writes through ``.data`` and fused
+optimiser kernels do not bump the counter).
 """
 
 from __future__ import annotations
@@ -181,6 +187,24 @@ def find_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[n
         else:
             problems.append(f"{name} ({type(module).__name__})")
             continue
+        base = nn.Linear if kind == "linear" else nn.Conv2d
+        overridden = [
+            f
+            for f in ("forward", "_conv_forward")
+            if getattr(type(module), f, None) is not getattr(base, f, None)
+        ]
+        if overridden:  # G_i = delta_i a_i^T holds only for the stock forward
+            problems.append(f"{name} ({type(module).__name__} overrides {', '.join(overridden)})")
+            continue
+        if not isinstance(module.weight, nn.Parameter):
+            problems.append(
+                f"{name} ({type(module).__name__}: weight is computed, not a Parameter, e.g. by the hooks of "
+                "torch.nn.utils.weight_norm/spectral_norm)"
+            )
+            continue
+        if not module.weight.requires_grad:
+            problems.append(f"{name} ({type(module).__name__}: frozen weight, requires_grad=False)")
+            continue
         key = id(module.weight)
         if key in owners:
             problems.append(f"{name} (weight shared with {owners[key]})")
@@ -193,9 +217,10 @@ def find_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[n
     if problems:
         raise LipverifyError(
             "unsupported layers for the dynamics probe (supported: nn.Linear, nn.Conv2d with groups=1 and "
-            "zero padding, unshared and unparametrised weights): "
+            "zero padding, with their own forward and unshared, unparametrised, trainable weights): "
             + "; ".join(problems)
-            + ". Pass their names in skip=[...] to leave them out of the bound."
+            + ". Pass their names in skip=[...] to leave them out of the bound (a frozen layer's sigma_1 is "
+            "a constant factor of K)."
         )
     if not layers:
         raise LipverifyError("the model has no nn.Linear or nn.Conv2d layer to probe")
@@ -579,7 +604,10 @@ class DynamicsProbe:
         self._layers = {
             name: _Layer(name, module, kind) for name, (module, kind) in find_layers(model, skip).items()
         }
-        self._dec_cache: dict[str, tuple[int, int, SpectralDecomposition | ResolventSpectrum]] = {}
+        # name -> (data_ptr, version, snapshot of W, decomposition)
+        self._dec_cache: dict[
+            str, tuple[int, int, torch.Tensor, SpectralDecomposition | ResolventSpectrum]
+        ] = {}
         self._warm: dict[str, torch.Tensor] = {}
         self._warm_in: dict[str, torch.Tensor | None] = {}
         #: ``"resolvent"`` mode: ``iterative`` (warm-started resolvent steps), ``iterations`` (their
@@ -596,15 +624,14 @@ class DynamicsProbe:
     def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
         weight matrix, cached until the weight changes."""
+        dec = self._cached(name)
+        if dec is not None:
+            return dec
+        # a stale one is dropped before the new one is computed (peak memory)
+        self._dec_cache.pop(name, None)
         layer = self._layers[name]
         w = layer.module.weight
         key = (w.data_ptr(), w._version)
-        cached = self._dec_cache.get(name)
-        if cached is not None and cached[:2] == key:
-            return cached[2]
-        # a stale one is dropped before the new one is computed (peak memory)
-        self._dec_cache.pop(name, None)
-        cached = None
         W = weight_matrix(layer.module)
         if self.decomposition == "resolvent":
             dec = self._resolvent_decomposition(name, W)
@@ -612,8 +639,25 @@ class DynamicsProbe:
             dec = fast_decompose(W, self.compute_dtype, name)
         else:
             dec = decompose(W.to(self.compute_dtype), name)
-        self._dec_cache[name] = (*key, dec)
+        # the spectrum's own copy of W is the snapshot when it holds W's values exactly
+        own = isinstance(dec, ResolventSpectrum) and _exactly_representable(W.dtype, dec.W.dtype)
+        self._dec_cache[name] = (*key, dec.W if own else W.clone(), dec)
         return dec
+
+    def _cached(self, name: str) -> SpectralDecomposition | ResolventSpectrum | None:
+        """The cached decomposition of layer ``name`` if it is of the weight's current values, else None.
+
+        The version counter alone is not enough: writes through ``.data`` and the fused optimiser
+        kernels (``SGD(fused=True)``) change a weight without bumping it. So a cache hit also
+        compares the weight with the snapshot it was decomposed from (one pass over W)."""
+        cached = self._dec_cache.get(name)
+        if cached is None:
+            return None
+        w = self._layers[name].module.weight
+        if cached[:2] != (w.data_ptr(), w._version):
+            return None
+        W, snapshot = weight_matrix(self._layers[name].module), cached[2]
+        return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
 
     def _resolvent_decomposition(
         self, name: str, W: torch.Tensor
@@ -646,10 +690,8 @@ class DynamicsProbe:
         with a checkpoint and given to :meth:`load_warm_state` of a fresh probe, the resumed run gives
         bitwise the same numbers as the uninterrupted run."""
         state: dict[str, torch.Tensor | None] = {}
-        for name, layer in self._layers.items():
-            w = layer.module.weight
-            cached = self._dec_cache.get(name)
-            current = cached is not None and cached[:2] == (w.data_ptr(), w._version)
+        for name in self._layers:
+            current = self._cached(name) is not None
             basis = self._warm_in.get(name) if current else self._warm.get(name)
             state[name] = None if basis is None else basis.clone()
         return state
@@ -669,10 +711,9 @@ class DynamicsProbe:
         ``torch.linalg.matrix_norm(W, 2)`` (singular values only, cheaper than the SVD)."""
         out = {}
         for name, layer in self._layers.items():
-            w = layer.module.weight
-            cached = self._dec_cache.get(name)
-            if cached is not None and cached[:2] == (w.data_ptr(), w._version):
-                out[name] = float(cached[2].sigma1)
+            dec = self._cached(name)
+            if dec is not None:
+                out[name] = float(dec.sigma1)
             else:
                 out[name] = float(
                     torch.linalg.matrix_norm(weight_matrix(layer.module).to(self.compute_dtype), 2)
@@ -741,12 +782,14 @@ class DynamicsProbe:
         if layer.calls != 1:
             raise LipverifyError(
                 f"layer {layer.name} was called {layer.calls} times in the captured forward pass; the probe "
-                "needs exactly one call per layer (shared or unused layers are not supported: skip=[...])"
+                "needs exactly one call per layer (layers reused or unused in the forward, and activation "
+                "checkpointing, which runs a forward again during backward, are not supported: skip=[...])"
             )
         if layer.grad_out is None:
             raise LipverifyError(
-                f"no output gradient captured for layer {layer.name}: "
-                "run loss.backward() inside probe.capture()"
+                f"no output gradient captured for layer {layer.name}: run loss.backward() inside "
+                "probe.capture(), with the layer's output on the path to the loss and its weight trainable "
+                "(not frozen after the probe was built, no torch.no_grad() around the forward)"
             )
         dt = self.projection_dtype or layer.inputs.dtype
         if dt not in (torch.float32, torch.float64):
@@ -891,14 +934,35 @@ class DynamicsProbe:
         lr: float,
         grad_scale: float = 1.0,
         weight_decay: float = 0.0,
+        reduction: str = "mean",
     ) -> dict[str, float]:
-        """``mu = -eta alpha u^T grad_L v - eta lambda sigma_1`` for expected gradients (e.g. full-data)."""
+        """``mu = -eta alpha u^T grad_L v - eta lambda sigma_1`` for expected gradients (e.g. full-data).
+
+        ``mean_grads``: name -> mean per-sample gradient (m, n) (e.g. :meth:`full_gradient`).
+        ``reduction``: of the training loss, as in :meth:`compute`; with ``"sum"`` the step moves by
+        ``eta alpha b grad_L``, b taken from the last captured batch."""
+        lr_eff = lr * grad_scale * self._mean_gradient_factor(reduction)
         out = {}
         for name in self._layers:
             dec = self.decomposition_of(name)
             g = mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape)
-            out[name] = -lr * grad_scale * float(dec.u @ g @ dec.v) - lr * weight_decay * float(dec.sigma1)
+            out[name] = -lr_eff * float(dec.u @ g @ dec.v) - lr * weight_decay * float(dec.sigma1)
         return out
+
+    def _mean_gradient_factor(self, reduction: str) -> int:
+        """The optimiser's gradient over the mean gradient: 1 (``"mean"`` loss) or the batch size b of
+        the last captured batch (``"sum"``)."""
+        if reduction == "mean":
+            return 1
+        if reduction != "sum":
+            raise LipverifyError(f"loss reduction must be 'mean' or 'sum', got {reduction!r}")
+        sizes = [layer.inputs.shape[0] for layer in self._layers.values() if layer.inputs is not None]
+        if not sizes:
+            raise LipverifyError(
+                "reduction='sum' scales the mean gradient by the batch size of the last captured batch: "
+                "capture one first"
+            )
+        return check_batch_size(sizes[0])
 
     def measure(
         self,
@@ -913,7 +977,9 @@ class DynamicsProbe:
 
         ``loss_fn(outputs, targets)`` returns the batch loss (scalar, ``reduction`` read from
         ``loss_fn.reduction`` or ``"mean"``) or per-sample losses of shape (b,) (averaged here).
-        The forward runs in the model's current mode (dropout draws masks).
+        The forward runs in the model's current mode (dropout draws masks, batch norm in training mode
+        uses the batch statistics) under :meth:`_side_effects_undone`: the random streams and the
+        buffers (batch-norm running statistics) are as before the call.
         """
         check_batch_size(inputs.shape[0])
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -921,7 +987,7 @@ class DynamicsProbe:
         for p in params:
             p.grad = None
         try:
-            with self.capture():
+            with self._side_effects_undone(), self.capture():
                 loss = loss_fn(self.model(inputs), targets)
                 red = reduction or getattr(loss_fn, "reduction", "mean")
                 if loss.ndim > 0:
@@ -939,14 +1005,15 @@ class DynamicsProbe:
     ) -> dict[str, torch.Tensor]:
         """Full-data gradient ``grad_L = (1/N) sum_i grad l_i`` of each layer weight, (m, n).
 
-        ``loss_fn`` must be mean-reduced per batch. Runs in the model's current mode under a forked
-        RNG (dropout masks here do not change the training's random stream); with batch norm the
-        statistics are those of each chunk in ``batches``.
+        ``loss_fn`` must be mean-reduced per batch. Runs in the model's current mode under
+        :meth:`_side_effects_undone` (dropout masks here do not change the training's random stream,
+        batch-norm running statistics are restored); with batch norm in training mode the statistics
+        are those of each chunk in ``batches``.
         """
         weights = [layer.module.weight for layer in self._layers.values()]
         total = [torch.zeros_like(w, dtype=self.compute_dtype) for w in weights]
         count = 0
-        with torch.random.fork_rng(devices=[]):
+        with self._side_effects_undone():
             for x, y in batches:
                 loss = loss_fn(self.model(x), y) * x.shape[0]
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
@@ -960,6 +1027,22 @@ class DynamicsProbe:
             name: (acc / count).reshape(acc.shape[0], -1)
             for name, acc in zip(self._layers, total, strict=True)
         }
+
+    @contextlib.contextmanager
+    def _side_effects_undone(self) -> Iterator[None]:
+        """Forked random streams (CPU and the model's CUDA devices) and the model's buffers (e.g.
+        batch-norm ``running_mean``/``running_var``/``num_batches_tracked``) restored on exit: a
+        measurement pass leaves no trace in the training."""
+        buffers = [b for b in self.model.buffers() if b is not None]
+        saved = [b.clone() for b in buffers]
+        devices = sorted({b.device.index or 0 for b in (*self.model.parameters(), *buffers) if b.is_cuda})
+        try:
+            with torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            with torch.no_grad():
+                for b, old in zip(buffers, saved, strict=True):
+                    b.copy_(old)
 
     # ----------------------------------------------------------------- discrete truth
     def before_step(self) -> None:
@@ -991,7 +1074,11 @@ class DynamicsProbe:
                 layer.batch_grad = g.clone()
 
     def after_step(
-        self, lr: float, mean_grads: Mapping[str, torch.Tensor] | None = None, grad_scale: float = 1.0
+        self,
+        lr: float,
+        mean_grads: Mapping[str, torch.Tensor] | None = None,
+        grad_scale: float = 1.0,
+        reduction: str = "mean",
     ) -> dict[str, dict[str, float]]:
         """One-step discrete truth (MATH section 3) of the update ``Delta W = W_{t+1} - W_t``.
 
@@ -1004,8 +1091,13 @@ class DynamicsProbe:
         most ``|Delta W|_2``), the expansion's remainder ``O(|Delta W|^3 / gap^2)`` is not small, and the
         observed top pair may be another singular pair: the discrete truth of that layer is unreliable.
         ``|Delta W|_F < gap / 2`` decides False without the spectral norm (``|.|_2 <= |.|_F``); only
-        otherwise ``torch.linalg.matrix_norm(Delta W, 2)`` is computed.
+        otherwise ``torch.linalg.matrix_norm(Delta W, 2)`` is computed. ``reduction`` (of the training
+        loss, as in :meth:`compute`) matters only with ``mean_grads``: with ``"sum"`` the step moves by
+        ``eta alpha b grad_L``.
         """
+        mean_grad_scale = (
+            grad_scale * self._mean_gradient_factor(reduction) if mean_grads is not None else 1.0
+        )
         out = {}
         for name, layer in self._layers.items():
             if layer.dec_before is None:
@@ -1023,8 +1115,10 @@ class DynamicsProbe:
             y, x = _top_pair_projections(dec, dW)
             first = float(x @ dec.u)  # u^T Delta W v
             q = float(dec.quadratic_form(y, x))
+            scale = grad_scale  # the optimiser's gradient is grad_scale times the kept one
             if mean_grads is not None and name in mean_grads:
                 projections = _top_pair_projections(dec, mean_grads[name])
+                scale = mean_grad_scale
             elif layer.batch_grad is not None:
                 projections = _top_pair_projections(dec, layer.batch_grad)
             else:
@@ -1032,7 +1126,7 @@ class DynamicsProbe:
             dropped = math.nan
             if projections is not None:
                 qg = float(dec.quadratic_form(*projections))
-                dropped = 0.5 * (lr * grad_scale) ** 2 * qg
+                dropped = 0.5 * (lr * scale) ** 2 * qg
             exceeds = update_exceeds_gap(dW, float(dec.gap))
             sigma_before = dec.sigma1
             # W_t's spectrum (weight copy, factor) is released before W_{t+1}'s is computed: peak memory

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lipverify import LipverifyError
@@ -736,3 +737,117 @@ def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, 
     probe.after_step(0.1)
     # layer l's new spectrum is computed once layers 0..l have released their old ones
     assert alive == [len(old) - 1 - i for i in range(len(old))]
+
+
+@pytest.mark.parametrize("write", ["data", "fused-sgd"])
+def test_cached_spectrum_follows_writes_that_do_not_bump_the_version(write):
+    # a write through .data and a fused optimiser kernel change W without its version counter; a
+    # cache keyed on (data_ptr, version) alone keeps serving W_t's spectrum (sigma, mu, psi of W_t,
+    # dsigma_observed = 0)
+    lr = 0.05
+    results = {}
+    for variant in ("plain", write):
+        model = _small()
+        x, y = _batch((30,), classes=5)
+        probe = _warm_probe(model, (30,), steps=2, b=6, lr=lr, classes=5)
+        versions = [p._version for p in model.parameters()]
+        probe.before_step()
+        with probe.capture():
+            LOSS(model(x), y).backward()
+        probe.after_backward()
+        probe.compute(lr)
+        if variant == "data":
+            for p in model.parameters():
+                p.data.mul_(1.5)
+        else:
+            torch.optim.SGD(model.parameters(), lr=lr, fused=variant == "fused-sgd").step()
+        if variant != "plain":
+            assert [p._version for p in model.parameters()] == versions  # the case under test
+        results[variant] = probe.after_step(lr)
+        exact = {
+            name: float(torch.linalg.matrix_norm(model[i].weight.detach(), 2))
+            for name, i in zip(probe.layer_names, (0, 3, 5), strict=True)
+        }
+        for name, sigma in probe.sigmas().items():
+            assert math.isclose(sigma, exact[name], rel_tol=1e-12)
+        after = probe.measure(x, y, LOSS, lr=lr)
+        assert _max_rel(after, reference_layer_terms(model, x, y, LOSS, lr=lr)) < RTOL
+    for name, truth in results[write].items():
+        if write == "data":  # every sigma_1 scales by 1.5
+            sigma_before = exact[name] / 1.5
+            assert math.isclose(truth["dsigma_observed"], 0.5 * sigma_before, rel_tol=1e-12)
+        else:  # the fused kernel takes the same step
+            assert math.isclose(
+                truth["dsigma_observed"], results["plain"][name]["dsigma_observed"], rel_tol=1e-9
+            )
+
+
+def test_computed_frozen_and_custom_forward_weights_are_rejected():
+    class DoubledLinear(nn.Linear):  # rescales its weight at run time: G_i != delta_i a_i^T
+        def forward(self, x):
+            return F.linear(x, 2 * self.weight, self.bias)
+
+    class DoubledConv(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, 2 * weight, bias)
+
+    class TaggedLinear(nn.Linear):  # the stock forward: supported
+        pass
+
+    frozen = nn.Linear(4, 4)
+    frozen.weight.requires_grad_(False)
+    cases = [
+        (nn.utils.spectral_norm(nn.Linear(4, 4)), "computed, not a Parameter"),
+        (frozen, "frozen weight"),
+        (DoubledLinear(4, 4), "DoubledLinear overrides forward"),
+        (DoubledConv(2, 2, 3), "DoubledConv overrides _conv_forward"),
+    ]
+    for module, message in cases:
+        with pytest.raises(LipverifyError, match=message):
+            DynamicsProbe(nn.Sequential(module, nn.ReLU(), nn.Linear(4, 2)))
+        assert DynamicsProbe(nn.Sequential(module, nn.ReLU(), nn.Linear(4, 2)), skip=["0"]).layer_names == [
+            "2"
+        ]
+    assert DynamicsProbe(nn.Sequential(TaggedLinear(4, 4))).layer_names == ["0"]
+
+
+def test_sum_reduction_in_full_gradient_drift_and_dropped_term():
+    # a sum-reduced loss moves W by eta b grad_L: drift() and after_step(mean_grads=...) must carry b
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    b, lr = x.shape[0], 0.002
+    probe = DynamicsProbe(model)
+    probe.before_step()
+    with probe.capture():
+        nn.CrossEntropyLoss(reduction="sum")(model(x), y).backward()
+    probe.after_backward()
+    terms = probe.compute(lr, reduction="sum")
+    full = probe.full_gradient([(x[:4], y[:4]), (x[4:], y[4:])], LOSS)  # the mean gradient of the batch
+    mu_full = probe.drift(full, lr, reduction="sum")
+    mu_unscaled = probe.drift(full, lr)  # the wrong variant for this loss: 1/b of the drift
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    truth = probe.after_step(lr, mean_grads=full, reduction="sum")
+    for name, t in truth.items():
+        assert math.isclose(mu_full[name], terms[name].mu, rel_tol=1e-10)
+        assert math.isclose(mu_unscaled[name] * b, terms[name].mu, rel_tol=1e-10)
+        # Delta W = -eta b grad_L exactly: the second-order correction is the dropped term
+        assert math.isclose(t["dsigma_second"] - t["dsigma_first"], t["dropped_drift_term"], rel_tol=1e-9)
+    with pytest.raises(LipverifyError, match="reduction must be"):
+        probe.drift(full, lr, reduction="max")
+
+
+def test_measure_and_full_gradient_leave_buffers_and_random_streams_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(30, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Dropout(0.5), nn.Linear(24, 5)
+    ).double()
+    x, y = _batch((30,), classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    probe = DynamicsProbe(model)
+    probe.measure(x, y, LOSS, lr=0.05)
+    probe.full_gradient([(x[:3], y[:3]), (x[3:], y[3:])], LOSS)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model(x)  # a training-mode forward does move them: the check above can fail
+    assert not torch.equal(before["1.running_mean"], model[1].running_mean)
