@@ -707,18 +707,13 @@ class DynamicsProbe:
                 self._warm[name] = basis.to(self.compute_dtype).clone()
 
     def sigmas(self) -> dict[str, float]:
-        """sigma_1 of every layer: from the cached decomposition when it is current, else from
-        ``torch.linalg.matrix_norm(W, 2)`` (singular values only, cheaper than the SVD)."""
-        out = {}
-        for name, layer in self._layers.items():
-            dec = self._cached(name)
-            if dec is not None:
-                out[name] = float(dec.sigma1)
-            else:
-                out[name] = float(
-                    torch.linalg.matrix_norm(weight_matrix(layer.module).to(self.compute_dtype), 2)
-                )
-        return out
+        """sigma_1 of every layer from :meth:`decomposition_of` (cached while the weight is unchanged).
+
+        Always the same route, so a value never depends on what the process happens to hold: a run
+        resumed from a checkpoint (:meth:`warm_state`) records the same bits as the uninterrupted one.
+        In ``"resolvent"`` mode a warm-started decomposition also costs less than
+        ``torch.linalg.matrix_norm(W, 2)``."""
+        return {name: float(self.decomposition_of(name).sigma1) for name in self._layers}
 
     def log_bound(self) -> float:
         """``ln K = sum_l ln sigma_1(W_l)`` (Proposition 8)."""
