@@ -157,17 +157,34 @@ def _series(record: dict, key: str) -> np.ndarray:
         raise LipverifyError(f"run {record.get('name')}: steps.csv has no column {key!r}") from exc
 
 
+def _network_terms(record: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mu_bar, psi_bar, phi_bar^2)`` per recorded step, forward-filled over the steps the probe
+    skipped (``probe_every > 1`` leaves them empty), as :func:`lipverify.prediction.summarize_run`
+    does: the last measured terms stand for the steps until the next measurement. The final row
+    (step T, after the last update) has no terms of its own and is filled too; nothing uses it."""
+    out = []
+    for key in ("net_mu", "net_psi", "net_phi_sq"):
+        values = _series(record, key)
+        measured = np.isfinite(values)
+        if not measured.any() or not measured[0]:
+            raise LipverifyError(f"run {record.get('name')}: {key} is not measured at the first step")
+        last = np.maximum.accumulate(np.where(measured, np.arange(len(values)), 0))
+        out.append(values[last])
+    return out[0], out[1], out[2]
+
+
 def predicted_path(record: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Theorem 17 along one run's steps.csv: ``(steps, E[K_t], Var[K_t])`` at the recorded steps.
 
-    Row i's terms describe the change from step s_i to s_{i+1} and are weighted by s_{i+1} - s_i
-    (probe_every > 1); ``E[K_t] = K_0 exp(sum (mu + psi))``, ``Var = E^2 (exp(sum phi^2) - 1)``.
+    Row i's terms (forward-filled over steps without the probe, :func:`_network_terms`) describe the
+    change from step s_i to s_{i+1} and are weighted by s_{i+1} - s_i;
+    ``E[K_t] = K_0 exp(sum (mu + psi))``, ``Var = E^2 (exp(sum phi^2) - 1)``.
     """
     from lipverify.dynamics import NetworkTerms, predict_bound
 
     steps = _series(record, "step")
     log_bound = _series(record, "log_bound")
-    mu, psi, phi_sq = (np.nan_to_num(_series(record, k)) for k in ("net_mu", "net_psi", "net_phi_sq"))
+    mu, psi, phi_sq = _network_terms(record)
     if len(steps) < 2:
         raise LipverifyError(f"run {record.get('name')}: fewer than two recorded steps")
     dt = np.diff(steps)
@@ -347,29 +364,30 @@ def evaluate_near_convergence(
         w = max(2, round(window * n))
         if n < 2 * w:
             raise LipverifyError(f"run {r.get('name')}: {n} steps are too few for windows of {w}")
-        mu, psi, phi_sq = (np.nan_to_num(_series(r, k)) for k in ("net_mu", "net_psi", "net_phi_sq"))
+        mu, psi, phi_sq = _network_terms(r)
         loss = _series(r, "loss")
         log_k = _series(r, "log_bound")
         early, late = slice(0, w), slice(n - w, n)
+        late_terms = slice(n - w, n - 1)  # the last row (step T) has no update, so no terms
         r_early = psi[early].sum() / max(abs(mu[early].sum()), 1e-300)
-        r_late = psi[late].sum() / max(abs(mu[late].sum()), 1e-300)
+        r_late = psi[late_terms].sum() / max(abs(mu[late_terms].sum()), 1e-300)
         rows.append(
             {
                 "run": r["name"],
                 "loss_early": float(np.nanmean(loss[early])),
                 "loss_late": float(np.nanmean(loss[late])),
                 "mu_early": float(mu[early].mean()),
-                "mu_late": float(mu[late].mean()),
+                "mu_late": float(mu[late_terms].mean()),
                 "psi_early": float(psi[early].mean()),
-                "psi_late": float(psi[late].mean()),
+                "psi_late": float(psi[late_terms].mean()),
                 "ratio_early": float(r_early),
                 "ratio_late": float(r_late),
                 "log_ratio_change": float(math.log(r_late / r_early))
                 if r_early > 0 and r_late > 0
                 else math.nan,
                 "late_log_k_increase": float(log_k[-1] - log_k[n - w]),
-                "late_predicted_log_drift": float((mu[late] + psi[late] - 0.5 * phi_sq[late])[:-1].sum()),
-                "late_diffusion_std": float(math.sqrt(phi_sq[late][:-1].sum())),
+                "late_predicted_log_drift": float((mu + psi - 0.5 * phi_sq)[late_terms].sum()),
+                "late_diffusion_std": float(math.sqrt(phi_sq[late_terms].sum())),
                 "cumulative_mu": float(mu[:-1].sum()),
                 "cumulative_psi": float(psi[:-1].sum()),
             }
@@ -527,11 +545,13 @@ def evaluate_label_noise(records: Sequence[dict], alpha: float = ALPHA) -> list[
     ``E[K_T] ~= K_0 exp((1 - p) int mu_bar + int psi_bar)`` shrinks monotonically in p.
 
     (a) monotonicity: K_T decreasing in p (see :func:`_monotone_claim`). (b) the (1 - p) drift scaling:
-    per level p, ``ln K_T`` observed against ``ln K_0 + (1 - p) M_0 + Psi_p`` (M_0: mean cumulative
-    mu_bar of the p = 0 runs, Psi_p: the run's own cumulative psi_bar); rule: for every p > 0,
+    per level p, ``ln K_T`` observed against Theorem 15's ``E[ln K_T] = ln K_0 + (1 - p) M_0 + Psi_p -
+    Phi_p / 2`` (M_0: mean cumulative mu_bar of the p = 0 runs; Psi_p, Phi_p: the run's own cumulative
+    psi_bar and phi_bar^2; ``ln E[K_T]`` of Theorem 16 lacks the ``- Phi/2``); rule: for every p > 0,
     ``|mean difference| <= z_{1 - alpha/(2k)} u_p`` (Bonferroni over the k levels), with
-    ``u_p^2 = (s_p^2 + Phi_p)/n_p + ((1 - p) SE(M_0))^2`` (seed spread, Theorem 17's diffusion variance
-    of ln K_T, and the uncertainty of the p = 0 drift).
+    ``u_p^2 = s_p^2 / n_p + ((1 - p) SE(M_0))^2``: the seed spread s_p of the difference (it already
+    holds the diffusion of ln K_T; with one seed, Theorem 15's variance Phi_p stands in for it) and
+    the uncertainty of the p = 0 drift.
     """
     paper = "Section 8.5"
     groups = {"all": {}}
@@ -546,14 +566,15 @@ def evaluate_label_noise(records: Sequence[dict], alpha: float = ALPHA) -> list[
         -1,
         "p",
     )
-    pred_b = "drift scales like (1 - p): ln K_T ~= ln K_0 + (1 - p) M_0 + Psi_p"
+    pred_b = "drift scales like (1 - p): E[ln K_T] = ln K_0 + (1 - p) M_0 + Psi_p - Phi_p / 2"
     by_p = group_by(records, lambda r: float(r["config"]["label_noise"]))
     levels = [p for p in by_p if p > 0]
     k = max(len(levels), 1)
     zcrit = float(stats.norm.ppf(1 - alpha / (2 * k)))
     rule_b = (
         f"every p > 0: |mean(ln K_T obs - pred)| <= {zcrit:.2f} u_p (Bonferroni over {k} levels), "
-        "u_p^2 = (seed var of the difference + mean Phi_T)/n + ((1-p) SE(M_0))^2"
+        "u_p^2 = (seed var of the difference)/n + ((1-p) SE(M_0))^2, "
+        "pred = ln K_0 + (1-p) M_0 + Psi - Phi/2"
     )
     if 0.0 not in by_p or not levels:
         return [
@@ -571,13 +592,13 @@ def evaluate_label_noise(records: Sequence[dict], alpha: float = ALPHA) -> list[
         diffs, phis, mu_ratio = [], [], []
         for r in by_p[p]:
             s = r["summary"]
-            pred_log = math.log(s["K0"]) + (1 - p) * m0 + s["cumulative_psi"]
+            pred_log = math.log(s["K0"]) + (1 - p) * m0 + s["cumulative_psi"] - 0.5 * s["cumulative_phi_sq"]
             diffs.append(math.log(s["K_T_observed"]) - pred_log)
-            phis.append(float(np.nansum(_series(r, "net_phi_sq")[:-1])) if "series" in r else 0.0)
+            phis.append(s["cumulative_phi_sq"])
             mu_ratio.append(s["cumulative_mu"] / m0 if m0 != 0 else math.nan)
         n = len(diffs)
-        sd = float(np.std(diffs, ddof=1)) if n > 1 else 0.0
-        u = math.sqrt((sd**2 + float(np.mean(phis))) / n + ((1 - p) * m0_se) ** 2)
+        spread = float(np.var(diffs, ddof=1)) if n > 1 else phis[0]
+        u = math.sqrt(spread / n + ((1 - p) * m0_se) ** 2)
         mean = float(np.mean(diffs))
         passed = abs(mean) <= zcrit * u
         ok &= passed
@@ -882,8 +903,7 @@ def _plot(claim: str, records: Sequence[dict], results: Sequence[ClaimResult], o
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
         for r in records:
             steps = _series(r, "step")
-            mu = np.nan_to_num(_series(r, "net_mu"))
-            psi = np.nan_to_num(_series(r, "net_psi"))
+            mu, psi, _ = _network_terms(r)
             first = r is records[0]
             (line,) = axes[0].plot(steps, np.cumsum(psi), label="cumulative psi_bar" if first else None)
             axes[0].plot(

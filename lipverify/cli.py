@@ -33,12 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. A sub-command's arguments are parsed with ``parse_intermixed_args``,
+    so positionals may follow options (``lipverify train steps=2 --out D train_size=64``); argparse
+    cannot parse sub-parsers intermixed, so a first pass only picks the sub-command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    # the top-level parser has no options that take a value: the first positional is the command
+    rest = argv[argv.index(first.command) + 1 :]
+    args = first._parser.parse_intermixed_args(rest)
+    args.command = first.command
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except LipverifyError as exc:

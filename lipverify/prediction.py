@@ -12,22 +12,44 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from lipverify._validation import LipverifyError
 from lipverify.dynamics import LayerTerms, NetworkTerms, predict_bound
 from lipverify.records import read_json, read_steps
 
 
+def _status_note(meta: dict) -> str:
+    """``; meta.json says status 'failed': <error>`` for a failed (or other unfinished) run."""
+    status = meta.get("status")
+    if status in (None, "complete"):
+        return ""
+    error = meta.get("error")
+    return f"; meta.json says status {status!r}" + (f": {error}" if error else "")
+
+
 def _series(run_dir: Path):
+    """The recorded series of a finished run. An unfinished one (no steps.csv, or no final row) is a
+    :class:`LipverifyError` that quotes meta.json's ``status`` and ``error``: resuming helps only a
+    stopped or killed run, not a failed one."""
     meta = read_json(run_dir / "meta.json")
-    _, rows = read_steps(run_dir / "steps.csv")
+    note = _status_note(meta)
+    # a stopped or killed run resumes; a failed one repeats its failure
+    hint = "resume it first"
+    if meta.get("status") == "failed":
+        hint = "fix the cause (a diverged run needs a smaller lr) before resuming"
+    try:
+        _, rows = read_steps(run_dir / "steps.csv")
+    except LipverifyError as exc:
+        if not note:
+            raise
+        raise LipverifyError(f"{run_dir} has no completed run ({exc}{note})") from exc
     layers = meta.get("layers")
     if not layers:
-        raise LipverifyError(f"{run_dir / 'meta.json'} lists no layers; is this a lipverify train run?")
+        raise LipverifyError(f"{run_dir / 'meta.json'} lists no layers; is this a lipverify train run?{note}")
     train_rows = [r for r in rows if r.get("loss") is not None]
     if not train_rows or rows[-1].get("loss") is not None:
-        raise LipverifyError(
-            f"{run_dir} has no completed run (steps.csv lacks the final row); resume it first"
-        )
+        raise LipverifyError(f"{run_dir} has no completed run (steps.csv lacks the final row{note}); {hint}")
     if train_rows[0].get("net_mu") is None:
         raise LipverifyError(f"{run_dir}: the first step carries no probe measurement")
     net, per_layer = [], []
@@ -71,6 +93,65 @@ def _full_mu_series(layers, train_rows, net):
     return out
 
 
+def _observed_bound(run_dir: Path, meta: dict, rows, T: int) -> list[float]:
+    """``K_t = exp(log_bound_t)`` for t = 0..T; a non-finite one (inf/NaN ln K, or exp overflow) is
+    a :class:`LipverifyError` naming the step."""
+    out = []
+    for t, r in enumerate(rows[: T + 1]):
+        log_k = r.get("log_bound")
+        try:
+            K = math.exp(log_k) if log_k is not None else math.nan
+        except OverflowError:
+            K = math.inf
+        if not math.isfinite(K):
+            raise LipverifyError(
+                f"{run_dir}: the observed bound K overflows at step {t} (ln K = {log_k}): the run "
+                f"diverged; train again with a smaller lr (lr = {_lr(meta)})"
+            )
+        out.append(K)
+    return out
+
+
+def _check_finite(run_dir: Path, meta: dict, rows, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """A :class:`LipverifyError` naming the first step where the predicted ``mean`` or ``std`` of K
+    is inf or NaN, with the observed ln K there: ``|K - inf| <= inf`` would count such a step as
+    inside the band."""
+    bad = ~(torch.isfinite(mean) & torch.isfinite(std))
+    if not bool(bad.any()):
+        return
+    t = int(bad.nonzero()[0, 0])
+    raise LipverifyError(
+        f"{run_dir}: the Theorem 17 prediction overflows at step {t} (E[K_t] = {float(mean[t]):.6g}, "
+        f"std = {float(std[t]):.6g}; observed ln K_t = {rows[t]['log_bound']:.6g}): the run diverged; "
+        f"train again with a smaller lr (lr = {_lr(meta)})"
+    )
+
+
+def _lr(meta: dict) -> object:
+    return (meta.get("config") or {}).get("lr")
+
+
+def _checked_prediction(run_dir: Path, meta: dict, rows, T: int, net, per_layer=None):
+    """Observed K_0..K_T and the Theorem 17 prediction, both checked finite at every step."""
+    K_obs = _observed_bound(run_dir, meta, rows, T)
+    pred = predict_bound(net, K_obs[0], per_layer)
+    # the layer predictions are sums of the same terms divided by sigma: the network's overflows first
+    _check_finite(run_dir, meta, rows, pred.mean, pred.std)
+    return K_obs, pred
+
+
+def check_prediction(run_dir: str | Path) -> None:
+    """Raise :class:`LipverifyError` when :func:`summarize_run` would: an unfinished run, or an
+    observed K or Theorem 17 prediction (mean or std, batch or full-data mu) that is not finite at
+    some step. :func:`lipverify.training.train` calls it so that such a run is not "complete"."""
+    run_dir = Path(run_dir)
+    meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
+    _checked_prediction(run_dir, meta, rows, len(train_rows), net, per_layer)
+    full_series = _full_mu_series(layers, train_rows, net)
+    if full_series is not None:
+        _checked_prediction(run_dir, meta, rows, len(train_rows), full_series)
+
+
 def summarize_run(run_dir: str | Path) -> dict:
     """Summary numbers of a finished run (T = number of steps).
 
@@ -91,12 +172,16 @@ def summarize_run(run_dir: str | Path) -> dict:
     * ``layers``: per layer sigma_0, observed sigma_T, predicted mean/std, fraction in 2 std, and the
       discrete truth: mean ``|observed - first|`` / ``|observed - second|`` order errors and
       ``sum dropped_drift_term`` against ``sum psi``.
+
+    A diverged run has no summary: an observed K or a predicted mean or std of K (with batch or
+    full-data mu) that is inf or NaN at any step raises :class:`LipverifyError` naming the first
+    such step and the observed ln K there, so no step is counted inside an infinite band and no inf
+    is reported as a number.
     """
     run_dir = Path(run_dir)
     meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
     T = len(train_rows)
-    K_obs = [math.exp(r["log_bound"]) for r in rows[: T + 1]]
-    pred = predict_bound(net, K_obs[0], per_layer)
+    K_obs, pred = _checked_prediction(run_dir, meta, rows, T, net, per_layer)
     mean, std = pred.mean.tolist(), pred.std.tolist()
     inside = [abs(K_obs[t] - mean[t]) <= 2 * std[t] for t in range(1, T + 1)]
     cum_mu = sum(t.mu for t in net)
@@ -107,7 +192,7 @@ def summarize_run(run_dir: str | Path) -> dict:
     full = {"K_T_predicted_mean_full_mu": None, "K_T_predicted_std_full_mu": None}
     full.update(fraction_in_2std_full_mu=None, cumulative_mu_full=None)
     if full_series is not None:
-        pf = predict_bound(full_series, K_obs[0])
+        _, pf = _checked_prediction(run_dir, meta, rows, T, full_series)
         fm, fs = pf.mean.tolist(), pf.std.tolist()
         full.update(
             K_T_predicted_mean_full_mu=fm[T],
@@ -164,7 +249,8 @@ def summarize_run(run_dir: str | Path) -> dict:
 def plot_run(run_dir: str | Path, path: str | Path) -> Path:
     """Figure in the style of the paper's Figure 2: top row, observed sigma_1 of every layer and
     the network bound K against the predicted mean with an E +/- 2 std band; bottom row, the
-    network terms mu_bar, psi_bar, phi_bar^2 and the per-layer mu, psi, phi over time."""
+    network terms mu_bar, psi_bar, phi_bar^2 and the per-layer mu, psi, phi over time. Refuses a
+    diverged run (non-finite observation or prediction) like :func:`summarize_run`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,8 +259,7 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
     run_dir = Path(run_dir)
     meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
     T = len(train_rows)
-    K_obs = [math.exp(r["log_bound"]) for r in rows[: T + 1]]
-    pred = predict_bound(net, K_obs[0], per_layer)
+    K_obs, pred = _checked_prediction(run_dir, meta, rows, T, net, per_layer)
     steps = list(range(T + 1))
     ncol = max(len(layers) + 1, 4)
     fig, axes = plt.subplots(2, ncol, figsize=(3.2 * ncol, 6.4), squeeze=False)

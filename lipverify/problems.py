@@ -306,8 +306,7 @@ class MatrixSGDSDE(SDE):
     def __init__(
         self, problem: LeastSquares, lr: float, batch_size: int, noise_scale: float | None = None
     ) -> None:
-        if lr <= 0 or batch_size < 1:
-            raise LipverifyError(f"need lr > 0 and batch_size >= 1, got lr={lr}, batch_size={batch_size}")
+        _check_step_parameters(lr, batch_size)
         self.problem = problem
         self.lr = float(lr)
         self.batch_size = int(batch_size)
@@ -358,6 +357,14 @@ class NetworkQuantities:
     proj: torch.Tensor
 
 
+def _check_step_parameters(lr: float, batch_size: int) -> None:
+    """SGD-SDE coefficients need a finite lr > 0 and an integer batch size b >= 1."""
+    if not (math.isfinite(lr) and lr > 0) or int(batch_size) != batch_size or batch_size < 1:
+        raise LipverifyError(
+            f"need a finite lr > 0 and an integer batch_size >= 1, got lr={lr}, batch_size={batch_size}"
+        )
+
+
 class TwoLayerSGDSDE(SDE):
     """SGD-SDE of ``f(x) = W2 W1 x`` (W1 (h, n), W2 (m, h)) with ``l_i = |W2 W1 x_i - y_i|^2 / 2``.
 
@@ -371,6 +378,7 @@ class TwoLayerSGDSDE(SDE):
     def __init__(
         self, problem: LeastSquares, hidden: int, lr: float, batch_size: int, noise_scale: float | None = None
     ) -> None:
+        _check_step_parameters(lr, batch_size)
         self.problem = problem
         self.lr = float(lr)
         self.batch_size = int(batch_size)

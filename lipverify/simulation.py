@@ -850,6 +850,9 @@ def discrete_sgd(
     for lr in lrs:
         steps = round(tau / lr)
         n_steps = round(steps / sde_dt)
+        if not math.isclose(n_steps * sde_dt, steps, rel_tol=1e-9):
+            # the SDE would cover another time span than the SGD steps it is compared with
+            raise LipverifyError(f"sde_dt = {sde_dt} does not divide the {steps} SGD steps of lr = {lr}")
         s_sgd = _sigma1(sgd_runs(pb, W0, lr, batch_size, steps, seeds, seed, device)).cpu()
         res = {"lr": lr, "steps": steps, "sgd_mean": mean(s_sgd), "sgd_std": std(s_sgd)}
         variants = [("sde", None)] + ([("wrong", 1.0 / (pb.size * batch_size**2))] if lr == lrs[-1] else [])

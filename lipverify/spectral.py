@@ -211,10 +211,12 @@ def quadratic_form_from_projections(
     ``sum_{k=2..r} [s1 (a_k^2 + c_k^2) + 2 s_k a_k c_k] / ((s1 - s_k)(s1 + s_k))
     + (|y - V a|^2 + |x - U c|^2) / s1``; the null-space parts are computed as residual norms
     (no cancellation), and ``s1^2 - s_k^2`` as a product (MATH section 7). Cost O((m + n) r) per E.
+    Raises :class:`DegenerateSpectrumError` when ``sigma_1 = sigma_2`` (the form is unbounded).
 
     A batch of decompositions (``U`` (P, m, r), ``sigma`` (P, r), ``V`` (P, n, r), e.g. one per
     simulated path) takes y (P, N, n) and x (P, N, m) -> (P, N): one sample axis after the batch axes.
     """
+    _require_separated_top(dec.sigma)
     a = y @ dec.V  # (..., r)
     c = x @ dec.U
     sigma = dec.sigma if dec.sigma.ndim == 1 else dec.sigma.unsqueeze(-2)
@@ -294,9 +296,22 @@ def hessian_trace(W: torch.Tensor) -> torch.Tensor:
     return hessian_trace_from_spectrum(dec.sigma, *W.shape).to(W.dtype)
 
 
+def _require_separated_top(sigma: torch.Tensor) -> None:
+    """Raise :class:`DegenerateSpectrumError` when ``sigma_1 = sigma_2`` (sigma (..., r), descending):
+    the Hessian terms divide by ``sigma_1^2 - sigma_2^2`` and would be infinite."""
+    if sigma.shape[-1] > 1 and not bool((sigma[..., 0] > sigma[..., 1]).all()):
+        raise DegenerateSpectrumError(
+            "sigma_1 = sigma_2: sigma_1 is not twice differentiable there and its Hessian is unbounded "
+            "(Assumption 11 fails)"
+        )
+
+
 def hessian_trace_from_spectrum(sigma: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """tr H from the r = min(m, n) singular values (descending) of an m x n matrix."""
+    """tr H from the r = min(m, n) singular values (descending) of an m x n matrix; raises
+    :class:`DegenerateSpectrumError` when ``sigma_1 = sigma_2``."""
     from lipverify import _generated
+
+    _require_separated_top(sigma)
 
     s1, sk = sigma[0], sigma[1:]
     r = sigma.numel()

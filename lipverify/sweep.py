@@ -91,17 +91,19 @@ def train_config_fields() -> dict[str, Any]:
 
 
 def resolve_train_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The full TrainConfig (as a dict) a run with these overrides trains with; its values are
-    validated (``TrainConfig.validate``) so that a bad value stops the sweep before any run."""
-    from lipverify.training import TrainConfig
+    """The full TrainConfig (as a dict) a run with these overrides trains with. Every value goes
+    through the coercion of ``lipverify train --config`` (:func:`lipverify.training.coerce_value`:
+    strings parsed, ints widened to float, other type mismatches refused), then the config through
+    ``TrainConfig.validate`` and a check that ``batch_size`` does not exceed ``train_size`` (the
+    run would fail on it), so that a bad value stops the sweep before any run."""
+    from lipverify.training import TrainConfig, coerce_value
 
-    try:
-        config = TrainConfig(**dict(overrides))
-    except TypeError as exc:
-        raise LipverifyError(f"bad run configuration {dict(overrides)}: {exc}") from exc
-    validate = getattr(config, "validate", None)
-    if callable(validate):
-        validate()
+    values = {key: coerce_value(key, value) for key, value in overrides.items()}
+    config = TrainConfig(**values).validate()
+    if config.train_size is not None and config.batch_size > config.train_size:
+        raise LipverifyError(
+            f"invalid config: batch_size {config.batch_size} exceeds train_size {config.train_size}"
+        )
     return dataclasses.asdict(config)
 
 
@@ -145,6 +147,11 @@ class SweepConfig:
         Smoke: ``steps <= SMOKE_STEPS``, ``train_size <= SMOKE_TRAIN_SIZE``, at most
         ``SMOKE_MAX_VALUES`` values per grid key, full-gradient probes off, then the config's own
         ``[smoke]`` table (TrainConfig keys override ``base``; ``[smoke.grid]`` replaces grid lists).
+        Last, ``batch_size`` (TrainConfig's default 128 when unset) is capped at the resulting
+        ``[base]`` ``train_size`` in ``base``, the grid and the cases, like the other caps: a smoke
+        run of a config written for the full data set then still runs. A capped grid list keeps
+        each value once. A ``train_size`` set per run (grid or case) is not capped; a batch larger
+        than it is refused by :func:`resolve_train_config` before any run starts.
         """
         if not smoke:
             return self
@@ -158,7 +165,20 @@ class SweepConfig:
         overrides = {k: v for k, v in self.smoke.items() if k != "grid"}
         base.update(overrides)
         grid.update(self.smoke.get("grid", {}))
-        return dataclasses.replace(self, base=base, grid=grid, smoke={})
+        cases = [dict(c) for c in self.cases]
+        size = base.get("train_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+
+            def cap(b: Any) -> Any:
+                return min(b, size) if isinstance(b, int) and not isinstance(b, bool) else b
+
+            base["batch_size"] = cap(base.get("batch_size", train_config_fields()["batch_size"]))
+            if "batch_size" in grid:
+                grid["batch_size"] = list(dict.fromkeys(cap(b) for b in grid["batch_size"]))
+            for case in cases:
+                if "batch_size" in case:
+                    case["batch_size"] = cap(case["batch_size"])
+        return dataclasses.replace(self, base=base, grid=grid, cases=cases, smoke={})
 
     def expand(self, smoke: bool = False) -> list[RunSpec]:
         """The runs: Cartesian product of the grid lists (in file order), times the cases.
@@ -200,8 +220,27 @@ def parse_sweep_config(
     data: Mapping[str, Any], name: str = "sweep", fields: Iterable[str] | None = None
 ) -> SweepConfig:
     """Validate a sweep config dict (the parsed TOML). ``fields``: the TrainConfig field names
-    (default: read from :class:`lipverify.training.TrainConfig`)."""
+    (default: read from :class:`lipverify.training.TrainConfig`). With the default, every value of
+    ``[base]``, ``[grid]``, ``[[cases]]``, ``[smoke]`` and ``[smoke.grid]`` is coerced to its
+    field's type as ``lipverify train --config`` does (:func:`lipverify.training.coerce_value`), so
+    ``lr = "0.05"`` is read as 0.05 and ``batch_size = 16.0`` is refused here, before any run."""
     known = set(train_config_fields() if fields is None else fields)
+    if fields is None:
+        from lipverify.training import coerce_value
+    else:
+
+        def coerce_value(key: str, value: Any) -> Any:  # stand-in fields carry no types
+            return value
+
+    def coerce(table: dict, where: str) -> dict:
+        out = {}
+        for key, value in table.items():
+            try:
+                out[key] = coerce_value(key, value)
+            except LipverifyError as exc:
+                raise LipverifyError(f"sweep config {name} {where}: {exc}") from exc
+        return out
+
     unknown_top = sorted(set(data) - set(SWEEP_KEYS))
     if unknown_top:
         raise LipverifyError(
@@ -229,6 +268,7 @@ def parse_sweep_config(
     check_keys(base, "[base]")
     for k, v in base.items():
         _check_value(k, v, f"sweep config {name} [base]")
+    base = coerce(base, "[base]")
     grid = table("grid")
     check_keys(grid, "[grid]")
     cases = data.get("cases", [])
@@ -243,12 +283,15 @@ def parse_sweep_config(
             raise LipverifyError(f"sweep config {name}: [grid] {k} is an empty list: the grid is empty")
         for v in values:
             _check_value(k, v, f"sweep config {name} [grid]")
+        grid[k] = [coerce({k: v}, "[grid]")[k] for v in values]
+    cases = [dict(c) for c in cases]
     for i, case in enumerate(cases):
         if not case:
             raise LipverifyError(f"sweep config {name}: case {i} is empty")
         check_keys(case, f"case {i}")
         for k, v in case.items():
             _check_value(k, v, f"sweep config {name} case {i}")
+        cases[i] = coerce(case, f"case {i}")
         clash = sorted(set(case) & set(grid))
         if clash:
             raise LipverifyError(f"sweep config {name}: case {i} and [grid] both set {clash}")
@@ -261,6 +304,11 @@ def parse_sweep_config(
     for k, values in smoke_grid.items():
         if not isinstance(values, list) or not values:
             raise LipverifyError(f"sweep config {name}: [smoke.grid] {k} must be a non-empty list")
+    smoke_values = coerce({k: v for k, v in smoke.items() if k != "grid"}, "[smoke]")
+    if "grid" in smoke:
+        smoke_values["grid"] = {
+            k: [coerce({k: v}, "[smoke.grid]")[k] for v in vs] for k, vs in smoke_grid.items()
+        }
     options = table("options")
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -269,8 +317,8 @@ def parse_sweep_config(
         claim=claim,
         base=base,
         grid=grid,
-        cases=[dict(c) for c in cases],
-        smoke=smoke,
+        cases=cases,
+        smoke=smoke_values,
         options=options,
         description=description,
         name=name,
@@ -285,7 +333,9 @@ def load_sweep_config(path: str | Path, fields: Iterable[str] | None = None) -> 
             data = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise LipverifyError(f"sweep config not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:  # e.g. a directory
+        raise LipverifyError(f"cannot read sweep config {path}: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise LipverifyError(f"sweep config {path} is not valid TOML: {exc}") from exc
     return parse_sweep_config(data, name=path.stem, fields=fields)
 
@@ -418,7 +468,10 @@ def run_sweep(
     check_sweep_dir(sweep_dir, config, smoke)
     runs: list[dict] = []
     for spec in specs:
-        full = resolve(spec.overrides)
+        try:
+            full = resolve(spec.overrides)
+        except LipverifyError as exc:
+            raise LipverifyError(f"sweep run {spec.name}: {exc}") from exc
         run_dir = sweep_dir / "runs" / spec.name
         meta = read_meta(run_dir)
         record = {

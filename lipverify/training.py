@@ -45,6 +45,7 @@ from lipverify._validation import LipverifyError
 from lipverify.data import DATASETS, ImageData, corrupt_labels, load_dataset, to_model_input
 from lipverify.dynamics import network_terms
 from lipverify.models import INITS, build_model
+from lipverify.prediction import check_prediction
 from lipverify.probe import DynamicsProbe, ProbeSchedule, cross_layer_diffusion
 from lipverify.records import StepLog, atomic_torch_save, read_json, write_json
 
@@ -64,6 +65,10 @@ LAYER_FIELDS = (
 )
 NET_FIELDS = ("net_mu", "net_psi", "net_phi_sq", "net_phi_sq_cross")
 FULL_GRADIENT_CHUNK = 1000
+#: label corruption is seeded with ``seed_sampling + LABEL_NOISE_SEED_OFFSET``
+LABEL_NOISE_SEED_OFFSET = 1_000_003
+#: the range ``torch.Generator.manual_seed`` accepts
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -99,9 +104,34 @@ class TrainConfig:
     dtype: str = "float32"
 
     def validate(self) -> TrainConfig:
+        """Check every field: its type (an int is accepted for a float), finite floats, the ranges
+        and choices below, seeds inside ``torch.Generator.manual_seed``'s range (``seed_sampling``
+        also with its derived seeds ``+1`` and ``+LABEL_NOISE_SEED_OFFSET``), and a device that is
+        ``cpu`` or an available ``cuda[:index]``."""
+
         def bad(msg: str) -> None:
             raise LipverifyError(f"invalid config: {msg}")
 
+        for key, hint in _field_types().items():
+            value = getattr(self, key)
+            options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            if value is None and type(None) in options:
+                continue
+            base = next(t for t in options if t is not type(None))
+            allowed = (int, float) if base is float else (base,)
+            if not isinstance(value, allowed) or (base is not bool and isinstance(value, bool)):
+                bad(f"{key} must be {base.__name__}, got {value!r}")
+            # nan passes every `< 0` / `> 0` range check below
+            if base is float and not math.isfinite(value):
+                bad(f"{key} must be a finite number, got {value}")
+        lo, hi = SEED_RANGE
+        if not lo <= self.seed_init <= hi:
+            bad(f"seed_init must be in [-2**63, 2**64 - 1] (torch's seed range), got {self.seed_init}")
+        if not lo <= self.seed_sampling <= hi - LABEL_NOISE_SEED_OFFSET:
+            bad(
+                f"seed_sampling must be in [-2**63, 2**64 - 1 - {LABEL_NOISE_SEED_OFFSET}] "
+                f"(torch.Generator.manual_seed, with the derived label-noise seed), got {self.seed_sampling}"
+            )
         if self.model not in ("mlp", "convnet"):
             bad(f"model must be 'mlp' or 'convnet', got {self.model!r}")
         if self.dataset not in DATASETS:
@@ -141,8 +171,16 @@ class TrainConfig:
                 import torchvision  # noqa: F401
             except ImportError:
                 bad("autoaugment needs torchvision: pip install lipverify[vision]")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            bad(f"device must be 'cpu' or 'cuda[:index]', got {self.device!r}")
+        if device.type not in ("cpu", "cuda"):
+            bad(f"device must be 'cpu' or 'cuda[:index]', got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
             bad(f"device {self.device!r} requested but CUDA is not available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            bad(f"device {self.device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         return self
 
 
@@ -182,9 +220,22 @@ def _coerce(key: str, value: object, hint: object) -> object:
     return value
 
 
+def coerce_value(key: str, value: object) -> object:
+    """``value`` for the TrainConfig field ``key`` as :func:`load_config` reads it from a TOML file:
+    a string is parsed to the field's type, an int is widened for a float field, any other type is
+    a :class:`LipverifyError`, as is an unknown ``key``."""
+    hints = _field_types()
+    if key not in hints:
+        raise LipverifyError(f"unknown config key {key!r}; valid keys: {', '.join(hints)}")
+    return _coerce(key, value, hints[key])
+
+
 def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> TrainConfig:
-    """A :class:`TrainConfig` from a TOML file (keys at top level or under ``[train]``) and
-    ``key=value`` overrides (parsed to the field's type; ``none`` for optional fields)."""
+    """A :class:`TrainConfig` from a TOML file (keys at top level or under ``[train]``, which must be
+    a table) and ``key=value`` overrides (parsed to the field's type; ``none`` for optional fields).
+    A missing, unreadable (e.g. a directory) or malformed file is a :class:`LipverifyError`. A
+    relative ``data_dir`` is kept as written: it is relative to the current directory, not to the
+    config file."""
     hints = _field_types()
     valid = ", ".join(hints)
     values: dict[str, object] = {}
@@ -194,9 +245,18 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
             doc = tomllib.loads(path.read_text())
         except FileNotFoundError as exc:
             raise LipverifyError(f"config file {path} not found") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except IsADirectoryError as exc:
+            raise LipverifyError(f"config file {path} is a directory; expected a TOML file") from exc
+        except OSError as exc:
+            raise LipverifyError(f"cannot read config file {path}: {exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise LipverifyError(f"malformed TOML in {path}: {exc}") from exc
         table = doc.get("train", doc)
+        if not isinstance(table, dict):
+            raise LipverifyError(
+                f"'train' in {path} must be a table ([train] followed by key = value lines), "
+                f"got {type(table).__name__} {table!r}"
+            )
         if "train" in doc:
             extra = set(doc) - {"train"}
             if extra:
@@ -247,6 +307,17 @@ def _autoaugment(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([aug(img) for img in images])
 
 
+def _check_diverged(row: dict, step: int, lr: float) -> None:
+    """Raise when the loss, ``log_bound`` or a layer's sigma of a step's record is inf or NaN."""
+    keys = ["loss", "log_bound", *(k for k in row if k.endswith(".sigma"))]
+    for key in keys:
+        value = row.get(key)
+        if value is not None and not math.isfinite(value):
+            raise LipverifyError(
+                f"training diverged at step {step}: {key} is {value}; try a smaller lr (lr = {lr})"
+            )
+
+
 class _Run:
     """State of one run (built from the config; restored from a checkpoint on resume)."""
 
@@ -257,7 +328,9 @@ class _Run:
         data: ImageData = load_dataset(c.dataset, c.data_dir).subset(c.train_size)
         if len(data) < c.batch_size:
             raise LipverifyError(f"batch_size {c.batch_size} exceeds the {len(data)} training samples")
-        labels = corrupt_labels(data.labels, c.label_noise, data.classes, c.seed_sampling + 1_000_003)
+        labels = corrupt_labels(
+            data.labels, c.label_noise, data.classes, c.seed_sampling + LABEL_NOISE_SEED_OFFSET
+        )
         self.data = ImageData(data.name, data.images, labels, data.classes)
         self.images = data.images.to(self.device)
         self.labels = labels.to(self.device)
@@ -378,8 +451,7 @@ class _Run:
             for name, d in probe.after_step(c.lr, full, c.grad_scale).items():
                 for k, v in d.items():
                     row[f"{name}.{k}"] = v
-        if not math.isfinite(row["loss"]):
-            raise LipverifyError(f"training diverged at step {step}: loss is {row['loss']}")
+        _check_diverged(row, step, c.lr)
         self.step += 1
         return row
 
@@ -387,6 +459,7 @@ class _Run:
         sig = self.probe.sigmas()
         row = {"step": self.step, "log_bound": sum(math.log(s) for s in sig.values())}
         row.update({f"{n}.sigma": s for n, s in sig.items()})
+        _check_diverged(row, self.step, self.config.lr)
         return row
 
     # -- checkpoints
@@ -425,6 +498,11 @@ def train(
     checkpoint of a different config is an error. ``meta.json`` ``status``: ``"running"``, then
     ``"complete"``, ``"failed"`` (with ``error``) or ``"stopped"`` (``stop_after`` steps were run in
     this call without a final checkpoint - the behaviour of a killed process, used by tests).
+
+    A diverged run fails (:class:`LipverifyError`, status ``"failed"``, records and meta.json
+    kept): a step whose loss, ln K or a layer's sigma is inf or NaN ("training diverged at step
+    t"), or finished records whose Theorem 17 prediction is not finite
+    (:func:`lipverify.prediction.check_prediction`), which ``lipverify report`` could not summarise.
     """
     from tqdm import tqdm
 
@@ -496,6 +574,8 @@ def train(
                 run.records.append(final)
                 log.append(final)
             atomic_torch_save(ckpt_path, run.state())
+        # finite records can still overflow the Theorem 17 prediction (huge lr): not "complete"
+        check_prediction(out)
     except BaseException as exc:
         meta["status"] = "failed"
         meta["error"] = f"{type(exc).__name__}: {exc}"

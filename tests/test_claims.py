@@ -54,7 +54,7 @@ def record(name, summary=None, series=None, layers=None, **config):
     }
 
 
-def summary(k0=1.0, kt=1.0, pred_mean=None, pred_std=0.0, cum_mu=0.0, cum_psi=0.0):
+def summary(k0=1.0, kt=1.0, pred_mean=None, pred_std=0.0, cum_mu=0.0, cum_psi=0.0, cum_phi_sq=0.0):
     pred_mean = kt if pred_mean is None else pred_mean
     return {
         "K0": k0,
@@ -66,6 +66,7 @@ def summary(k0=1.0, kt=1.0, pred_mean=None, pred_std=0.0, cum_mu=0.0, cum_psi=0.
         "psi_mu_ratio": cum_psi / cum_mu if cum_mu else math.inf,
         "cumulative_mu": cum_mu,
         "cumulative_psi": cum_psi,
+        "cumulative_phi_sq": cum_phi_sq,
         "steps": 100,
     }
 
@@ -243,21 +244,23 @@ def test_noisy_gradient_monotone_pass_and_fail():
 # ------------------------------------------------------------------------------------------- 8.5
 
 
-def label_records(scaled: bool, decreasing: bool = True, seeds=3):
+def label_records(scaled: bool, decreasing: bool = True, seeds=3, phi_sq=1e-4, jensen=True):
+    """ln K_T drawn as Theorem 15 has it: mean ln K_0 + M + Psi - Phi/2 (without the -Phi/2 when
+    ``jensen`` is False: ln E[K_T], the wrong target for a mean of logs), std sqrt(Phi)."""
     rng = np.random.default_rng(2)
     m0, psi = 1.0, 0.1
     out = []
     for p in (0.0, 0.2, 0.4, 0.6, 0.8):
         for s in range(seeds):
             factor = (1 - p) if scaled else 1.0
-            log_kt = math.log(2.0) + factor * m0 + psi + 0.01 * rng.normal()
+            noise = math.sqrt(phi_sq) * rng.normal() - (0.5 * phi_sq if jensen else 0.0)
+            log_kt = math.log(2.0) + factor * m0 + psi + noise
             if not decreasing:
-                log_kt = math.log(2.0) + p + 0.01 * rng.normal()
+                log_kt = math.log(2.0) + p + noise
             out.append(
                 record(
                     f"p{p}s{s}",
-                    summary(k0=2.0, kt=math.exp(log_kt), cum_mu=factor * m0, cum_psi=psi),
-                    series={"net_phi_sq": [1e-5] * 101},
+                    summary(k0=2.0, kt=math.exp(log_kt), cum_mu=factor * m0, cum_psi=psi, cum_phi_sq=phi_sq),
                     label_noise=p,
                     seed_sampling=s,
                 )
@@ -277,6 +280,15 @@ def test_label_noise_fail():
     assert a.verdict == "fail"
     _, b = evaluate_label_noise(label_records(scaled=False))
     assert b.verdict == "fail"  # bound does not follow the (1 - p) drift
+
+
+def test_label_noise_compares_the_mean_of_logs_with_e_ln_k():
+    # large diffusion (Phi = 0.5), many seeds: runs that follow Theorem 15 pass; runs centred on
+    # ln E[K_T] (no -Phi/2, what the mean of ln K_T does not estimate) are rejected
+    _, b = evaluate_label_noise(label_records(scaled=True, seeds=60, phi_sq=0.5))
+    assert b.verdict == "pass", b.measured
+    _, bad = evaluate_label_noise(label_records(scaled=True, seeds=60, phi_sq=0.5, jensen=False))
+    assert bad.verdict == "fail", bad.measured
 
 
 # ------------------------------------------------------------------------------------------- 8.6
@@ -352,6 +364,16 @@ def test_predicted_path_matches_theorem_17():
     rec2 = {"name": "x", "series": {k: v[::2] for k, v in rec["series"].items()}}
     steps2, mean2, _ = predicted_path(rec2)
     assert steps2[-1] == 10 and mean2[-1] == pytest.approx(mean[-1])
+    # probe_every = 2 as training records it: a row per step, terms empty where the probe did not run
+    # (read as zero drift and noise they would give exp(5 * 2e-3) and half the variance)
+    rec3 = {"name": "y", "series": dict(rec["series"])}
+    for key in ("net_mu", "net_psi", "net_phi_sq"):
+        rec3["series"][key] = [v if i % 2 == 0 else math.nan for i, v in enumerate(rec["series"][key])]
+    _, mean3, var3 = predicted_path(rec3)
+    assert mean3[-1] == pytest.approx(mean[-1]) and var3[-1] == pytest.approx(var[-1])
+    rec3["series"]["net_mu"] = [math.nan, *rec3["series"]["net_mu"][1:]]
+    with pytest.raises(LipverifyError, match="not measured at the first step"):
+        predicted_path(rec3)
 
 
 def test_trajectories_pass_and_fail():

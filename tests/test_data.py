@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -164,3 +165,55 @@ def test_model_input_padding_and_channels():
 def test_fashion_mnist_default_directory():
     data = load_dataset("fashion-mnist", train=False)
     assert data.images.shape == (10000, 1, 28, 28) and data.labels.max() == 9
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_damaged_gz_idx_file_names_the_file(tmp_path, damage):
+    _idx_dir(tmp_path, n=50)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    blob = path.read_bytes()
+    if damage == "truncate":  # raw EOFError before
+        blob = blob[: len(blob) // 2]
+    else:  # raw zlib.error before
+        blob = blob[:30] + bytes(b ^ 0xFF for b in blob[30:60]) + blob[60:]
+    path.write_bytes(blob)
+    with pytest.raises(LipverifyError, match=r"cannot read IDX file .*train-images-idx3-ubyte\.gz"):
+        load_dataset("mnist", tmp_path)
+
+
+def _mnist5k_csv(path, labels):
+    rows = [",".join(["0"] * 784 + [str(label)]) for label in labels]
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(rows) + "\n")
+
+
+def test_mnist5k_labels_must_be_0_to_9(tmp_path):
+    # a label 12 used to crash mid-training with an IndexError in the loss
+    path = tmp_path / "bad.csv.gz"
+    _mnist5k_csv(path, [3, 12, 4])
+    with pytest.raises(
+        LipverifyError, match=r"bad\.csv\.gz: labels must be integers in 0\.\.9, found 12 in data row 2"
+    ):
+        load_dataset("mnist5k", path)
+    _mnist5k_csv(tmp_path / "neg.csv.gz", [3, -1])
+    with pytest.raises(LipverifyError, match=r"labels must be integers in 0\.\.9, found -1"):
+        load_dataset("mnist5k", tmp_path / "neg.csv.gz")
+
+
+def test_mnist5k_data_dir_may_be_the_directory(tmp_path, monkeypatch):
+    _mnist5k_csv(tmp_path / "mnist_5k.csv.gz", [1, 2, 3])
+    assert load_dataset("mnist5k", tmp_path).labels.tolist() == [1, 2, 3]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LipverifyError, match=r"the CSV file or a directory holding mnist_5k\.csv\.gz"):
+        load_dataset("mnist5k", empty)
+    # a relative data_dir (also one from a config file) is relative to the current directory
+    monkeypatch.chdir(empty)
+    with pytest.raises(
+        LipverifyError, match=re.escape(f"looked at {empty}/nope: a relative path is relative to the current")
+    ):
+        load_dataset("mnist5k", "nope")
+    with pytest.raises(
+        LipverifyError, match=re.escape(f"looked at {empty}/nope: a relative path is relative to the current")
+    ):
+        load_dataset("cifar10", "nope")

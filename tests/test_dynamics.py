@@ -254,6 +254,23 @@ def test_predict_bound_rejects_bad_input():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(LipverifyError, match="bound0"):
             predict_bound([NetworkTerms(0.0, 0.0, 0.0, 0.0)], bad)
+    # non-finite terms and a negative variance, named by step (they gave NaN/inf or Var < 0)
+    ok = NetworkTerms(0.0, 0.01, 0.0, 1e-4)
+    for bad, message in (
+        (NetworkTerms(0.0, float("nan"), 0.0, 1e-4), "step 1 are not finite"),
+        (NetworkTerms(0.0, 0.01, float("inf"), 1e-4), "step 1 are not finite"),
+        (NetworkTerms(0.0, 0.01, 0.0, -0.4), "phi_sq at step 1 is negative"),
+    ):
+        with pytest.raises(LipverifyError, match=message):
+            predict_bound([ok, bad, ok], 1.0)
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf")])
+def test_layer_terms_refuse_a_bad_learning_rate(lr):
+    # a negative lr gave a negative diffusion intensity phi
+    W = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LipverifyError, match="learning rate"):
+        layer_terms(W, torch.randn(5, 3, 4, dtype=F64), lr)
 
 
 # --------------------------------------------------------------------------- Proposition 21

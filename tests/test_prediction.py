@@ -141,3 +141,51 @@ def test_full_data_drift_prediction(tmp_path):
     expected = math.exp(rows[0]["log_bound"]) * math.exp(sum(net_full))
     assert math.isclose(s["K_T_predicted_mean_full_mu"], expected, rel_tol=1e-12)
     assert s["K_T_predicted_mean"] != s["K_T_predicted_mean_full_mu"]
+
+
+def test_overflowing_mean_or_std_is_refused_not_counted_in_band(tmp_path):
+    # |K - inf| <= inf is True: an overflowed prediction used to put 100% of the steps in the band
+    _write_run(tmp_path / "mean", psi=(1e4, 0.0))  # psi_bar = 5e3 per step: exp overflows at t = 1
+    _write_run(tmp_path / "std", phi=(1e3, 0.0))  # phi_bar^2 = 2.5e5: only the std overflows
+    for run in ("mean", "std"):
+        with pytest.raises(LipverifyError, match=r"prediction overflows at step 1 .*observed ln K_t = .*lr"):
+            summarize_run(tmp_path / run)
+        with pytest.raises(LipverifyError, match="prediction overflows at step 1"):
+            plot_run(tmp_path / run, tmp_path / run / "f.png")
+
+
+def test_overflowing_full_data_prediction_is_refused(tmp_path):
+    rows = _write_run(tmp_path)
+    for r in rows[:-1]:
+        for n in LAYERS:
+            r[f"{n}.mu_full"] = 1e4
+    StepLog(tmp_path / "steps.csv", step_columns(LAYERS), rows).close()
+    with pytest.raises(LipverifyError, match="prediction overflows at step 1"):
+        summarize_run(tmp_path)
+
+
+def test_overflowing_observed_bound_is_refused(tmp_path):
+    # ln K = 921 > ln(max float): math.exp used to raise a raw OverflowError
+    _write_run(tmp_path, observed=lambda t, j: 1e200 if t == 10 else (2.0, 0.5)[j])
+    with pytest.raises(LipverifyError, match=r"observed bound K overflows at step 10 \(ln K = 921"):
+        summarize_run(tmp_path)
+
+
+def test_unfinished_run_error_quotes_meta_status(tmp_path):
+    rows = _write_run(tmp_path)
+    StepLog(tmp_path / "steps.csv", step_columns(LAYERS), rows[:4]).close()
+    error = "LipverifyError: training diverged at step 4: loss is nan"
+    meta = {"layers": LAYERS, "status": "failed", "error": error}
+    write_json(tmp_path / "meta.json", meta)
+    with pytest.raises(LipverifyError, match="resuming") as info:
+        summarize_run(tmp_path)
+    assert f"status 'failed': {error}" in str(info.value) and "resume it first" not in str(info.value)
+    (tmp_path / "steps.csv").unlink()  # failed before its first step (e.g. bad data)
+    with pytest.raises(LipverifyError, match=rf"missing per-step record.*status 'failed': {error}"):
+        summarize_run(tmp_path)
+    write_json(tmp_path / "meta.json", {**meta, "status": "stopped", "error": None})
+    StepLog(tmp_path / "steps.csv", step_columns(LAYERS), rows[:4]).close()
+    with pytest.raises(
+        LipverifyError, match=r"final row; meta.json says status 'stopped'\); resume it first"
+    ):
+        summarize_run(tmp_path)

@@ -65,6 +65,12 @@ def test_bad_parameters_are_refused():
         OrnsteinUhlenbeck(theta=0.0)
     with pytest.raises(LipverifyError, match="lr"):
         MatrixSGDSDE(LeastSquares.random(), 0.0, 2)
+    # the two-layer SDE had no check (batch_size = 0: ZeroDivisionError; lr <= 0 accepted)
+    for lr, b in ((0.1, 0), (0.0, 2), (float("nan"), 2), (0.1, 2.5)):
+        with pytest.raises(LipverifyError, match="batch_size >= 1"):
+            MatrixSGDSDE(LeastSquares.random(), lr, b)
+        with pytest.raises(LipverifyError, match="batch_size >= 1"):
+            TwoLayerSGDSDE(LeastSquares.random(), 3, lr, b)
 
 
 @pytest.fixture

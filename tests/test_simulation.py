@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lipverify import LipverifyError
 from lipverify import simulation as sim
 from lipverify.cli import main
 
@@ -62,6 +63,12 @@ def test_matrix_sde_mean_and_pathwise(matrix):
 def test_two_layer_ln_k_and_k(twolayer):
     _assert_validation(twolayer, ["Thm 15 E", "Thm 16 E"])
     assert twolayer.info["mean_int_phi_sq"] > 0
+
+
+def test_discrete_sgd_refuses_an_sde_step_that_does_not_divide_the_horizon():
+    # round(10 / 0.3) = 33 SDE steps cover 9.9, not the 10 SGD steps they are compared with
+    with pytest.raises(LipverifyError, match="does not divide the 10 SGD steps"):
+        sim.discrete_sgd(lrs=(0.2,), sde_dt=0.3, seeds=10, paths=10, quiet=True)
 
 
 def test_discrete_sgd_gap_shrinks_with_eta():

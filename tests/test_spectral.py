@@ -31,6 +31,7 @@ from lipverify.spectral import (
     hessian,
     hessian_quadratic_form,
     hessian_trace,
+    hessian_trace_from_spectrum,
     jacobian,
     spectral_gap,
     top_singular,
@@ -238,6 +239,10 @@ def test_equal_top_singular_values_raise():
         lambda: hessian_trace(W),
         lambda: hessian(W),
         lambda: jacobian(W),
+        # the decomposition's own methods and the spectrum-level helpers too (they returned inf)
+        lambda: decompose(W).hessian_trace(),
+        lambda: decompose(W).quadratic_form(torch.ones(3, dtype=F64), torch.ones(3, dtype=F64)),
+        lambda: hessian_trace_from_spectrum(torch.tensor([2.0, 2.0, 1.0], dtype=F64), 3, 3),
     ):
         with pytest.raises(DegenerateSpectrumError, match=r"not differentiable|Assumption 11"):
             call()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -345,3 +346,60 @@ def test_bad_value_refused_before_any_run(tmp_path):
     with pytest.raises(LipverifyError, match="xavier"):
         run_sweep(cfg, tmp_path, log=lambda m: None)
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_sweep_values_are_coerced_like_a_train_config():
+    # batch_size = 16.0 used to start every run (each then failed), lr = "0.05" to raise a TypeError
+    pytest.importorskip("lipverify.training")
+    from lipverify.sweep import resolve_train_config
+
+    cfg = parse_sweep_config(
+        {
+            "claim": "init",
+            "base": {"lr": "0.05", "steps": 2},
+            "grid": {"init_scale": [1, 2.5]},
+            "cases": [{"weight_decay": 0}],
+            "smoke": {"steps": "1", "grid": {"init_scale": [3]}},
+        }
+    )
+    assert cfg.base["lr"] == 0.05 and cfg.grid["init_scale"] == [1.0, 2.5]
+    assert isinstance(cfg.grid["init_scale"][0], float) and isinstance(cfg.cases[0]["weight_decay"], float)
+    assert cfg.smoke == {"steps": 1, "grid": {"init_scale": [3.0]}}
+    assert resolve_train_config({"lr": "0.05"})["lr"] == 0.05
+    for where, data in [
+        ("[base]", {"base": {"batch_size": 16.0}, "grid": {"seed_init": [0]}}),
+        ("[grid]", {"grid": {"batch_size": [16, 16.0]}}),
+        ("case 0", {"cases": [{"batch_size": 16.0}]}),
+        ("[smoke]", {"grid": {"seed_init": [0]}, "smoke": {"batch_size": 16.0}}),
+        ("[smoke.grid]", {"grid": {"seed_init": [0]}, "smoke": {"grid": {"batch_size": [16.0]}}}),
+    ]:
+        with pytest.raises(
+            LipverifyError, match=rf"{re.escape(where)}: config key 'batch_size': expected int"
+        ):
+            parse_sweep_config({"claim": "init", **data})
+    with pytest.raises(LipverifyError, match="cannot parse 'abc' as float"):
+        parse_sweep_config({"claim": "init", "base": {"lr": "abc"}, "grid": {"seed_init": [0]}})
+
+
+def test_smoke_caps_batch_size_at_the_smoke_train_size(tmp_path):
+    # the default batch_size 128 > SMOKE_TRAIN_SIZE used to fail every smoke run
+    pytest.importorskip("lipverify.training")
+    plain = parse_sweep_config({"claim": "init", "base": {"steps": 500}, "grid": {"seed_init": [0]}})
+    assert plain.expand(smoke=True)[0].overrides["batch_size"] == SMOKE_TRAIN_SIZE
+    assert "batch_size" not in plain.expand()[0].overrides
+    grid = parse_sweep_config(
+        {"claim": "batch_size", "grid": {"batch_size": [32, 128, 256]}, "cases": [{"seed_init": 0}]}
+    )
+    assert [r.overrides["batch_size"] for r in grid.expand(smoke=True)] == [32, SMOKE_TRAIN_SIZE]
+    case = parse_sweep_config({"claim": "init", "cases": [{"batch_size": 100}, {"batch_size": 8}]})
+    assert [r.overrides["batch_size"] for r in case.expand(smoke=True)] == [SMOKE_TRAIN_SIZE, 8]
+    # a per-run train_size below the batch size is refused before any run starts
+    small = parse_sweep_config({"claim": "init", "base": {"batch_size": 32}, "grid": {"train_size": [16]}})
+    with pytest.raises(LipverifyError, match="batch_size 32 exceeds train_size 16"):
+        run_sweep(small, tmp_path, smoke=True, log=lambda m: None)
+    assert not (tmp_path / "sweep.json").exists()
+
+
+def test_sweep_config_that_is_a_directory(tmp_path):
+    with pytest.raises(LipverifyError, match="cannot read sweep config"):
+        load_sweep_config(tmp_path)

@@ -258,3 +258,112 @@ def test_autoaugment_path_with_a_stand_in_torchvision(tmp_path, monkeypatch):
     expected = 1 - torch.nn.functional.pad(run.images[idx].float() / 255, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
     inner = (slice(None), slice(None), slice(2, 30), slice(2, 30))
     assert torch.allclose(x[inner], expected[inner]) and calls == ["cifar10"]
+
+
+FLOAT_FIELDS = (
+    "lr",
+    "init_scale",
+    "grad_scale",
+    "weight_decay",
+    "mixup",
+    "fgsm_eps",
+    "grad_noise_std",
+    "dropout",
+    "label_smoothing",
+    "label_noise",
+)
+
+
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_float_fields_are_refused(key, value):
+    # nan passes `< 0` and `> 0` range checks; weight_decay=nan used to end in a LinAlgError
+    extra = ["grad_noise=gaussian"] if key == "grad_noise_std" else []
+    with pytest.raises(LipverifyError, match=rf"invalid config: {key} must be a finite number, got"):
+        load_config(None, [f"{key}={value}", *extra])
+
+
+def test_bad_device_seed_and_type_are_config_errors():
+    with pytest.raises(LipverifyError, match=r"device must be 'cpu' or 'cuda\[:index\]', got 'foo'"):
+        load_config(None, ["device=foo"])
+    with pytest.raises(LipverifyError, match="device must be"):
+        load_config(None, ["device=meta"])
+    with pytest.raises(LipverifyError, match=r"seed_sampling must be in .*got 99999999999999999999999"):
+        load_config(None, ["seed_sampling=99999999999999999999999"])
+    # the derived label-noise seed seed_sampling + 1_000_003 must fit too
+    with pytest.raises(LipverifyError, match="seed_sampling must be in"):
+        load_config(None, [f"seed_sampling={2**64 - 1}"])
+    with pytest.raises(LipverifyError, match="seed_init must be in"):
+        load_config(None, [f"seed_init={-(2**63) - 1}"])
+    assert load_config(None, [f"seed_init={2**64 - 1}", "seed_sampling=-5"]).seed_sampling == -5
+    with pytest.raises(LipverifyError, match=r"invalid config: batch_size must be int, got 16\.0"):
+        TrainConfig(batch_size=16.0).validate()
+    with pytest.raises(LipverifyError, match=r"lr must be float, got '0\.05'"):
+        TrainConfig(lr="0.05").validate()
+
+
+def test_config_file_must_be_a_file_with_a_train_table(tmp_path):
+    (tmp_path / "five.toml").write_text("train = 5\n")
+    with pytest.raises(LipverifyError, match=r"'train' in .*five.toml must be a table"):
+        load_config(tmp_path / "five.toml")
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(LipverifyError, match=r"dir.toml is a directory; expected a TOML file"):
+        load_config(tmp_path / "dir.toml")
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(LipverifyError, match="malformed TOML"):
+        load_config(tmp_path / "bin.toml")
+
+
+def test_non_finite_sigma_is_divergence_at_that_step(tmp_path, monkeypatch):
+    # probe_every=2: step 1 records only sigma; an overflowed sigma there is divergence, not a record
+    from lipverify.probe import DynamicsProbe
+
+    real = DynamicsProbe.sigmas
+
+    def sigmas(self):
+        return {name: math.inf if name == "fc2" else s for name, s in real(self).items()}
+
+    monkeypatch.setattr(DynamicsProbe, "sigmas", sigmas)
+    with pytest.raises(LipverifyError, match=r"training diverged at step 1: log_bound is inf"):
+        train(tiny(probe_every=2), tmp_path, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["status"] == "failed" and "training diverged at step 1" in meta["error"]
+    _, rows = read_steps(tmp_path / "steps.csv")
+    assert [r["step"] for r in rows] == [0]  # the records before the divergence are kept
+    # probe_every=1: only the final row (weights after the last step) uses sigmas()
+    monkeypatch.setattr(DynamicsProbe, "sigmas", lambda self: {n: math.nan for n in self.layer_names})
+    with pytest.raises(LipverifyError, match=r"training diverged at step 2: log_bound is nan"):
+        train(tiny(steps=2), tmp_path / "final", progress=False)
+
+
+def test_diverged_run_is_failed_not_complete(tmp_path, capsys):
+    # lr = 1e4: every recorded number is finite, but exp(sum psi_bar) overflows from step 1 on;
+    # the summary used to say K_T_predicted_mean inf and 100% of the steps inside the band
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--no-progress", "steps=6", "train_size=128", "batch_size=16", "lr=1e4"]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "prediction overflows at step 1" in err and "observed ln K_t = " in err and "smaller lr" in err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "failed" and "overflows at step 1" in meta["error"]
+    assert (out / "steps.csv").exists() and (out / "checkpoint.pt").exists()
+    assert not (out / "summary.json").exists()
+    # the report refuses it with the same reason (and the meta.json status)
+    assert main(["report", str(out)]) == 2
+    assert "overflows at step 1" in capsys.readouterr().err
+
+
+def test_cli_overrides_may_follow_options(tmp_path):
+    from lipverify.cli import parse_args
+
+    out = tmp_path / "cli"
+    argv = ["train", "steps=2", "--out", str(out), "--no-progress", "train_size=64", "batch_size=8"]
+    assert main(argv) == 0
+    assert json.loads((out / "meta.json").read_text())["config"]["train_size"] == 64
+    args = parse_args(["sweep", "--smoke", "x.toml", "--jobs", "2"])
+    assert (args.command, args.config, args.smoke, args.jobs) == ("sweep", "x.toml", True, 2)
+    args = parse_args(["simulate", "--paths", "10", "ou", "--no-plot"])
+    assert (args.command, args.case, args.paths, args.no_plot) == ("simulate", "ou", 10, True)
+    assert parse_args(["report", "d"]).run_dir == "d"
+    with pytest.raises(SystemExit):
+        parse_args(["train", "steps=2", "--bogus"])
