@@ -615,6 +615,8 @@ class DynamicsProbe:
         #: (warm start did not converge or a factorisation failed: full decomposition instead).
         self.resolvent_stats = {"iterative": 0, "iterations": 0, "cold": 0, "fallback": 0}
         self._capturing = False
+        # layers whose cached spectrum before_step() has just compared with W (see _cached)
+        self._checked: set[str] = set()
 
     @property
     def layer_names(self) -> list[str]:
@@ -624,7 +626,7 @@ class DynamicsProbe:
     def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
         weight matrix, cached until the weight changes."""
-        dec = self._cached(name)
+        dec = self._cached(name, trusted=name in self._checked)
         if dec is not None:
             return dec
         # a stale one is dropped before the new one is computed (peak memory)
@@ -644,18 +646,23 @@ class DynamicsProbe:
         self._dec_cache[name] = (*key, dec.W if own else W.clone(), dec)
         return dec
 
-    def _cached(self, name: str) -> SpectralDecomposition | ResolventSpectrum | None:
+    def _cached(self, name: str, trusted: bool = False) -> SpectralDecomposition | ResolventSpectrum | None:
         """The cached decomposition of layer ``name`` if it is of the weight's current values, else None.
 
         The version counter alone is not enough: writes through ``.data`` and the fused optimiser
         kernels (``SGD(fused=True)``) change a weight without bumping it. So a cache hit also
-        compares the weight with the snapshot it was decomposed from (one pass over W)."""
+        compares the weight with the snapshot it was decomposed from (one pass over W), unless
+        ``trusted``: :meth:`before_step` compared it, and W_t must stay unchanged until the
+        optimiser step anyway (its snapshot is the discrete truth's W_t), so the next
+        :meth:`compute` skips the comparison once."""
         cached = self._dec_cache.get(name)
         if cached is None:
             return None
         w = self._layers[name].module.weight
         if cached[:2] != (w.data_ptr(), w._version):
             return None
+        if trusted:
+            return cached[3]
         W, snapshot = weight_matrix(self._layers[name].module), cached[2]
         return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
 
@@ -900,6 +907,7 @@ class DynamicsProbe:
             b = check_batch_size(layer.inputs.shape[0])
             lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
             dec = self.decomposition_of(name)
+            self._checked.discard(name)
             y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
             if mean_grads is not None and name in mean_grads:
                 drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
@@ -1043,16 +1051,14 @@ class DynamicsProbe:
     def before_step(self) -> None:
         """Snapshot every weight (and its decomposition) before the optimiser step.
 
-        In ``"resolvent"`` mode the decomposition's own copy of W_t is the snapshot when it holds the
-        weight's values exactly (same dtype, or float32/16-bit weights in float64)."""
+        The snapshot is the one the decomposition cache keeps (in ``"resolvent"`` mode the
+        decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
+        between this call and the optimiser step."""
         for name, layer in self._layers.items():
-            dec = self.decomposition_of(name)
-            layer.dec_before = dec
-            W = weight_matrix(layer.module)
-            if isinstance(dec, ResolventSpectrum) and _exactly_representable(W.dtype, dec.W.dtype):
-                layer.weight_before = dec.W
-            else:
-                layer.weight_before = W.clone()
+            self._checked.discard(name)
+            layer.dec_before = self.decomposition_of(name)
+            layer.weight_before = self._dec_cache[name][2]
+            self._checked.add(name)  # compared with W just now: the next compute() need not again
 
     def after_backward(self) -> None:
         """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term): its projections
@@ -1097,6 +1103,7 @@ class DynamicsProbe:
         for name, layer in self._layers.items():
             if layer.dec_before is None:
                 raise LipverifyError("after_step needs before_step() before the optimiser step")
+            self._checked.discard(name)  # the optimiser step has run: compare again
             dec = layer.dec_before
             dt = dec.sigma.dtype
             buf = layer.update_buffer

@@ -772,6 +772,16 @@ def test_cached_spectrum_follows_writes_that_do_not_bump_the_version(write):
             assert math.isclose(sigma, exact[name], rel_tol=1e-12)
         after = probe.measure(x, y, LOSS, lr=lr)
         assert _max_rel(after, reference_layer_terms(model, x, y, LOSS, lr=lr)) < RTOL
+        # a write between steps: the next step's before_step (and its compute) must see it
+        for p in model.parameters():
+            p.data.mul_(0.5)
+        probe.before_step()
+        with probe.capture():
+            LOSS(model(x), y).backward()
+        probe.after_backward()
+        terms = probe.compute(lr)
+        for name, sigma in exact.items():
+            assert math.isclose(terms[name].sigma, 0.5 * sigma, rel_tol=1e-12)
     for name, truth in results[write].items():
         if write == "data":  # every sigma_1 scales by 1.5
             sigma_before = exact[name] / 1.5
