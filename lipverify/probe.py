@@ -615,8 +615,6 @@ class DynamicsProbe:
         #: (warm start did not converge or a factorisation failed: full decomposition instead).
         self.resolvent_stats = {"iterative": 0, "iterations": 0, "cold": 0, "fallback": 0}
         self._capturing = False
-        # layers whose cached spectrum before_step() has just compared with W (see _cached)
-        self._checked: set[str] = set()
 
     @property
     def layer_names(self) -> list[str]:
@@ -626,7 +624,7 @@ class DynamicsProbe:
     def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
         weight matrix, cached until the weight changes."""
-        dec = self._cached(name, trusted=name in self._checked)
+        dec = self._cached(name)
         if dec is not None:
             return dec
         # a stale one is dropped before the new one is computed (peak memory)
@@ -646,23 +644,20 @@ class DynamicsProbe:
         self._dec_cache[name] = (*key, dec.W if own else W.clone(), dec)
         return dec
 
-    def _cached(self, name: str, trusted: bool = False) -> SpectralDecomposition | ResolventSpectrum | None:
+    def _cached(self, name: str) -> SpectralDecomposition | ResolventSpectrum | None:
         """The cached decomposition of layer ``name`` if it is of the weight's current values, else None.
 
         The version counter alone is not enough: writes through ``.data`` and the fused optimiser
         kernels (``SGD(fused=True)``) change a weight without bumping it. So a cache hit also
-        compares the weight with the snapshot it was decomposed from (one pass over W), unless
-        ``trusted``: :meth:`before_step` compared it, and W_t must stay unchanged until the
-        optimiser step anyway (its snapshot is the discrete truth's W_t), so the next
-        :meth:`compute` skips the comparison once."""
+        compares the weight with the snapshot it was decomposed from (one pass over W, at every hit:
+        skipping it on the strength of an earlier comparison left stale spectra after an aborted
+        step)."""
         cached = self._dec_cache.get(name)
         if cached is None:
             return None
         w = self._layers[name].module.weight
         if cached[:2] != (w.data_ptr(), w._version):
             return None
-        if trusted:
-            return cached[3]
         W, snapshot = weight_matrix(self._layers[name].module), cached[2]
         return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
 
@@ -907,7 +902,6 @@ class DynamicsProbe:
             b = check_batch_size(layer.inputs.shape[0])
             lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
             dec = self.decomposition_of(name)
-            self._checked.discard(name)
             y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
             if mean_grads is not None and name in mean_grads:
                 drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
@@ -982,11 +976,16 @@ class DynamicsProbe:
         ``loss_fn.reduction`` or ``"mean"``) or per-sample losses of shape (b,) (averaged here).
         The forward runs in the model's current mode (dropout draws masks, batch norm in training mode
         uses the batch statistics) under :meth:`_side_effects_undone`: the random streams and the
-        buffers (batch-norm running statistics) are as before the call.
+        buffers (batch-norm running statistics) are as before the call, and so is the training
+        step's capture (a later :meth:`compute`, :meth:`drift` or :meth:`after_step` still sees it).
         """
         check_batch_size(inputs.shape[0])
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved = [p.grad for p in params]
+        captured = [
+            (layer.inputs, layer.grad_out, layer.outputs, layer.outputs_version, layer.calls)
+            for layer in self._layers.values()
+        ]
         for p in params:
             p.grad = None
         try:
@@ -1000,6 +999,8 @@ class DynamicsProbe:
         finally:
             for p, g in zip(params, saved, strict=True):
                 p.grad = g
+            for layer, state in zip(self._layers.values(), captured, strict=True):
+                layer.inputs, layer.grad_out, layer.outputs, layer.outputs_version, layer.calls = state
 
     def full_gradient(
         self,
@@ -1055,10 +1056,8 @@ class DynamicsProbe:
         decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
         between this call and the optimiser step."""
         for name, layer in self._layers.items():
-            self._checked.discard(name)
             layer.dec_before = self.decomposition_of(name)
             layer.weight_before = self._dec_cache[name][2]
-            self._checked.add(name)  # compared with W just now: the next compute() need not again
 
     def after_backward(self) -> None:
         """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term): its projections
@@ -1103,7 +1102,6 @@ class DynamicsProbe:
         for name, layer in self._layers.items():
             if layer.dec_before is None:
                 raise LipverifyError("after_step needs before_step() before the optimiser step")
-            self._checked.discard(name)  # the optimiser step has run: compare again
             dec = layer.dec_before
             dt = dec.sigma.dtype
             buf = layer.update_buffer

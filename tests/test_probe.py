@@ -861,3 +861,37 @@ def test_measure_and_full_gradient_leave_buffers_and_random_streams_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model(x)  # a training-mode forward does move them: the check above can fail
     assert not torch.equal(before["1.running_mean"], model[1].running_mean)
+
+
+def test_a_step_aborted_after_before_step_leaves_no_trusted_stale_spectrum():
+    # before_step compared W with the snapshot; a write after an aborted step must still be seen
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    probe = DynamicsProbe(model)
+    probe.before_step()
+    with pytest.raises(RuntimeError, match="aborted"), probe.capture():
+        raise RuntimeError("aborted")
+    model[0].weight.data.mul_(2)
+    sigma = float(torch.linalg.matrix_norm(model[0].weight.detach(), 2))
+    assert math.isclose(probe.sigmas()["0"], sigma, rel_tol=1e-12)
+    with probe.capture():
+        LOSS(model(x), y).backward()
+    assert math.isclose(probe.compute(0.05)["0"].sigma, sigma, rel_tol=1e-12)
+
+
+def test_measure_keeps_the_training_capture():
+    # measure() on another batch between the training backward and compute()/drift()
+    model = _small()
+    x, y = _batch((30,), b=8, classes=5)
+    x2, y2 = _batch((30,), b=4, classes=5, seed=3)
+    probe = DynamicsProbe(model)
+    sum_loss = nn.CrossEntropyLoss(reduction="sum")
+    with probe.capture():
+        sum_loss(model(x), y).backward()
+    full = probe.full_gradient([(x, y)], LOSS)
+    before = probe.compute(0.01, reduction="sum")
+    drift_before = probe.drift(full, 0.01, reduction="sum")
+    probe.measure(x2, y2, LOSS, lr=0.01)
+    after = probe.compute(0.01, reduction="sum")
+    assert all(after[n].mu == before[n].mu and after[n].psi == before[n].psi for n in before)
+    assert probe.drift(full, 0.01, reduction="sum") == drift_before  # b = 8, not measure's 4
