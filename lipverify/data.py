@@ -243,23 +243,29 @@ def load_dataset(name: str, data_dir: str | Path | None = None, train: bool = Tr
         if not train:
             raise LipverifyError("mnist5k has no test split")
         return load_mnist5k(data_dir)
+    split = "train" if train else "t10k"
+    idx = f"a directory with {split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz]"
+    expected = {
+        "mnist": idx,
+        "fashion-mnist": idx,
+        "cifar10": "the cifar-10-batches-py directory (or its parent)",
+        "cifar100": "the cifar-100-python directory (or its parent)",
+    }[name]
     if data_dir is None:
         if name == "fashion-mnist" and FASHION_MNIST_DEFAULT.is_dir():
             data_dir = FASHION_MNIST_DEFAULT
         else:
-            idx = "a directory with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]"
-            expected = {
-                "mnist": idx,
-                "fashion-mnist": idx,
-                "cifar10": "the cifar-10-batches-py directory (or its parent)",
-                "cifar100": "the cifar-100-python directory (or its parent)",
-            }[name]
-            raise LipverifyError(f"dataset {name!r} needs data_dir: {expected}")
+            default = (
+                f" (the default {FASHION_MNIST_DEFAULT}, Debian's dataset-fashion-mnist, is not installed)"
+                if name == "fashion-mnist"
+                else ""
+            )
+            raise LipverifyError(f"dataset {name!r} needs data_dir: {expected}{default}")
     directory = Path(data_dir)
     if not directory.is_dir():
         raise LipverifyError(
             f"data_dir {directory} for dataset {name!r} does not exist or is not a directory"
-            f"{_where(directory)}"
+            f"{_where(directory)}; expected {expected}"
         )
     if name in ("mnist", "fashion-mnist"):
         return load_idx_dir(name, directory, train)

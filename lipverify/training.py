@@ -408,6 +408,14 @@ class _Run:
             "loss": float(loss.detach()),
             "batch_acc": float((out.detach().argmax(1) == y).float().mean()),
         }
+        # before the probe divides by a gap or squares a projection of an overflowed gradient
+        _check_diverged(row, step, c.lr)
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise LipverifyError(
+                    f"training diverged at step {step}: the gradient of {name} is not finite; "
+                    f"try a smaller lr (lr = {c.lr})"
+                )
         full = probe.full_gradient(self.full_batches(), self.loss_fn) if due_full else None
         noise_var = c.grad_noise_std**2 if c.grad_noise != "none" else 0.0
         if due_disc:

@@ -7,6 +7,7 @@ import importlib.util
 import pickle
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,8 +76,13 @@ def test_idx_directory(tmp_path, compress):
 def test_idx_errors(tmp_path):
     with pytest.raises(LipverifyError, match="needs data_dir"):
         load_dataset("mnist")
-    with pytest.raises(LipverifyError, match="does not exist"):
+    # a missing directory: the message also says which files belong there
+    with pytest.raises(LipverifyError, match=r"does not exist.*expected a directory with train-images-idx3"):
         load_dataset("mnist", tmp_path / "nope")
+    # fashion-mnist without data_dir: the default location it would have used is named
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        with pytest.raises(LipverifyError, match=r"needs data_dir.*/usr/share/datasets/fashion-mnist"):
+            load_dataset("fashion-mnist")
     with pytest.raises(LipverifyError, match="train-images-idx3-ubyte"):
         load_dataset("mnist", tmp_path)
     _idx_dir(tmp_path, compress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import types
 
@@ -351,6 +352,17 @@ def test_diverged_run_is_failed_not_complete(tmp_path, capsys):
     # the report refuses it with the same reason (and the meta.json status)
     assert main(["report", str(out)]) == 2
     assert "overflows at step 1" in capsys.readouterr().err
+
+
+def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys):
+    # lr = 2 on the default run: at step 34 (here) the loss is NaN and the gradients overflow; the probe used
+    # to stop first, with "fc1: mu is not finite ... check the inputs" (no step, no lr)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress", "steps=40", "lr=2"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"training diverged at step \d+: .*smaller lr", err), err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "failed" and "training diverged at step" in meta["error"]
 
 
 def test_cli_overrides_may_follow_options(tmp_path):
