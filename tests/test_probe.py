@@ -895,3 +895,23 @@ def test_measure_keeps_the_training_capture():
     after = probe.compute(0.01, reduction="sum")
     assert all(after[n].mu == before[n].mu and after[n].psi == before[n].psi for n in before)
     assert probe.drift(full, 0.01, reduction="sum") == drift_before  # b = 8, not measure's 4
+
+
+def test_readme_training_loop_example_runs():
+    # the README's probe example, run as written on a small model (docs that cannot rot silently)
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```python\nfrom lipverify.probe import DynamicsProbe")
+    code = readme[start + len("```python\n") : readme.index("```", start + 3)]
+    model = _small()
+    scope = {
+        "model": model,
+        "opt": torch.optim.SGD(model.parameters(), lr=0.05),
+        "lr": 0.05,
+        "loss_fn": LOSS,
+        "loader": [_batch((30,), classes=5, seed=s) for s in range(3)],
+    }
+    exec(compile(code, "README.md", "exec"), scope)
+    assert set(scope["terms"]) == set(scope["truth"]) == {"0", "3", "5"}
+    assert all(math.isfinite(t.psi) and t.psi > 0 for t in scope["terms"].values())
