@@ -111,7 +111,7 @@ def test_gap_tolerance_is_configurable():
 def test_equal_top_singular_values_raise():
     W = torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=F64))
     with pytest.raises(DegenerateSpectrumError, match="psi"):
-        layer_terms(W, torch.randn(3, 3, 3, dtype=F64), 0.1)
+        layer_terms(W, torch.randn(3, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(0)), 0.1)
 
 
 def test_float32_layer_terms_match_float64():
@@ -152,7 +152,8 @@ def test_half_precision_layer_terms_do_not_crash(dtype):
 
 @st.composite
 def networks(draw):
-    """2-3 layers whose per-sample gradients share a latent factor (non-zero cross-layer terms)."""
+    """1-3 layers with per-layer sigma_1 in [0.3, 5] whose per-sample gradients share a latent
+    factor (non-zero cross-layer terms)."""
     count = draw(st.integers(1, 3))
     b = draw(st.integers(2, 7))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
@@ -160,7 +161,9 @@ def networks(draw):
     weights, grads = [], []
     for _ in range(count):
         m, n = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-        values = [1.5] + [1.5 * 0.7 ** (k + 1) for k in range(min(m, n) - 1)]
+        # sigma_1 differs between layers, so normalising by the wrong layer's sigma_1 is visible
+        sigma1 = draw(st.floats(0.3, 5.0))
+        values = [sigma1] + [sigma1 * 0.7 ** (k + 1) for k in range(min(m, n) - 1)]
         weights.append(ref.matrix_with_singular_values(values, m, n, gen))
         flat = latent @ torch.randn(2, m * n, dtype=F64, generator=gen)
         grads.append(ref.unvec(flat + 0.2 * torch.randn(b, m * n, dtype=F64, generator=gen), m, n))
@@ -268,9 +271,10 @@ def test_predict_bound_rejects_bad_input():
 @pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf")])
 def test_layer_terms_refuse_a_bad_learning_rate(lr):
     # a negative lr gave a negative diffusion intensity phi
-    W = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 4, dtype=F64, generator=gen)
     with pytest.raises(LipverifyError, match="learning rate"):
-        layer_terms(W, torch.randn(5, 3, 4, dtype=F64), lr)
+        layer_terms(W, torch.randn(5, 3, 4, dtype=F64, generator=gen), lr)
 
 
 # --------------------------------------------------------------------------- Proposition 21
@@ -325,3 +329,24 @@ def test_default_gap_flag_depends_on_the_compute_dtype():
     G = torch.randn(6, 4, 5, dtype=torch.float64, generator=g)
     assert not layer_terms(W, G, 0.1).degenerate
     assert layer_terms(W.float(), G.float(), 0.1).degenerate
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_degenerate_flag_uses_the_relative_gap(scale):
+    """The flag compares gap / sigma_1 (scale-free) with the tolerance: scaling W and the per-sample
+    gradients by 1e-4 or 1e4 changes neither the flag nor the relative gap. Relative gaps at 0.5x
+    and 2x the float64 tolerance (1e-6) give True and False; their absolute gaps (1e-6 and 4e-6 at
+    sigma_1 = 2) cross the tolerance in the wrong direction once scaled."""
+    from lipverify.spectral import gap_tolerance_for
+
+    tol = gap_tolerance_for(F64)
+    for factor, flagged in ((0.5, True), (2.0, False)):
+        W, G, _ = _fixed_layer(relative_gap=factor * tol)
+        base = layer_terms(W, G, 0.1)
+        terms = layer_terms(scale * W, scale * G, 0.1)
+        assert base.degenerate is flagged
+        assert terms.degenerate is flagged, (factor, scale, terms.gap, terms.sigma)
+        # gap / sigma_1 is computed to ~eps sigma_1 / gap ~ 1e-10 relative
+        assert terms.relative_gap == pytest.approx(factor * tol, rel=1e-6)
+        assert terms.relative_gap == pytest.approx(base.relative_gap, rel=1e-8)
+        assert terms.sigma == pytest.approx(2.0 * scale, rel=1e-12)

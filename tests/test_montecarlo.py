@@ -72,3 +72,22 @@ def test_estimate_z_score_and_difference():
     assert e.z_score(1.3, bias=0.2) == pytest.approx(1.0)
     d = e - Estimate(0.5, 0.1, 50)
     assert d.value == pytest.approx(0.5) and d.stderr == pytest.approx(math.sqrt(0.02))
+
+
+def test_variance_and_std_standard_errors_exactly():
+    """x = (0, 1, 2, 3, 9): mean 3, centred (-3, -2, -1, 0, 6), sum c^2 = 50, sum c^4 = 1394.
+    s^2 = 50 / 4 = 12.5, m4 = 1394 / 5 = 278.8, Var[s^2] ~ (m4 - s^4 (n-3)/(n-1)) / n
+    = (278.8 - 156.25 * 2 / 4) / 5 = 200.675 / 5 = 40.135; se(s) = se(s^2) / (2 s)."""
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0, 9.0], dtype=torch.float64)
+    v = variance(x)
+    assert v.n == 5
+    assert v.value == pytest.approx(12.5, rel=1e-15)
+    assert v.stderr == pytest.approx(math.sqrt(40.135), rel=1e-14)
+    s = std(x)
+    assert s.value == pytest.approx(math.sqrt(12.5), rel=1e-15)
+    assert s.stderr == pytest.approx(math.sqrt(40.135) / (2 * math.sqrt(12.5)), rel=1e-14)
+    # n = 3 drops the s^4 term; a constant sample has zero variance and zero standard error
+    assert variance(torch.tensor([1.0, 2.0, 6.0])).stderr == pytest.approx(
+        math.sqrt((((-2) ** 4 + (-1) ** 4 + 3**4) / 3) / 3), rel=1e-14
+    )
+    assert variance(torch.tensor([2.0, 2.0, 2.0, 2.0])) == Estimate(0.0, 0.0, 4)

@@ -128,16 +128,29 @@ def test_estimator_scale_values():
 # --------------------------------------------------------------------------- Proposition 6
 
 
-@given(per_sample_gradients())
-def test_variance_covariance_split(G):
+@given(per_sample_gradients(), st.one_of(st.none(), st.integers(12, 60)))
+def test_variance_covariance_split(G, population_size):
     b, d = G.shape
-    variance_ref, off = ref.variance_covariance_split_dense(G)
-    variance, covariance = variance_covariance_split(G)
+    variance_ref, off = ref.variance_covariance_split_dense(G, population_size)
+    variance, covariance = variance_covariance_split(G, population_size)
     tol = 40 * (b + d) * EPS64
     assert rel_err(variance, variance_ref) <= tol
     assert float(torch.diagonal(covariance).abs().max()) == 0.0
     assert float((covariance - off).abs().max()) <= tol * float(variance_ref.abs().max())
     assert bool((variance >= 0).all())
+
+
+def test_variance_covariance_split_without_replacement_by_hand():
+    """b = 3 of N = 4: scale (1 - 3/4) / (3 * 2) = 1/24. Centred columns (-1, 0, 1) and (-2, 1, 1):
+    variance (2, 6) / 24, covariance 3 / 24 off the diagonal; the dense reference agrees."""
+    G = torch.tensor([[0.0, 0.0], [1.0, 3.0], [2.0, 3.0]], dtype=F64) + 5.0
+    variance, covariance = variance_covariance_split(G, population_size=4)
+    assert torch.allclose(variance, torch.tensor([2.0, 6.0], dtype=F64) / 24, rtol=1e-14, atol=0)
+    expected = torch.tensor([[0.0, 3.0], [3.0, 0.0]], dtype=F64) / 24
+    assert torch.allclose(covariance, expected, rtol=1e-14, atol=1e-16)
+    variance_ref, off = ref.variance_covariance_split_dense(G, population_size=4)
+    assert torch.allclose(variance, variance_ref, rtol=1e-13, atol=0)
+    assert torch.allclose(covariance, off, rtol=1e-13, atol=1e-16)
 
 
 def test_covariance_part_is_not_psd_in_general():
@@ -182,6 +195,30 @@ def test_noise_sqrt_when_d_smaller_than_b():
     root = noise_sqrt(G)
     assert root.rank == 2
     assert root_defect(root.matrix(), ref.noise_covariance_dense(G)) <= 200 * 7 * 2 * EPS64
+
+
+def test_noise_sqrt_keeps_a_small_genuine_singular_value():
+    """Centred data with singular values (1, 0.3, 1e-2): the 1e-2 direction (1e-4 relative on the
+    Gram eigenvalues) is genuine, far above rounding, so the root keeps full rank 3 and squares
+    back to Sigma_hat, that direction included."""
+    gen = torch.Generator().manual_seed(11)
+    b, d = 6, 5
+    A = torch.randn(b, d, dtype=F64, generator=gen)
+    A = A - A.mean(0, keepdim=True)
+    U, _, Vh = torch.linalg.svd(A, full_matrices=False)
+    sv = torch.tensor([1.0, 0.3, 1e-2], dtype=F64)
+    Gc = (U[:, :3] * sv) @ Vh[:3]
+    G = Gc + 3.0 * torch.randn(d, dtype=F64, generator=gen)  # common offset, removed by centring
+    for population_size in (None, 20):
+        root = noise_sqrt(G, population_size)
+        assert root.rank == 3
+        Sigma = ref.noise_covariance_dense(G, population_size)
+        R = root.matrix()
+        assert root_defect(R, Sigma) <= 200 * b * d * EPS64
+        # the small direction on its own: v^T R^2 v = scale * 1e-4 (relative 1e-4 of the top one)
+        v = Vh[2]
+        scale = estimator_scale(b, population_size)
+        assert float(v @ R @ R @ v) == pytest.approx(scale * 1e-4, rel=1e-8)
 
 
 def test_ghat_style_root_is_rejected():

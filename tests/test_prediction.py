@@ -189,3 +189,168 @@ def test_unfinished_run_error_quotes_meta_status(tmp_path):
         LipverifyError, match=r"final row; meta.json says status 'stopped'\); resume it first"
     ):
         summarize_run(tmp_path)
+
+
+def test_every_summary_key_by_hand_on_a_varied_run(tmp_path):
+    """Per-step terms that vary, degenerate flags, non-zero cross terms, mu_full on some steps and
+    an observed K that leaves the 2-std band at a known step: every key of the summary (network and
+    per layer) against plain loops over the same numbers."""
+    T = 6
+    net_mu = [0.02, -0.01, 0.03, 0.015, 0.01, -0.02]
+    net_psi = [0.005, 0.004, 0.006, 0.003, 0.002, 0.001]
+    net_phi_sq = [1e-4, 2e-4, 1.5e-4, 1e-4, 3e-4, 2e-4]
+    cross = [1e-5, -2e-5, 3e-5, 2e-5, 4e-5, 5e-5]
+    lay_mu = {
+        "a": [0.01, -0.02, 0.015, 0.005, -0.01, 0.02],
+        "b": [-0.004, 0.003, 0.002, -0.001, 0.005, 0.001],
+    }
+    lay_psi = {
+        "a": [0.002, 0.003, 0.001, 0.004, 0.002, 0.005],
+        "b": [0.0005, 0.001, 0.0015, 0.002, 0.001, 0.0005],
+    }
+    lay_phi = {"a": [0.01, 0.02, 0.015, 0.01, 0.03, 0.02], "b": [0.005, 0.004, 0.006, 0.003, 0.002, 0.001]}
+    degenerate = {"a": [1, 0, 1, 1, 0, 0], "b": [0, 0, 0, 0, 0, 1]}
+    d_obs = {
+        "a": [0.011, -0.018, 0.017, 0.01, -0.007, 0.026],
+        "b": [-0.003, 0.004, 0.003, 0.001, 0.006, 0.002],
+    }
+    d_first = {
+        "a": [0.012, -0.017, None, 0.009, -0.008, 0.025],
+        "b": [-0.0035, 0.004, 0.0035, 0.001, 0.0062, 0.0],
+    }
+    d_second = {
+        "a": [0.0115, -0.0185, 0.016, 0.0095, -0.0075, 0.0255],
+        "b": [-0.0031, 0.0041, 0.0031, 0.0, 0.006, 0.0021],
+    }
+    dropped = {"a": [1e-6, 2e-6, None, 3e-6, 4e-6, 5e-6], "b": [1e-7, 0.0, 2e-7, 3e-7, 4e-7, 5e-7]}
+    K0 = 3.0
+
+    def by_hand(mus):  # E[K_t] = K0 exp(sum_{s<t} (mu + psi)), std = E sqrt(expm1(Phi_t))
+        mean, std = [K0], [0.0]
+        drift = Phi = 0.0
+        for s in range(T):
+            drift += mus[s] + net_psi[s]
+            Phi += net_phi_sq[s]
+            mean.append(K0 * math.exp(drift))
+            std.append(mean[-1] * math.sqrt(math.expm1(Phi)))
+        return mean, std
+
+    mean, std = by_hand(net_mu)  # the batch prediction
+    # observed K (in std of the batch prediction): inside for t = 1..3, 2.5 std at t = 4 (outside
+    # 2 std, inside 3), far outside at t = 5 and at t = T
+    offset = [0.0, 0.0, 0.0, 0.0, 2.5, 10.0, 10.0]
+    K_obs = [mean[t] + offset[t] * std[t] for t in range(T + 1)]
+    # layer sigma: a follows its predicted mean except at t = 5; b starts at 0.5 and jumps at t = T
+    sig = {"a": [2.0], "b": [0.5]}
+    lay_mean = {"a": [2.0], "b": [0.5]}
+    lay_std = {"a": [0.0], "b": [0.0]}
+    for n in LAYERS:
+        acc = var = 0.0
+        for s in range(T):
+            acc += lay_mu[n][s] + lay_psi[n][s]
+            var += lay_phi[n][s] ** 2
+            lay_mean[n].append(sig[n][0] + acc)
+            lay_std[n].append(math.sqrt(var))
+    sig["a"] += [lay_mean["a"][t] + (5.0 * lay_std["a"][t] if t == 5 else 0.0) for t in range(1, T + 1)]
+    sig["b"] += [lay_mean["b"][t] + (1.0 if t == T else 0.5 * lay_std["b"][t]) for t in range(1, T + 1)]
+    # mu_full: equal to the batch drift (through layer a) at t = 0..3, different at t = 4 (carried to 5)
+    mu_full = {"a": [net_mu[t] * sig["a"][t] for t in range(4)] + [0.05 * sig["a"][4], None], "b": [0.0] * 4}
+    mu_full["b"] += [-0.01 * sig["b"][4], None]
+    rows = []
+    for t in range(T + 1):
+        row = {"step": t, "log_bound": math.log(K_obs[t])}
+        for n in LAYERS:
+            row[f"{n}.sigma"] = sig[n][t]
+        if t < T:
+            row.update(loss=0.5 + t, net_mu=net_mu[t], net_psi=net_psi[t], net_phi_sq=net_phi_sq[t])
+            row["net_phi_sq_cross"] = cross[t]
+            for n in LAYERS:
+                row.update(
+                    {
+                        f"{n}.mu": lay_mu[n][t],
+                        f"{n}.psi": lay_psi[n][t],
+                        f"{n}.phi": lay_phi[n][t],
+                        f"{n}.gap": 0.1,
+                        f"{n}.degenerate": bool(degenerate[n][t]),
+                        f"{n}.mu_full": mu_full[n][t],
+                        f"{n}.dsigma_observed": d_obs[n][t],
+                        f"{n}.dsigma_first": d_first[n][t],
+                        f"{n}.dsigma_second": d_second[n][t],
+                        f"{n}.dropped_drift_term": dropped[n][t],
+                    }
+                )
+        rows.append(row)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = {"model": "mlp", "dataset": "x", "lr": 0.1}
+    write_json(tmp_path / "meta.json", {"layers": LAYERS, "config": config})
+    StepLog(tmp_path / "steps.csv", step_columns(LAYERS), rows).close()
+    K_obs = [math.exp(math.log(k)) for k in K_obs]  # what the run records
+    # full-data prediction: mu_bar from mu_full / sigma (forward-filled), psi and phi from the batch
+    full_mu, last = [], None
+    for t in range(T):
+        if mu_full["a"][t] is not None:
+            last = sum(mu_full[n][t] / sig[n][t] for n in LAYERS)
+        full_mu.append(last)
+    fmean, fstd = by_hand(full_mu)
+    f_in = [abs(K_obs[t] - fmean[t]) / fstd[t] for t in range(1, T + 1)]
+    assert 2.2 < f_in[3] < 2.8  # t = 4: between 2 and 3 full-mu std
+    assert all(abs(z - 2) > 0.2 and abs(z - 3) > 0.2 for z in f_in)
+
+    s = summarize_run(tmp_path)
+
+    def close(key, got, want):
+        assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-15), (key, got, want)
+
+    assert s["steps"] == T
+    close("K0", s["K0"], K0)
+    close("K_T_observed", s["K_T_observed"], K_obs[T])
+    close("K_T_predicted_mean", s["K_T_predicted_mean"], mean[T])
+    close("K_T_predicted_std", s["K_T_predicted_std"], std[T])
+    close("relative_error", s["relative_error"], (mean[T] - K_obs[T]) / K_obs[T])
+    assert s["fraction_in_2std"] == pytest.approx(3 / 6)  # t = 1, 2, 3
+    cum_mu, cum_psi, cum_phi = sum(net_mu), sum(net_psi), sum(net_phi_sq)
+    close("cumulative_mu", s["cumulative_mu"], cum_mu)
+    close("cumulative_psi", s["cumulative_psi"], cum_psi)
+    close("cumulative_phi_sq", s["cumulative_phi_sq"], cum_phi)
+    close("psi_mu_ratio", s["psi_mu_ratio"], cum_psi / abs(cum_mu))
+    close("cumulative_phi_sq_cross", s["cumulative_phi_sq_cross"], sum(cross))
+    close("log_bound_change_observed", s["log_bound_change_observed"], math.log(K_obs[T] / K0))
+    predicted_change = sum(net_mu[t] + net_psi[t] - net_phi_sq[t] / 2 for t in range(T))
+    close("log_bound_change_predicted", s["log_bound_change_predicted"], predicted_change)
+    close("K_T_predicted_mean_full_mu", s["K_T_predicted_mean_full_mu"], fmean[T])
+    close("K_T_predicted_std_full_mu", s["K_T_predicted_std_full_mu"], fstd[T])
+    assert s["fraction_in_2std_full_mu"] == pytest.approx(sum(z <= 2 for z in f_in) / T)
+    close("cumulative_mu_full", s["cumulative_mu_full"], sum(full_mu))
+    assert s["final_loss"] == 0.5 + (T - 1)
+    assert s["config"] == config
+    assert set(s) == {
+        "steps", "K0", "K_T_observed", "K_T_predicted_mean", "K_T_predicted_std", "relative_error",
+        "fraction_in_2std", "psi_mu_ratio", "cumulative_mu", "cumulative_psi", "cumulative_phi_sq",
+        "cumulative_phi_sq_cross", "log_bound_change_observed", "log_bound_change_predicted",
+        "K_T_predicted_mean_full_mu", "K_T_predicted_std_full_mu", "fraction_in_2std_full_mu",
+        "cumulative_mu_full", "final_loss", "layers", "config",
+    }  # fmt: skip
+    assert set(s["layers"]) == set(LAYERS)
+    for n in LAYERS:
+        got = s["layers"][n]
+        inside = sum(abs(sig[n][t] - lay_mean[n][t]) <= 2 * lay_std[n][t] for t in range(1, T + 1))
+        ok = [i for i in range(T) if None not in (d_obs[n][i], d_first[n][i], d_second[n][i])]
+        want = {
+            "sigma0": sig[n][0],
+            "sigma_T_observed": sig[n][T],
+            "sigma_T_predicted_mean": lay_mean[n][T],
+            "sigma_T_predicted_std": lay_std[n][T],
+            "fraction_in_2std": inside / T,
+            "cumulative_mu": sum(lay_mu[n]),
+            "cumulative_psi": sum(lay_psi[n]),
+            "discrete_first_order_error": sum(abs(d_obs[n][i] - d_first[n][i]) for i in ok) / len(ok),
+            "discrete_second_order_error": sum(abs(d_obs[n][i] - d_second[n][i]) for i in ok) / len(ok),
+            "cumulative_dropped_drift_term": sum(d for d in dropped[n] if d is not None),
+            "degenerate_steps": sum(degenerate[n]),
+        }
+        assert set(got) == set(want)
+        for key, value in want.items():
+            close(f"{n}.{key}", got[key], value)
+    assert s["layers"]["a"]["fraction_in_2std"] == pytest.approx(5 / 6)
+    assert s["layers"]["b"]["fraction_in_2std"] == pytest.approx(5 / 6)
+    assert s["layers"]["a"]["degenerate_steps"] == 3 and s["layers"]["b"]["degenerate_steps"] == 1

@@ -288,7 +288,19 @@ def test_fast_decompose_matches_svd():
     W = torch.randn(8, 3, generator=g, dtype=torch.float64) @ torch.randn(
         3, 6, generator=g, dtype=torch.float64
     )
-    assert torch.isfinite(fast_decompose(W, torch.float64).V).all()
+    got, ref = fast_decompose(W, torch.float64), decompose(W)
+    assert torch.isfinite(got.V).all()
+    # and it is the accurate one: the Gram route would lose the small singular triples
+    assert torch.allclose(got.sigma[:3], ref.sigma[:3], rtol=1e-12)
+    assert torch.allclose(W @ got.V[:, :3], got.U[:, :3] * got.sigma[:3], atol=1e-12)
+    # a small but positive sigma_min (1e-6 sigma_1): W^T U / s would lose ~12 digits in that column
+    Q1, _ = torch.linalg.qr(torch.randn(8, 3, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    W = Q1 @ torch.diag(torch.tensor([1.0, 0.5, 1e-6], dtype=torch.float64)) @ Q2.T  # (8, 3)
+    got = fast_decompose(W, torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(got.U.T @ got.U, eye, atol=1e-10)
+    assert torch.allclose(got.V.T @ got.V, eye, atol=1e-10)
 
 
 def _smooth_convnet() -> nn.Module:
@@ -590,6 +602,19 @@ def test_update_exceeds_gap():
         opt.step()
         flags = {n: t["update_exceeds_gap"] for n, t in probe.after_step(lr).items()}
         assert set(flags.values()) == {expected}, (lr, flags)
+    # gap << |dW|_2 << sigma_1: the gap decides (sigma_1 would say the update is small)
+    layer = nn.Linear(6, 5).double()
+    U, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(6, 5, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        layer.weight.copy_(
+            U @ torch.diag(torch.tensor([1.0, 0.999, 0.5, 0.3, 0.1], dtype=torch.float64)) @ V.T
+        )
+    probe = DynamicsProbe(nn.Sequential(layer))
+    probe.before_step()
+    with torch.no_grad():
+        layer.weight.add_(0.01 * torch.outer(U[:, 1], V[:, 0]))  # |dW|_2 = 0.01 >= gap / 2 = 5e-4
+    assert probe.after_step(0.1)["0"]["update_exceeds_gap"]
 
 
 def test_resolvent_mode_float32_model():
@@ -915,3 +940,67 @@ def test_readme_training_loop_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert set(scope["terms"]) == set(scope["truth"]) == {"0", "3", "5"}
     assert all(math.isfinite(t.psi) and t.psi > 0 for t in scope["terms"].values())
+
+
+def test_weight_decay_and_gradient_scale_each_on_their_own():
+    # each knob alone (the combined test cannot tell which one a formula applies)
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    lr, wd, alpha = 0.05, 1e-3, 0.5
+    probe = DynamicsProbe(model)
+    with probe.capture():
+        LOSS(model(x), y).backward()
+    plain = probe.compute(lr)
+    decayed = probe.compute(lr, weight_decay=wd)
+    scaled = probe.compute(lr, grad_scale=alpha)
+    full = probe.full_gradient([(x, y)], LOSS)
+    drift = probe.drift(full, lr, grad_scale=alpha, weight_decay=wd)
+    for name, i in zip(probe.layer_names, (0, 3, 5), strict=True):
+        W = model[i].weight.detach()
+        U, S, Vh = torch.linalg.svd(W)
+        sigma, u, v = float(S[0]), U[:, 0], Vh[0]
+        # mu = -eta alpha u^T grad_L v - eta lambda sigma_1; phi, psi do not see the decay
+        assert math.isclose(decayed[name].mu, plain[name].mu - lr * wd * sigma, rel_tol=1e-12)
+        assert decayed[name].psi == plain[name].psi and decayed[name].phi == plain[name].phi
+        assert math.isclose(scaled[name].mu, alpha * plain[name].mu, rel_tol=1e-12)
+        assert math.isclose(scaled[name].psi, alpha**2 * plain[name].psi, rel_tol=1e-12)
+        expected = -lr * alpha * float(u @ full[name] @ v) - lr * wd * sigma
+        assert math.isclose(drift[name], expected, rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("kept", ["batch", "mean_grads"])
+def test_dropped_term_follows_the_gradient_scale(kept):
+    # Delta W = -eta alpha G_bar exactly: the second-order correction equals the dropped term
+    model = _small()
+    x, y = _batch((30,), classes=5)
+    lr, alpha = 0.01, 0.5
+    probe = DynamicsProbe(model)
+    probe.before_step()
+    with probe.capture():
+        LOSS(model(x), y).backward()
+    probe.after_backward()
+    full = probe.full_gradient([(x, y)], LOSS) if kept == "mean_grads" else None
+    for p in model.parameters():
+        p.grad.mul_(alpha)
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    for t in probe.after_step(lr, mean_grads=full, grad_scale=alpha).values():
+        assert math.isclose(t["dsigma_second"] - t["dsigma_first"], t["dropped_drift_term"], rel_tol=1e-9)
+
+
+def test_multi_position_linear_and_dilated_same_conv_match_the_reference():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 3)).double()
+    x = torch.randn(5, 4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    got = DynamicsProbe(seq).measure(x, y, LOSS, lr=0.1)
+    assert _max_rel(got, reference_layer_terms(seq, x, y, LOSS, lr=0.1)) < RTOL
+    conv = nn.Sequential(
+        nn.Conv2d(2, 3, 3, dilation=2, padding="same"), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 8 * 8, 4)
+    ).double()
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 3, 1])
+    for method in ("conv", "unfold"):
+        got = DynamicsProbe(conv, conv_method=method).measure(x, y, LOSS, lr=0.1)
+        assert _max_rel(got, reference_layer_terms(conv, x, y, LOSS, lr=0.1)) < RTOL, method
+    with pytest.raises(LipverifyError, match="asymmetric 'same' padding"):
+        DynamicsProbe(nn.Sequential(nn.Conv2d(2, 3, 4, padding="same")))

@@ -133,7 +133,7 @@ def test_matrix_sde_diffusion_squares_to_the_population_noise(setting):
     perm = torch.arange(m * n).reshape(n, m).T.reshape(-1)  # row-major index -> column-major index
     Sigma_core = batch_noise_covariance(pb.per_sample_grads(W[0]))[perm][:, perm]  # scale 1/(N(N-1))
     torch.testing.assert_close(D @ D.T, lr**2 * Sigma_core * (N * (N - 1)) / (N * b))
-    dB = torch.randn(3, N, dtype=torch.float64)
+    dB = torch.randn(3, N, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(
         sde.diffusion_apply(0.0, x, dB), torch.einsum("pdk,pk->pd", sde.diffusion(0.0, x), dB)
     )

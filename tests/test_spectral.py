@@ -26,13 +26,16 @@ from lipverify.checks.numeric import (
     sigma_evaluation_error,
 )
 from lipverify.spectral import (
+    SpectralDecomposition,
     SpectralGapWarning,
     decompose,
+    gap_tolerance_for,
     hessian,
     hessian_quadratic_form,
     hessian_trace,
     hessian_trace_from_spectrum,
     jacobian,
+    quadratic_form_from_projections,
     spectral_gap,
     top_singular,
 )
@@ -188,7 +191,7 @@ def test_one_by_one_matrix():
 
 def test_batched_directions_keep_leading_shape():
     W = ref.matrix_with_singular_values([3.0, 2.0, 1.0], 3, 5, torch.Generator().manual_seed(0))
-    E = torch.randn(2, 4, 3, 5, dtype=F64)
+    E = torch.randn(2, 4, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
     for method in ("svd", "resolvent"):
         q = hessian_quadratic_form(W, E, method=method)
         assert q.shape == (2, 4)
@@ -248,6 +251,42 @@ def test_equal_top_singular_values_raise():
             call()
 
 
+def test_batched_projections_raise_when_any_decomposition_is_degenerate():
+    """A batch of decompositions (one per path) where only the middle one has sigma_1 = sigma_2:
+    the batched quadratic form must refuse the whole batch, not only an all-degenerate one."""
+    gen = torch.Generator().manual_seed(5)
+    P, m, n, N = 3, 3, 4, 2
+    U = torch.linalg.qr(torch.randn(P, m, m, dtype=F64, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(P, n, n, dtype=F64, generator=gen))[0][..., :m]
+    sigma = torch.tensor([[2.0, 1.0, 0.5], [2.0, 2.0, 0.5], [3.0, 1.5, 1.0]], dtype=F64)
+    y = torch.randn(P, N, n, dtype=F64, generator=gen)
+    x = torch.randn(P, N, m, dtype=F64, generator=gen)
+    good = SpectralDecomposition(U=U[[0, 2]], sigma=sigma[[0, 2]], V=V[[0, 2]])
+    assert quadratic_form_from_projections(good, y[[0, 2]], x[[0, 2]]).shape == (2, N)
+    with pytest.raises(DegenerateSpectrumError, match="Assumption 11"):
+        quadratic_form_from_projections(SpectralDecomposition(U=U, sigma=sigma, V=V), y, x)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_gap_warning_threshold_is_the_documented_tolerance(dtype):
+    """SpectralGapWarning exactly when the relative gap is below gap_tolerance_for(dtype)
+    (1e-6 in float64, sqrt(eps32) = 3.5e-4 in float32): gaps at 0.5x and 0.95x warn, 1.05x and 2x
+    do not (the computed relative gap is exact to ~(m + n) eps sigma_1 / 2, far inside 5%)."""
+    tol = gap_tolerance_for(dtype)
+    for factor in (0.5, 0.95, 1.05, 2.0):
+        W = _near_degenerate(factor * tol).to(dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hessian_trace(W)
+            jacobian(W)
+        gap_warnings = [w for w in caught if issubclass(w.category, SpectralGapWarning)]
+        if factor < 1:
+            assert len(gap_warnings) == 2, (factor, float(decompose(W).relative_gap))
+            assert "relative spectral gap" in str(gap_warnings[0].message)
+        else:
+            assert not gap_warnings, (factor, float(decompose(W).relative_gap))
+
+
 # --------------------------------------------------------------------------- precisions
 
 
@@ -278,7 +317,7 @@ def test_float32_matches_float64_within_derived_tolerance(case, seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_does_not_crash(dtype):
     W = ref.matrix_with_singular_values([2.0, 1.0, 0.5], 3, 4, torch.Generator().manual_seed(1)).to(dtype)
-    E = torch.randn(2, 3, 4).to(dtype)
+    E = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2)).to(dtype)
     sigma, u, v = top_singular(W)
     assert sigma.dtype == u.dtype == v.dtype == dtype
     outputs = [
