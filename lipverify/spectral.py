@@ -115,11 +115,7 @@ def decompose(W: torch.Tensor, name: str = "W") -> SpectralDecomposition:
 
 
 def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float | None = None) -> None:
-    if dec.sigma.numel() > 1 and not bool(dec.sigma[0] > dec.sigma[1]):
-        raise DegenerateSpectrumError(
-            f"{name}: sigma_1 = sigma_2 = {float(dec.sigma[0]):.6g}; sigma_1 is not differentiable "
-            "(Assumption 11 fails)"
-        )
+    _require_separated_top(dec.sigma, name)
     rel = float(dec.relative_gap)
     if gap_tolerance is None:
         gap_tolerance = gap_tolerance_for(dec.sigma.dtype)
@@ -296,13 +292,15 @@ def hessian_trace(W: torch.Tensor) -> torch.Tensor:
     return hessian_trace_from_spectrum(dec.sigma, *W.shape).to(W.dtype)
 
 
-def _require_separated_top(sigma: torch.Tensor) -> None:
-    """Raise :class:`DegenerateSpectrumError` when ``sigma_1 = sigma_2`` (sigma (..., r), descending):
-    the Hessian terms divide by ``sigma_1^2 - sigma_2^2`` and would be infinite."""
+def _require_separated_top(sigma: torch.Tensor, name: str = "W") -> None:
+    """Raise :class:`DegenerateSpectrumError` when ``sigma_1 = sigma_2`` (sigma (..., r), descending;
+    for a batch, on any of them): sigma_1 is not differentiable there and the Hessian terms, which
+    divide by ``sigma_1^2 - sigma_2^2``, are unbounded."""
     if sigma.shape[-1] > 1 and not bool((sigma[..., 0] > sigma[..., 1]).all()):
+        value = f" = {float(sigma[0]):.6g}" if sigma.ndim == 1 else " on some batch entry"
         raise DegenerateSpectrumError(
-            "sigma_1 = sigma_2: sigma_1 is not twice differentiable there and its Hessian is unbounded "
-            "(Assumption 11 fails)"
+            f"{name}: sigma_1 = sigma_2{value}; sigma_1 is not differentiable there and its Hessian is "
+            "unbounded (Assumption 11 fails)"
         )
 
 
