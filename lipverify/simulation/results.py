@@ -203,6 +203,17 @@ class ValidationResult:
         return "; ".join(out)
 
     @property
+    def paths_estimate(self) -> float:
+        """Largest :func:`paths_needed` over the inconclusive rows (``nan`` if none is finite)."""
+        needs = []
+        for r in self.rows:
+            correct = self.partner(r) if r.wrong else None
+            if correct is not None and self.row_verdict(r)[0] == INCONCLUSIVE:
+                needs.append(paths_needed(correct, r))
+        finite = [n for n in needs if math.isfinite(n)]
+        return max(finite) if finite else math.nan
+
+    @property
     def passed(self) -> bool:
         return self.verdict == PASS
 
@@ -245,7 +256,9 @@ class ValidationResult:
             )
         overall = self.verdict.upper()
         if overall == "INCONCLUSIVE":
-            overall += " (the intervals are too wide to reject a wrong variant; not a failure)"
+            n = self.paths_estimate
+            need = f"needs about {int(n)} paths" if math.isfinite(n) else "see the rows"
+            overall += f": the intervals are too wide to reject a wrong variant ({need}); not a failure"
         lines.append(f"overall: {overall}")
         return "\n".join(lines)
 
