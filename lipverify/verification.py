@@ -46,6 +46,9 @@ class Comparison:
     wrong_variant: str
     wrong_error: float
     details: str = ""
+    #: why the wrong variant could not be rejected (interval too wide, e.g. "needs about N
+    #: paths"); non-empty only for a Monte Carlo check without the power to reject it.
+    inconclusive: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class CheckOutcome:
     exhaustive: bool = False
     details: str = ""
     error: str = ""
+    inconclusive: str = ""
 
     @property
     def correct_passes(self) -> bool:
@@ -75,9 +79,19 @@ class CheckOutcome:
     def passed(self) -> bool:
         return self.correct_passes and self.wrong_rejected
 
+    @property
+    def is_inconclusive(self) -> bool:
+        """Correct within tolerance, wrong variant not rejected for lack of power (not a failure)."""
+        return self.correct_passes and not self.wrong_rejected and bool(self.inconclusive)
+
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(passed=self.passed, correct_passes=self.correct_passes, wrong_rejected=self.wrong_rejected)
+        d.update(
+            passed=self.passed,
+            correct_passes=self.correct_passes,
+            wrong_rejected=self.wrong_rejected,
+            is_inconclusive=self.is_inconclusive,
+        )
         return d
 
 
@@ -111,6 +125,7 @@ class Check:
             exhaustive=self.exhaustive,
             details=c.details,
             error=error,
+            inconclusive=c.inconclusive,
         )
 
 

@@ -177,7 +177,7 @@ def test_milstein_autograd_derivative_matches_the_analytic_one():
 def test_measured_orders_match_declared_orders(scheme):
     """Generic: fit strong and weak orders from nested step sizes sharing one Brownian path; the
     band is z * (MC bound of the slope) + |slope(fine half) - slope(coarse half)| (docstring of
-    lipverify.simulation._order_row). The wrong declared orders must fall outside it."""
+    lipverify.simulation.results._order_row). The wrong declared orders must fall outside it."""
     rows, _ = strong_weak_orders(scheme)
     assert len(rows) == 4
     for r in rows:

@@ -12,8 +12,14 @@ from lipverify._validation import LipverifyError
 
 HELP = (
     "Monte Carlo SDE simulations against closed forms (Theorems 14-17, Lemma 19, Prop. 21), "
-    "real SGD and torchsde; prints a table and writes figures"
+    "real SGD and torchsde; prints a table and writes figures. Exit status: 0 pass, 1 fail "
+    "(a correct prediction rejected, or a wrong variant accepted although the check could "
+    "reject it), 2 bad input (device, --out, options), 3 inconclusive (too few paths to reject "
+    "a wrong variant; the table says about how many are needed)"
 )
+
+#: exit status per verdict of :meth:`lipverify.simulation.ValidationResult.verdict`.
+EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 3}
 
 CASE_NAMES = ("lognormal", "ou", "matrix_sde", "two_layer", "discrete_sgd", "batch_size", "torchsde")
 
@@ -64,40 +70,105 @@ def _kwargs(func, args: argparse.Namespace) -> dict:
     return {k: v for k, v in kw.items() if k in params}
 
 
+def check_device(name: str) -> None:
+    """A clear :class:`LipverifyError` for a device torch cannot parse or this machine lacks."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise LipverifyError(f"--device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LipverifyError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LipverifyError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LipverifyError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and a probe file in it before any computing, so an unwritable place is an
+    error up front, not a lost result after minutes of simulation."""
+    probe = out / ".lipverify-write-probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise LipverifyError(f"--out {out}: cannot write there ({reason}: {exc.filename or out})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from lipverify import simulation as sim
+    from lipverify.records import atomic_write_text
 
+    check_device(args.device)
+    func = sim.CASES[args.case]
+    kwargs = _kwargs(func, args)
+    out = Path(args.out or f"./simulate-{args.case}")
+    check_writable(out)
     if args.threads is not None:
         torch.set_num_threads(max(args.threads, 1))
-    func = sim.CASES[args.case]
-    result = func(**_kwargs(func, args))
+    result = func(**kwargs)
     print(result.table())
     if result.info:
         print("info: " + json.dumps(result.info, default=float, indent=None))
-    out = Path(args.out or f"./simulate-{args.case}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
+    verdict = result.verdict
+    rows = []
+    for r in result.rows:
+        row_verdict, reason = result.row_verdict(r)
+        rows.append(
+            {**r.__dict__, "error": r.error, "ok": r.ok, "interval": r.interval, "verdict": row_verdict}
+            | {"reason": reason}
+        )
+    atomic_write_text(
+        out / "results.json",
         json.dumps(
             {
                 "case": result.case,
                 "passed": result.passed,
+                "verdict": verdict,
+                "inconclusive": result.inconclusive_reason,
                 "seconds": result.seconds,
-                "rows": [
-                    {**r.__dict__, "error": r.error, "ok": r.ok, "interval": r.interval} for r in result.rows
-                ],
+                "rows": rows,
                 "info": result.info,
             },
             default=float,
             indent=1,
-        )
+        ),
     )
     if not args.no_plot:
         for path in plot(result, out):
             print(f"wrote {path}")
     print(f"wrote {out / 'results.json'}", file=sys.stderr)
-    return 0 if result.passed else 1
+    return EXIT_CODES[verdict]
+
+
+#: y-axis label of the ``<case>_band.png`` figure.
+BAND_YLABEL = {"lognormal": "K_t (Lipschitz bound)", "ou": "X_t"}
+
+#: reference slope -> (matplotlib line style, legend label) in ``lognormal_orders.png``.
+REFERENCE_SLOPES = {0.5: ("--", "reference slope 1/2"), 1.0: (":", "reference slope 1")}
+
+
+def _readable_log_ticks(ax, dts: list[float]) -> None:
+    """Log axes spanning about one decade: x ticks at the grid's step sizes labelled ``1/n``,
+    y minor ticks at 2 and 5 per decade labelled (small font), no unlabelled clutter."""
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_locator(ticker.FixedLocator(dts))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([f"1/{round(1 / d)}" for d in dts]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0,)))
+    ax.yaxis.set_minor_locator(ticker.LogLocator(base=10, subs=(2.0, 5.0)))
+    short = ticker.FuncFormatter(lambda v, _: f"{v:.0e}".replace("e-0", "e-"))
+    ax.yaxis.set_major_formatter(short)
+    ax.yaxis.set_minor_formatter(short)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.grid(True, which="both", alpha=0.25)
 
 
 def plot(result, out: Path) -> list[Path]:
@@ -136,6 +207,7 @@ def plot(result, out: Path) -> list[Path]:
         ax.plot(t, [a + b for a, b in zip(pm, ps, strict=True)], "k:", label="closed form ± std")
         ax.plot(t, [a - b for a, b in zip(pm, ps, strict=True)], "k:")
         ax.set_xlabel("t")
+        ax.set_ylabel(BAND_YLABEL.get(result.case, "state"))
         ax.set_title(f"{result.case}: mean ± std band")
         ax.legend(fontsize=8)
         save(fig, f"{result.case}_band.png")
@@ -144,20 +216,23 @@ def plot(result, out: Path) -> list[Path]:
         for name, o in s["orders"].items():
             axes[0].errorbar(o["strong_h"], o["strong_err"], yerr=o["strong_se"], marker="o", label=name)
             axes[1].errorbar(o["weak_h"], o["weak_err"], yerr=o["weak_se"], marker="o", label=name)
-        for ax, title, refs in (
-            (axes[0], "strong error E|K_h - K|", (0.5, 1.0)),
-            (axes[1], "weak error |E K_h - E K|", (1.0,)),
+        for ax, title, ylabel, refs in (
+            (axes[0], "strong error", "E|K_h(T) - K(T)|", (0.5, 1.0)),
+            (axes[1], "weak error", "|E K_h(T) - E K(T)|", (1.0,)),
         ):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("dt")
+            ax.set_ylabel(ylabel)
             ax.set_title(title)
             lines = ax.get_lines()
             if lines:
                 x = list(lines[0].get_xdata())
                 y0 = float(lines[0].get_ydata()[0])
                 for p in refs:
-                    ax.plot(x, [y0 * (xx / x[0]) ** p for xx in x], "k:", lw=0.8, label=f"slope {p}")
+                    style, label = REFERENCE_SLOPES[p]
+                    ax.plot(x, [y0 * (xx / x[0]) ** p for xx in x], style, color="k", lw=1.2, label=label)
+                _readable_log_ticks(ax, x)
             ax.legend(fontsize=8)
         save(fig, f"{result.case}_orders.png")
     if "pathwise" in s:
@@ -186,6 +261,11 @@ def plot(result, out: Path) -> list[Path]:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("eta (eta T fixed)")
+            ax.set_ylabel(
+                "|E_SGD[sigma_T] - E_SDE[sigma_T]|"
+                if stat == "mean"
+                else "|std_SGD - std_SDE| / std_SDE (sigma_T)"
+            )
             ax.set_title("gap of E[sigma_T]" if stat == "mean" else "relative gap of std sigma_T")
             ax.legend(fontsize=8)
         save(fig, f"{result.case}_gap.png")
@@ -198,6 +278,7 @@ def plot(result, out: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size b")
+        ax.set_ylabel("std across paths")
         ax.set_title("Proposition 21: std across paths")
         ax.legend(fontsize=8)
         save(fig, f"{result.case}_batch.png")

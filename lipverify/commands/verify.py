@@ -2,7 +2,9 @@
 
 Prints one row per check, grouped by result (result, kind, check, max error, tolerance, wrong
 variant and its error, pass/FAIL), then a per-result summary with one column per kind
-(``pass``, ``FAIL`` or ``—`` when no check of that kind exists). Exit status 1 if any check fails.
+(``pass``, ``FAIL``, ``inconclusive`` or ``—`` when no check of that kind exists). Exit status 1
+if any check fails, 3 if none fails but a Monte Carlo check is inconclusive (its interval too wide
+to reject the wrong variant), 0 if all pass.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import sys
 from lipverify.records import atomic_write_text
 from lipverify.verification import KINDS, RESULTS, CheckOutcome, load_checks, run_checks
 
-HELP = "run the numeric / symbolic / Monte Carlo checks of every result and print a table"
+HELP = (
+    "run the numeric / symbolic / Monte Carlo checks of every result and print a table "
+    "(exit 0: all pass, 1: a check fails, 3: none fails but one is inconclusive)"
+)
 
 NO_CHECK = "—"
 
@@ -46,15 +51,23 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 
 def summarize(outcomes: list[CheckOutcome]) -> dict[str, dict[str, str]]:
-    """result -> kind -> ``pass`` (all checks of that kind pass), ``FAIL`` or ``—`` (none)."""
+    """result -> kind -> ``pass`` (all checks of that kind pass), ``FAIL`` (one fails),
+    ``inconclusive`` (none fails, one is inconclusive) or ``—`` (none)."""
     summary: dict[str, dict[str, str]] = {}
     for result in RESULTS:
         row = {}
         for kind in KINDS:
             selected = [o for o in outcomes if o.result == result and o.kind == kind]
-            row[kind] = NO_CHECK if not selected else ("pass" if all(o.passed for o in selected) else "FAIL")
+            row[kind] = NO_CHECK if not selected else _overall(selected)
         summary[result] = row
     return summary
+
+
+def _overall(outcomes: list[CheckOutcome]) -> str:
+    """``pass``, ``FAIL`` or ``inconclusive`` (no failure, some check inconclusive)."""
+    if all(o.passed for o in outcomes):
+        return "pass"
+    return "inconclusive" if all(o.passed or o.is_inconclusive for o in outcomes) else "FAIL"
 
 
 def _number(x: float) -> str:
@@ -66,6 +79,8 @@ def _status(o: CheckOutcome) -> str:
         return "FAIL (crashed)"
     if o.passed:
         return "pass"
+    if o.is_inconclusive:
+        return f"inconclusive ({o.inconclusive})"
     return "FAIL (wrong variant accepted)" if o.correct_passes else "FAIL"
 
 
@@ -115,6 +130,7 @@ def as_json(outcomes: list[CheckOutcome], summary: dict[str, dict[str, str]]) ->
     records = [{k: _jsonable(v) for k, v in o.as_dict().items()} for o in outcomes]
     payload = {
         "passed": all(o.passed for o in outcomes),
+        "verdict": _overall(outcomes),
         "outcomes": records,
         "summary": summary,
     }
@@ -185,4 +201,4 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.report, format_markdown(outcomes, summary, kinds))
         if not args.json:
             print(f"report written to {args.report}")
-    return 0 if all(o.passed for o in outcomes) else 1
+    return {"pass": 0, "inconclusive": 3}.get(_overall(outcomes), 1)
