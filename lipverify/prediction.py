@@ -39,7 +39,7 @@ def effective_sample_size(steps: int) -> int:
     the band does not concentrate as T grows, and T steps are worth about log T samples."""
     if steps < 1:
         raise LipverifyError(f"steps must be >= 1, got {steps}")
-    return 1 + int(math.floor(math.log(steps) / math.log(DECORRELATION_RATIO) + 1e-12))
+    return 1 + math.floor(math.log(steps) / math.log(DECORRELATION_RATIO) + 1e-12)
 
 
 def prediction_verdict(
@@ -102,11 +102,15 @@ def prediction_verdict(
     bad = [t for t in range(T + 1) if not (math.isfinite(m_[t]) and math.isfinite(s_[t]))]
     if bad:
         t = bad[0]
-        flags.append(f"the {name} prediction is not finite from step {t} (E = {m_[t]:.3g}, std = {s_[t]:.3g})")
+        flags.append(
+            f"the {name} prediction is not finite from step {t} (E = {m_[t]:.3g}, std = {s_[t]:.3g})"
+        )
     neg = [t for t in range(T + 1) if m_[t] <= 0 or s_[t] < 0]
     if neg and not bad:
         t = neg[0]
-        flags.append(f"the {name} prediction is non-physical at step {t} (E = {m_[t]:.3g}, std = {s_[t]:.3g})")
+        flags.append(
+            f"the {name} prediction is non-physical at step {t} (E = {m_[t]:.3g}, std = {s_[t]:.3g})"
+        )
     if bad or neg:
         out["verdict"] = "not applicable"
         out["reasons"] = list(flags)
@@ -144,11 +148,13 @@ def prediction_verdict(
         out["verdict"], out["reasons"] = "inconclusive", list(flags)
     elif m_[T] - 2 * s_[T] <= 0:
         out["verdict"] = "inconclusive"
-        out["reasons"] = [f"the band E +/- 2 std at T reaches K <= 0 (std/E = {s_[T] / m_[T]:.3g}): it excludes no small K"]
+        out["reasons"] = [
+            f"the band E +/- 2 std at T reaches K <= 0 (std/E = {s_[T] / m_[T]:.3g}): it excludes no small K"
+        ]
     else:
         out["verdict"] = "holds"
         out["reasons"] = [
-            f"{coverage:.0%} of the steps inside E +/- 2 std (expected {EXPECTED_COVERAGE:.1%}; p = {p_cov:.2g}), "
+            f"{coverage:.0%} of the steps inside E +/- 2 std (expected {EXPECTED_COVERAGE:.1%}; p = {p_cov:.2g}), "  # noqa: E501
             f"final z = {z:+.3g} (p = {p_z:.2g})"
         ]
     return out
@@ -299,7 +305,7 @@ def check_prediction(run_dir: str | Path) -> None:
     not an error: the summary flags it "not applicable". :func:`lipverify.training.train` calls it
     so that a diverged run is not "complete"."""
     run_dir = Path(run_dir)
-    meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
+    meta, _, rows, train_rows, net, per_layer = _series(run_dir)
     _checked_prediction(run_dir, meta, rows, len(train_rows), net, per_layer)
 
 
@@ -310,7 +316,9 @@ def _finite_or_none(value: float) -> float | None:
 def _stability(meta: dict, train_rows) -> dict:
     """Sharpness records: the largest ``lr * lambda_max`` and the first steps where it reached
     :data:`STABILITY_WARNING` and :data:`STABILITY_LIMIT` (None when not recorded)."""
-    measured = [(r["step"], r["sharpness"], r["lr_sharpness"]) for r in train_rows if r.get("sharpness") is not None]
+    measured = [
+        (r["step"], r["sharpness"], r["lr_sharpness"]) for r in train_rows if r.get("sharpness") is not None
+    ]
     out = {"sharpness_max": None, "lr_sharpness_max": None, "stability_warning_step": None}
     out.update(stability_failed_step=None, sharpness_evaluations=len(measured))
     if not measured:
@@ -381,12 +389,14 @@ def summarize_run(run_dir: str | Path) -> dict:
     if stability["stability_failed_step"] is not None:
         flags.append(
             f"the SDE approximation's stability condition lr * lambda_max < 2 failed at step "
-            f"{stability['stability_failed_step']} (max lr * lambda_max = {stability['lr_sharpness_max']:.3g})"
+            f"{stability['stability_failed_step']} (max lr * lambda_max = {stability['lr_sharpness_max']:.3g})"  # noqa: E501
         )
     degenerate = {n: sum(bool(r.get(f"{n}.degenerate")) for r in train_rows) for n in layers}
     for n, count in degenerate.items():
         if count:
-            flags.append(f"{n}: sigma_1 - sigma_2 below the gap tolerance at {count} of {T} steps (psi loses accuracy)")
+            flags.append(
+                f"{n}: sigma_1 - sigma_2 below the gap tolerance at {count} of {T} steps (psi loses accuracy)"
+            )
     verdict = prediction_verdict(K_obs, mean, std, flags=[] if overflow else flags)
     if overflow:  # what overflowed and why, instead of the generic "not finite from step t"
         verdict["reasons"] = [overflow]
@@ -467,7 +477,7 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
     """Figure in the style of the paper's Figure 2: top row, observed sigma_1 of every layer and
     the network bound K against the predicted mean with an E +/- 2 std band; bottom row, the
     network terms mu_bar, psi_bar, phi_bar^2 and the per-layer mu, psi, phi over time. Refuses a
-    diverged run (non-finite observation) like :func:`summarize_run`; an overflowed prediction is not drawn."""
+    diverged run (non-finite observation) like :func:`summarize_run`; an overflowed prediction is not drawn."""  # noqa: E501
     import matplotlib
 
     matplotlib.use("Agg")

@@ -57,13 +57,18 @@ def hessian_vector_product(
     def hvp(v: torch.Tensor) -> torch.Tensor:
         hv = torch.autograd.grad(flat_grad, params, grad_outputs=v, retain_graph=True, allow_unused=True)
         return torch.cat(
-            [(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params, strict=True)]
+            [
+                (h if h is not None else torch.zeros_like(p)).reshape(-1)
+                for h, p in zip(hv, params, strict=True)
+            ]
         ).detach()
 
     return hvp
 
 
-def _power(matvec, v: torch.Tensor, max_iterations: int, tol: float) -> tuple[float, torch.Tensor, int, float]:
+def _power(
+    matvec, v: torch.Tensor, max_iterations: int, tol: float
+) -> tuple[float, torch.Tensor, int, float]:
     """Power iteration on ``matvec``: (Rayleigh quotient rho, unit v, products used, residual
     ``||A v - rho v||``); stops when the residual is ``<= tol * max(|rho|, tiny)``."""
     v = v / v.norm()
@@ -127,5 +132,7 @@ def top_hessian_eigenvalue(
         converged = residual <= tol * max(abs(mu), torch.finfo(dtype).tiny)
         rho, v, its = mu + shift, v2, its + its2
     if not (math.isfinite(rho) and math.isfinite(residual)):
-        raise LipverifyError(f"the Hessian's top eigenvalue is not finite ({rho}); the loss or parameters overflow")
+        raise LipverifyError(
+            f"the Hessian's top eigenvalue is not finite ({rho}); the loss or parameters overflow"
+        )
     return SharpnessResult(rho, v.detach(), its, residual, converged, shifted)

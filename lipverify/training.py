@@ -423,7 +423,9 @@ class _Run:
             try:
                 sharp = self.sharpness()
             except LipverifyError as exc:
-                raise LipverifyError(f"training diverged at step {step}: {exc}; try a smaller lr (lr = {c.lr})") from exc
+                raise LipverifyError(
+                    f"training diverged at step {step}: {exc}; try a smaller lr (lr = {c.lr})"
+                ) from exc
         x, y = self.batch()
         if c.fgsm_eps > 0:
             x_req = x.clone().requires_grad_(True)

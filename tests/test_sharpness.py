@@ -51,7 +51,10 @@ def _gauss_newton(model, x, y):
     rows = []
     for i in range(out.shape[0]):
         J = torch.stack(
-            [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i, c], params, retain_graph=True)]) for c in range(out.shape[1])]
+            [
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i, c], params, retain_graph=True)])
+                for c in range(out.shape[1])
+            ]
         )
         H_out = torch.diag(p[i]) - torch.outer(p[i], p[i])
         rows.append(J.T @ H_out @ J)
@@ -127,7 +130,7 @@ def test_negative_dominant_eigenvalue_is_shifted_to_the_largest_algebraic():
 
 
 def test_positive_dominant_needs_no_shift_and_warm_start_converges_at_once():
-    A, theta, loss = _quadratic([0.5, -1.0, 3.0, 2.0])
+    _a, theta, loss = _quadratic([0.5, -1.0, 3.0, 2.0])
     res = top_hessian_eigenvalue(loss, [theta], max_iterations=10_000, tol=1e-12)
     assert not res.shifted and abs(res.eigenvalue - 3.0) < 1e-9
     warm = top_hessian_eigenvalue(loss, [theta], v0=res.vector, max_iterations=10_000, tol=1e-10)
@@ -135,7 +138,7 @@ def test_positive_dominant_needs_no_shift_and_warm_start_converges_at_once():
 
 
 def test_float32_parameters_run_in_float32():
-    A, theta, _ = _quadratic([1.0, 4.0])
+    A, theta, _unused = _quadratic([1.0, 4.0])
     t32 = theta.detach().float().requires_grad_(True)
     res = top_hessian_eigenvalue(lambda: 0.5 * t32 @ A.float() @ t32, [t32], max_iterations=1000, tol=1e-5)
     assert res.vector.dtype == torch.float32 and abs(res.eigenvalue - 4.0) < 1e-4
