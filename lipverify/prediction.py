@@ -317,7 +317,9 @@ def _stability(meta: dict, train_rows) -> dict:
     """Sharpness records: the largest ``lr * lambda_max`` and the first steps where it reached
     :data:`STABILITY_WARNING` and :data:`STABILITY_LIMIT` (None when not recorded)."""
     measured = [
-        (r["step"], r["sharpness"], r["lr_sharpness"]) for r in train_rows if r.get("sharpness") is not None
+        (int(r["step"]), r["sharpness"], r["lr_sharpness"])
+        for r in train_rows
+        if r.get("sharpness") is not None
     ]
     out = {"sharpness_max": None, "lr_sharpness_max": None, "stability_warning_step": None}
     out.update(stability_failed_step=None, sharpness_evaluations=len(measured))
