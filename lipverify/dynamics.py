@@ -32,6 +32,11 @@ from lipverify.spectral import (
 )
 
 
+class NonFiniteTermError(LipverifyError):
+    """A Theorem 14 term overflowed (inf/NaN): the training loop reports it as a divergence at its
+    step and lr."""
+
+
 @dataclass(frozen=True)
 class LayerTerms:
     """Theorem 14 terms of one layer at one step (Python floats).
@@ -114,7 +119,7 @@ def layer_terms_from_projections(
     )
     for key in ("mu", "phi", "psi"):
         if not math.isfinite(getattr(terms, key)):
-            raise LipverifyError(f"{name}: {key} is not finite (gap {gap:.3g}); check the inputs")
+            raise NonFiniteTermError(f"{name}: {key} is not finite (gap {gap:.3g}); check the inputs")
     return terms
 
 

@@ -18,6 +18,152 @@ from lipverify._validation import LipverifyError
 from lipverify.dynamics import LayerTerms, NetworkTerms, predict_bound
 from lipverify.records import read_json, read_steps
 
+#: P(|Z| <= 2) for Z ~ N(0, 1): the coverage of the E +/- 2 std band under a correct Gaussian model
+EXPECTED_COVERAGE = math.erf(2 / math.sqrt(2))
+#: family-wise false-alarm rate of the verdict; each of its two tests (coverage, final z) gets half
+VERDICT_ALPHA = 0.01
+#: a Brownian path's positions scaled by their std at times t and r t correlate like r^(-1/2):
+#: samples 16x apart in time (correlation 1/4) are counted as independent
+DECORRELATION_RATIO = 16
+#: lr * lambda_max at which ``train`` warns: the SGD stability limit is 2; sharpness is sampled every
+#: ``sharpness_every`` steps and the power iteration's Rayleigh quotient under-estimates lambda_max
+STABILITY_WARNING = 1.5
+STABILITY_LIMIT = 2.0
+
+
+def effective_sample_size(steps: int) -> int:
+    """Conservative number of independent checks in a path of ``steps`` logged steps:
+    ``1 + floor(log(steps) / log(16))`` (one per factor :data:`DECORRELATION_RATIO` in time). The
+    standardised deviation ``(K_t - E_t) / std_t`` of a diffusion is strongly autocorrelated: for
+    Brownian motion its correlation between t and r t is ``r^(-1/2)``, so the fraction of steps in
+    the band does not concentrate as T grows, and T steps are worth about log T samples."""
+    if steps < 1:
+        raise LipverifyError(f"steps must be >= 1, got {steps}")
+    return 1 + math.floor(math.log(steps) / math.log(DECORRELATION_RATIO) + 1e-12)
+
+
+def prediction_verdict(
+    observed,
+    mean,
+    std,
+    *,
+    flags=(),
+    name: str = "Theorem 17",
+) -> dict:
+    """Whether a predicted mean/std series of K explains an observed series (all of length T + 1,
+    t = 0..T, sequences or 1-D tensors of floats).
+
+    Rule (family-wise false-alarm rate :data:`VERDICT_ALPHA` = 0.01 by Bonferroni, 0.005 per test):
+
+    * non-finite predicted mean or std at any step, a negative std or a non-positive mean:
+      ``"not applicable"`` (flagged, nothing is tested against an infinite band);
+    * coverage ``c`` = fraction of t = 1..T with ``|K_t - E_t| <= 2 std_t``, expected
+      :data:`EXPECTED_COVERAGE` (~0.954). Steps are autocorrelated, so the misses are counted on
+      ``n = effective_sample_size(T)`` samples: ``m = (1 - c) n`` misses, one-sided binomial
+      p-value ``P(Bin(n, 1 - 0.954) >= m)`` (its continuous extension, the regularised incomplete
+      beta ``I_q(m, n - m + 1)``); rejected below 0.005;
+    * final ``z = (K_T - E_T) / std_T``, two-sided p-value ``erfc(|z| / sqrt 2)``; rejected below
+      0.005 (``|z| > 2.81``). ``std_T = 0`` with ``K_T != E_T`` is ``|z| = inf``;
+    * either test rejects: ``"does not hold"``; else any entry of ``flags`` (e.g. negative layer
+      means, the stability condition failing), or a band that reaches K <= 0 at T (the prediction
+      excludes no small K): ``"inconclusive"``; else ``"holds"``.
+
+    Returns a dict: ``verdict``, ``reasons`` (list of str), ``flags``, ``coverage``,
+    ``expected_coverage``, ``effective_samples``, ``coverage_p_value``, ``z_final``,
+    ``z_p_value``, ``relative_error`` ((E_T - K_T) / K_T), ``relative_std`` (std_T / K_T). Numbers
+    that cannot be computed are None, never inf or NaN.
+    """
+    from scipy.special import betainc
+
+    obs = [float(v) for v in observed]
+    m_ = [float(v) for v in mean]
+    s_ = [float(v) for v in std]
+    if not (len(obs) == len(m_) == len(s_)) or len(obs) < 2:
+        raise LipverifyError(
+            f"observed, mean and std must have the same length >= 2, got {len(obs)}, {len(m_)}, {len(s_)}"
+        )
+    if not all(math.isfinite(k) and k > 0 for k in obs):
+        raise LipverifyError("observed K must be positive and finite at every step")
+    T = len(obs) - 1
+    flags = list(flags)
+    out = {
+        "verdict": None,
+        "reasons": [],
+        "flags": flags,
+        "coverage": None,
+        "expected_coverage": EXPECTED_COVERAGE,
+        "effective_samples": effective_sample_size(T),
+        "coverage_p_value": None,
+        "z_final": None,
+        "z_p_value": None,
+        "relative_error": None,
+        "relative_std": None,
+    }
+    bad = [t for t in range(T + 1) if not (math.isfinite(m_[t]) and math.isfinite(s_[t]))]
+    if bad:
+        t = bad[0]
+        flags.append(
+            f"the {name} prediction is not finite from step {t} (E = {m_[t]:.3g}, std = {s_[t]:.3g})"
+        )
+    neg = [t for t in range(T + 1) if m_[t] <= 0 or s_[t] < 0]
+    if neg and not bad:
+        t = neg[0]
+        flags.append(
+            f"the {name} prediction is non-physical at step {t} (E = {m_[t]:.3g}, std = {s_[t]:.3g})"
+        )
+    if bad or neg:
+        out["verdict"] = "not applicable"
+        out["reasons"] = list(flags)
+        return out
+    n = out["effective_samples"]
+    coverage = sum(abs(obs[t] - m_[t]) <= 2 * s_[t] for t in range(1, T + 1)) / T
+    misses = (1 - coverage) * n
+    p_cov = float(betainc(misses, n - misses + 1, 1 - EXPECTED_COVERAGE)) if misses > 0 else 1.0
+    dev = obs[T] - m_[T]
+    z = dev / s_[T] if s_[T] > 0 else (0.0 if dev == 0 else math.copysign(math.inf, dev))
+    p_z = math.erfc(abs(z) / math.sqrt(2))
+    out.update(
+        coverage=coverage,
+        coverage_p_value=p_cov,
+        z_final=z if math.isfinite(z) else None,
+        z_p_value=p_z,
+        relative_error=(m_[T] - obs[T]) / obs[T],
+        relative_std=s_[T] / obs[T],
+    )
+    per_test = VERDICT_ALPHA / 2
+    reasons = []
+    if p_cov < per_test:
+        reasons.append(
+            f"{coverage:.0%} of the steps inside E +/- 2 std, expected {EXPECTED_COVERAGE:.1%} "
+            f"(p = {p_cov:.2g} on {n} effective samples of {T} autocorrelated steps)"
+        )
+    if p_z < per_test:
+        reasons.append(
+            f"K_T = {obs[T]:.4g} is {'inf' if not math.isfinite(z) else f'{z:+.3g}'} std from the predicted "
+            f"{m_[T]:.4g} (std {s_[T]:.3g}; p = {p_z:.2g})"
+        )
+    if reasons:
+        out["verdict"], out["reasons"] = "does not hold", reasons + flags
+    elif flags:
+        out["verdict"], out["reasons"] = "inconclusive", list(flags)
+    elif m_[T] - 2 * s_[T] <= 0:
+        out["verdict"] = "inconclusive"
+        out["reasons"] = [
+            f"the band E +/- 2 std at T reaches K <= 0 (std/E = {s_[T] / m_[T]:.3g}): it excludes no small K"
+        ]
+    else:
+        out["verdict"] = "holds"
+        out["reasons"] = [
+            f"{coverage:.0%} of the steps inside E +/- 2 std (expected {EXPECTED_COVERAGE:.1%}; p = {p_cov:.2g}), "  # noqa: E501
+            f"final z = {z:+.3g} (p = {p_z:.2g})"
+        ]
+    return out
+
+
+def verdict_line(verdict: dict) -> str:
+    """One line: ``holds``/``does not hold``/... with the reasons joined by ``; ``."""
+    return f"{verdict['verdict']}: " + "; ".join(verdict["reasons"])
+
 
 def _status_note(meta: dict) -> str:
     """``; meta.json says status 'failed': <error>`` for a failed (or other unfinished) run."""
@@ -112,18 +258,33 @@ def _observed_bound(run_dir: Path, meta: dict, rows, T: int) -> list[float]:
     return out
 
 
-def _check_finite(run_dir: Path, meta: dict, rows, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """A :class:`LipverifyError` naming the first step where the predicted ``mean`` or ``std`` of K
-    is inf or NaN, with the observed ln K there: ``|K - inf| <= inf`` would count such a step as
-    inside the band."""
+def _overflow_flag(meta: dict, rows, layers, per_layer, mean: torch.Tensor, std: torch.Tensor) -> str | None:
+    """None when the predicted ``mean`` and ``std`` of K are finite at every step; else what
+    happened: the first step t where they are not, and the layer whose relative term
+    (``|mu|/sigma``, ``psi/sigma`` or ``phi^2/sigma^2``, per step) is the largest before t, with its
+    sigma_1 there. exp(sum of these) is what overflows: a tiny sigma_1 or a huge lr makes them
+    huge while the recorded run stays finite."""
     bad = ~(torch.isfinite(mean) & torch.isfinite(std))
     if not bool(bad.any()):
-        return
+        return None
     t = int(bad.nonzero()[0, 0])
-    raise LipverifyError(
-        f"{run_dir}: the Theorem 17 prediction overflows at step {t} (E[K_t] = {float(mean[t]):.6g}, "
-        f"std = {float(std[t]):.6g}; observed ln K_t = {rows[t]['log_bound']:.6g}): the run diverged; "
-        f"train again with a smaller lr (lr = {_lr(meta)})"
+    worst = None
+    for s, terms in enumerate(per_layer[: max(t, 1)]):
+        for name in layers:
+            x = terms[name]
+            for label, value in (
+                ("|mu|/sigma", abs(x.mu) / x.sigma),
+                ("psi/sigma", x.psi / x.sigma),
+                ("phi^2/sigma^2", x.phi**2 / x.sigma**2),
+            ):
+                if worst is None or value > worst[0]:
+                    worst = (value, name, x.sigma, s, label)
+    value, name, sigma, s, label = worst
+    return (
+        f"{name}: sigma_1 = {sigma:.2g} at step {s}, relative term {label} = {value:.2g} per step: the "
+        f"Theorem 17 prediction overflows at step {t} (E[K_t] = {float(mean[t]):.3g}, std = "
+        f"{float(std[t]):.3g}; observed ln K_t = {rows[t]['log_bound']:.6g}, lr = {_lr(meta)}); "
+        "the run itself is finite"
     )
 
 
@@ -132,24 +293,58 @@ def _lr(meta: dict) -> object:
 
 
 def _checked_prediction(run_dir: Path, meta: dict, rows, T: int, net, per_layer=None):
-    """Observed K_0..K_T and the Theorem 17 prediction, both checked finite at every step."""
+    """Observed K_0..K_T (checked finite at every step) and the Theorem 17 prediction (which may
+    overflow: see :func:`_overflow_flag`)."""
     K_obs = _observed_bound(run_dir, meta, rows, T)
-    pred = predict_bound(net, K_obs[0], per_layer)
-    # the layer predictions are sums of the same terms divided by sigma: the network's overflows first
-    _check_finite(run_dir, meta, rows, pred.mean, pred.std)
-    return K_obs, pred
+    return K_obs, predict_bound(net, K_obs[0], per_layer)
 
 
 def check_prediction(run_dir: str | Path) -> None:
     """Raise :class:`LipverifyError` when :func:`summarize_run` would: an unfinished run, or an
-    observed K or Theorem 17 prediction (mean or std, batch or full-data mu) that is not finite at
-    some step. :func:`lipverify.training.train` calls it so that such a run is not "complete"."""
+    observed K that is not finite at some step (a diverged run). A prediction that overflows is
+    not an error: the summary flags it "not applicable". :func:`lipverify.training.train` calls it
+    so that a diverged run is not "complete"."""
     run_dir = Path(run_dir)
-    meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
+    meta, _, rows, train_rows, net, per_layer = _series(run_dir)
     _checked_prediction(run_dir, meta, rows, len(train_rows), net, per_layer)
-    full_series = _full_mu_series(layers, train_rows, net)
-    if full_series is not None:
-        _checked_prediction(run_dir, meta, rows, len(train_rows), full_series)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _stability(meta: dict, train_rows) -> dict:
+    """Sharpness records: the largest ``lr * lambda_max`` and the first steps where it reached
+    :data:`STABILITY_WARNING` and :data:`STABILITY_LIMIT` (None when not recorded)."""
+    measured = [
+        (int(r["step"]), r["sharpness"], r["lr_sharpness"])
+        for r in train_rows
+        if r.get("sharpness") is not None
+    ]
+    out = {"sharpness_max": None, "lr_sharpness_max": None, "stability_warning_step": None}
+    out.update(stability_failed_step=None, sharpness_evaluations=len(measured))
+    if not measured:
+        return out
+    out["sharpness_max"] = max(m[1] for m in measured)
+    out["lr_sharpness_max"] = max(m[2] for m in measured)
+    out["stability_warning_step"] = next((m[0] for m in measured if m[2] >= STABILITY_WARNING), None)
+    out["stability_failed_step"] = next((m[0] for m in measured if m[2] >= STABILITY_LIMIT), None)
+    return out
+
+
+def _layer_flags(layers, pred, T: int) -> list[str]:
+    """Negative predicted per-layer sigma_1 means (sigma_1 >= 0 always), first step per layer."""
+    flags = []
+    for j, name in enumerate(layers):
+        col = pred.layer_mean[:, j]
+        neg = (col < 0).nonzero()
+        if len(neg):
+            t = int(neg[0, 0])
+            flags.append(
+                f"{name}: predicted E[sigma_1] is negative from step {t} ({float(col[t]):.3g}; "
+                f"{float(col[T]):.3g} at T): non-physical"
+            )
+    return flags
 
 
 def summarize_run(run_dir: str | Path) -> dict:
@@ -173,32 +368,61 @@ def summarize_run(run_dir: str | Path) -> dict:
       discrete truth: mean ``|observed - first|`` / ``|observed - second|`` order errors and
       ``sum dropped_drift_term`` against ``sum psi``.
 
-    A diverged run has no summary: an observed K or a predicted mean or std of K (with batch or
-    full-data mu) that is inf or NaN at any step raises :class:`LipverifyError` naming the first
-    such step and the observed ln K there, so no step is counted inside an infinite band and no inf
-    is reported as a number.
+    * ``verdict`` ("holds" / "does not hold" / "inconclusive" / "not applicable"),
+      ``verdict_reasons``, ``z_final`` and the full :func:`prediction_verdict` dict as
+      ``prediction_verdict`` (``verdict_full_mu`` for the full-data forecast). Flags: a prediction
+      that overflows (which layer's relative term, its sigma_1 and step), negative predicted layer
+      means, degenerate gaps, the stability condition failing.
+    * ``sharpness_max``, ``lr_sharpness_max``, ``stability_warning_step`` (first step with
+      ``lr * lambda_max >= 1.5``), ``stability_failed_step`` (``>= 2``), ``sharpness_evaluations``.
+
+    An observed K that is inf or NaN at some step (a diverged run) raises :class:`LipverifyError`
+    naming the step. A predicted mean or std that overflows is reported as None with the verdict
+    "not applicable": no step is counted inside an infinite band and no inf is reported as a number.
     """
     run_dir = Path(run_dir)
     meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
     T = len(train_rows)
     K_obs, pred = _checked_prediction(run_dir, meta, rows, T, net, per_layer)
     mean, std = pred.mean.tolist(), pred.std.tolist()
-    inside = [abs(K_obs[t] - mean[t]) <= 2 * std[t] for t in range(1, T + 1)]
+    overflow = _overflow_flag(meta, rows, layers, per_layer, pred.mean, pred.std)
+    stability = _stability(meta, train_rows)
+    flags = _layer_flags(layers, pred, T)
+    if stability["stability_failed_step"] is not None:
+        flags.append(
+            f"the SDE approximation's stability condition lr * lambda_max < 2 failed at step "
+            f"{stability['stability_failed_step']} (max lr * lambda_max = {stability['lr_sharpness_max']:.3g})"  # noqa: E501
+        )
+    degenerate = {n: sum(bool(r.get(f"{n}.degenerate")) for r in train_rows) for n in layers}
+    for n, count in degenerate.items():
+        if count:
+            flags.append(
+                f"{n}: sigma_1 - sigma_2 below the gap tolerance at {count} of {T} steps (psi loses accuracy)"
+            )
+    verdict = prediction_verdict(K_obs, mean, std, flags=[] if overflow else flags)
+    if overflow:  # what overflowed and why, instead of the generic "not finite from step t"
+        verdict["reasons"] = [overflow]
+        verdict["flags"] = [overflow, *flags]
     cum_mu = sum(t.mu for t in net)
     cum_psi = sum(t.psi for t in net)
     cum_phi = sum(t.phi_sq for t in net)
     cross = [t.phi_sq_cross for t in net if t.phi_sq_cross is not None]
     full_series = _full_mu_series(layers, train_rows, net)
     full = {"K_T_predicted_mean_full_mu": None, "K_T_predicted_std_full_mu": None}
-    full.update(fraction_in_2std_full_mu=None, cumulative_mu_full=None)
+    full.update(fraction_in_2std_full_mu=None, cumulative_mu_full=None, verdict_full_mu=None)
     if full_series is not None:
         _, pf = _checked_prediction(run_dir, meta, rows, T, full_series)
         fm, fs = pf.mean.tolist(), pf.std.tolist()
+        full_overflow = _overflow_flag(meta, rows, layers, per_layer, pf.mean, pf.std)
+        vf = prediction_verdict(K_obs, fm, fs, name="full-data mu")
+        if full_overflow:
+            vf["reasons"] = vf["flags"] = [full_overflow]
         full.update(
-            K_T_predicted_mean_full_mu=fm[T],
-            K_T_predicted_std_full_mu=fs[T],
-            fraction_in_2std_full_mu=sum(abs(K_obs[t] - fm[t]) <= 2 * fs[t] for t in range(1, T + 1)) / T,
+            K_T_predicted_mean_full_mu=_finite_or_none(fm[T]),
+            K_T_predicted_std_full_mu=_finite_or_none(fs[T]),
+            fraction_in_2std_full_mu=vf["coverage"],
             cumulative_mu_full=sum(t.mu for t in full_series),
+            verdict_full_mu=vf,
         )
     layer_summary = {}
     for j, name in enumerate(layers):
@@ -228,10 +452,15 @@ def summarize_run(run_dir: str | Path) -> dict:
         "steps": T,
         "K0": K_obs[0],
         "K_T_observed": K_obs[T],
-        "K_T_predicted_mean": mean[T],
-        "K_T_predicted_std": std[T],
-        "relative_error": (mean[T] - K_obs[T]) / K_obs[T],
-        "fraction_in_2std": sum(inside) / T,
+        "K_T_predicted_mean": _finite_or_none(mean[T]),
+        "K_T_predicted_std": _finite_or_none(std[T]),
+        "relative_error": verdict["relative_error"],
+        "fraction_in_2std": verdict["coverage"],
+        "z_final": verdict["z_final"],
+        "verdict": verdict["verdict"],
+        "verdict_reasons": verdict["reasons"],
+        "prediction_verdict": verdict,
+        **stability,
         "psi_mu_ratio": cum_psi / abs(cum_mu) if cum_mu != 0 else math.inf,
         "cumulative_mu": cum_mu,
         "cumulative_psi": cum_psi,
@@ -250,11 +479,12 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
     """Figure in the style of the paper's Figure 2: top row, observed sigma_1 of every layer and
     the network bound K against the predicted mean with an E +/- 2 std band; bottom row, the
     network terms mu_bar, psi_bar, phi_bar^2 and the per-layer mu, psi, phi over time. Refuses a
-    diverged run (non-finite observation or prediction) like :func:`summarize_run`."""
+    diverged run (non-finite observation) like :func:`summarize_run`; an overflowed prediction is not drawn."""  # noqa: E501
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     run_dir = Path(run_dir)
     meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
@@ -272,7 +502,10 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
             obs = [r[f"{name}.sigma"] for r in rows[: T + 1]]
             mean, std = pred.layer_mean[:, j], pred.layer_var[:, j].sqrt()
             ax.set_title(f"{name}: sigma_1")
-        mean, std = mean.numpy(), std.numpy()
+        # an overflowed prediction is left out of the figure, not drawn as inf
+        mean, std = mean.numpy().copy(), std.numpy().copy()
+        gone = ~(np.isfinite(mean) & np.isfinite(std))
+        mean[gone], std[gone] = np.nan, np.nan
         ax.fill_between(steps, mean - 2 * std, mean + 2 * std, color="C1", alpha=0.3, label="E ± 2 std")
         ax.plot(steps, mean, color="C1", lw=1.2, label="predicted E")
         ax.plot(steps, obs, color="C0", lw=1.0, label="observed")

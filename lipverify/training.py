@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import math
 import platform
+import sys
 import time
 import tomllib
 import types
@@ -43,11 +44,12 @@ import torch.nn.functional as F
 
 from lipverify._validation import LipverifyError
 from lipverify.data import DATASETS, ImageData, corrupt_labels, load_dataset, to_model_input
-from lipverify.dynamics import network_terms
+from lipverify.dynamics import NonFiniteTermError, network_terms
 from lipverify.models import INITS, build_model
-from lipverify.prediction import check_prediction
+from lipverify.prediction import STABILITY_WARNING, check_prediction
 from lipverify.probe import DynamicsProbe, ProbeSchedule, cross_layer_diffusion
 from lipverify.records import StepLog, atomic_torch_save, read_json, write_json
+from lipverify.sharpness import top_hessian_eigenvalue
 
 LAYER_FIELDS = (
     "sigma",
@@ -64,6 +66,13 @@ LAYER_FIELDS = (
     "update_exceeds_gap",
 )
 NET_FIELDS = ("net_mu", "net_psi", "net_phi_sq", "net_phi_sq_cross")
+#: lambda_max of the loss Hessian and lr * lambda_max, every ``sharpness_every`` steps (else empty)
+SHARPNESS_FIELDS = ("sharpness", "lr_sharpness")
+#: the fixed batch the sharpness is evaluated on: the first samples of the training set
+SHARPNESS_BATCH = 256
+#: power-iteration products per evaluation (warm-started from the previous eigenvector)
+SHARPNESS_ITERATIONS = 20
+SHARPNESS_TOL = 1e-3
 FULL_GRADIENT_CHUNK = 1000
 #: label corruption is seeded with ``seed_sampling + LABEL_NOISE_SEED_OFFSET``
 LABEL_NOISE_SEED_OFFSET = 1_000_003
@@ -99,6 +108,7 @@ class TrainConfig:
     label_noise: float = 0.0  # p
     probe_every: int = 1
     full_gradient_every: int = 0  # 0 = off
+    sharpness_every: int = 25  # lambda_max of the loss Hessian every k steps; 0 = off
     checkpoint_every: int = 50
     device: str = "cpu"
     dtype: str = "float32"
@@ -144,7 +154,7 @@ class TrainConfig:
             bad(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.batch_size < 2:
             bad(f"batch_size must be >= 2 (Proposition 5 divides by b(b-1)), got {self.batch_size}")
-        for key in ("steps", "probe_every", "full_gradient_every", "checkpoint_every"):
+        for key in ("steps", "probe_every", "full_gradient_every", "checkpoint_every", "sharpness_every"):
             if getattr(self, key) < 0:
                 bad(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.steps < 1:
@@ -277,9 +287,10 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
 
 
 def step_columns(layers: typing.Sequence[str]) -> list[str]:
-    """Header of ``steps.csv``: step, loss, batch_acc, log_bound, the network terms, then per layer
+    """Header of ``steps.csv``: step, loss, batch_acc, log_bound, the network terms, the sharpness
+    columns (:data:`SHARPNESS_FIELDS`), then per layer
     ``<layer>.<field>`` for :data:`LAYER_FIELDS`."""
-    cols = ["step", "loss", "batch_acc", "log_bound", *NET_FIELDS]
+    cols = ["step", "loss", "batch_acc", "log_bound", *NET_FIELDS, *SHARPNESS_FIELDS]
     for name in layers:
         cols += [f"{name}.{f}" for f in LAYER_FIELDS]
     return cols
@@ -359,6 +370,8 @@ class _Run:
         self.probe = DynamicsProbe(self.model, population_size=len(self.data), schedule=schedule)
         self.step = 0
         self.records: list[dict] = []
+        self.sharpness_vector: torch.Tensor | None = None
+        self.stability_warned = False
 
     # -- data
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,9 +390,42 @@ class _Run:
             sl = slice(start, start + FULL_GRADIENT_CHUNK)
             yield to_model_input(self.images[sl], self.config.model, self.dtype), self.labels[sl]
 
+    def sharpness(self) -> float:
+        """lambda_max of the Hessian of the loss on the first :data:`SHARPNESS_BATCH` training
+        samples at the current weights (:func:`lipverify.sharpness.top_hessian_eigenvalue`, warm
+        started from the last eigenvector). Evaluated in eval mode: dropout off and batch norm on
+        its running statistics, so the Hessian is a deterministic function of the weights, and no
+        random stream or buffer of the run is touched (resume stays bitwise identical)."""
+        n = min(SHARPNESS_BATCH, len(self.data))
+        x = to_model_input(self.images[:n], self.config.model, self.dtype)
+        y = self.labels[:n]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            res = top_hessian_eigenvalue(
+                lambda: F.cross_entropy(self.model(x), y, label_smoothing=self.config.label_smoothing),
+                params,
+                v0=self.sharpness_vector,
+                max_iterations=SHARPNESS_ITERATIONS,
+                tol=SHARPNESS_TOL,
+            )
+        finally:
+            self.model.train(was_training)
+        self.sharpness_vector = res.vector
+        return res.eigenvalue
+
     # -- one step
     def train_step(self) -> dict:
         c, probe, step = self.config, self.probe, self.step
+        sharp = None
+        if c.sharpness_every and step % c.sharpness_every == 0:
+            try:
+                sharp = self.sharpness()
+            except LipverifyError as exc:
+                raise LipverifyError(
+                    f"training diverged at step {step}: {exc}; try a smaller lr (lr = {c.lr})"
+                ) from exc
         x, y = self.batch()
         if c.fgsm_eps > 0:
             x_req = x.clone().requires_grad_(True)
@@ -408,6 +454,16 @@ class _Run:
             "loss": float(loss.detach()),
             "batch_acc": float((out.detach().argmax(1) == y).float().mean()),
         }
+        if sharp is not None:
+            row.update(sharpness=sharp, lr_sharpness=c.lr * sharp)
+            if c.lr * sharp >= STABILITY_WARNING and not self.stability_warned:
+                self.stability_warned = True
+                print(
+                    f"lipverify train: warning: lr * lambda_max = {c.lr * sharp:.3g} at step {step} "
+                    f"(lambda_max = {sharp:.4g}, lr = {c.lr}): near or past the SGD stability limit 2, "
+                    "where the SDE approximation breaks",
+                    file=sys.stderr,
+                )
         # before the probe divides by a gap or squares a projection of an overflowed gradient
         _check_diverged(row, step, c.lr)
         for name, p in self.model.named_parameters():
@@ -421,9 +477,16 @@ class _Run:
         if due_disc:
             probe.after_backward()
         if due_terms:
-            terms = probe.compute(
-                c.lr, grad_scale=c.grad_scale, grad_noise_var=noise_var, weight_decay=c.weight_decay
-            )
+            try:
+                terms = probe.compute(
+                    c.lr, grad_scale=c.grad_scale, grad_noise_var=noise_var, weight_decay=c.weight_decay
+                )
+            except NonFiniteTermError as exc:
+                # e.g. psi = lr^2/2 tr(H Sigma) overflows at a huge lr before any weight does
+                raise LipverifyError(
+                    f"training diverged at step {step}: {str(exc).removesuffix('; check the inputs')}; "
+                    f"try a smaller lr (lr = {c.lr})"
+                ) from exc
             net = network_terms(terms)
             row.update(
                 log_bound=net.log_bound,
@@ -482,6 +545,9 @@ class _Run:
             "records": self.records,
             # warm start of the probe's iterative spectrum: a resumed run decomposes identically
             "probe_warm_state": self.probe.warm_state(),
+            # warm start of the sharpness power iteration: a resumed run records the same sharpness
+            "sharpness_vector": self.sharpness_vector,
+            "stability_warned": self.stability_warned,
         }
 
     def restore(self, state: dict) -> None:
@@ -494,6 +560,8 @@ class _Run:
         self.records = list(state["records"])
         if state.get("probe_warm_state") is not None:
             self.probe.load_warm_state(state["probe_warm_state"])
+        self.sharpness_vector = state.get("sharpness_vector")
+        self.stability_warned = bool(state.get("stability_warned", False))
 
 
 def train(
@@ -509,8 +577,9 @@ def train(
 
     A diverged run fails (:class:`LipverifyError`, status ``"failed"``, records and meta.json
     kept): a step whose loss, ln K or a layer's sigma is inf or NaN ("training diverged at step
-    t"), or finished records whose Theorem 17 prediction is not finite
-    (:func:`lipverify.prediction.check_prediction`), which ``lipverify report`` could not summarise.
+    t", with a Theorem 14 term that overflows and the sharpness evaluation). Finite records whose
+    Theorem 17 prediction overflows (a tiny sigma_1, a huge lr) are "complete": the summary flags
+    the prediction "not applicable" (:func:`lipverify.prediction.summarize_run`).
     """
     from tqdm import tqdm
 
@@ -582,7 +651,7 @@ def train(
                 run.records.append(final)
                 log.append(final)
             atomic_torch_save(ckpt_path, run.state())
-        # finite records can still overflow the Theorem 17 prediction (huge lr): not "complete"
+        # a non-finite observed K is a divergence; an overflowed prediction is a verdict, not an error
         check_prediction(out)
     except BaseException as exc:
         meta["status"] = "failed"

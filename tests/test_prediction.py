@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
+import torch
 
-from lipverify import LipverifyError
-from lipverify.prediction import plot_run, summarize_run
+from lipverify import LipverifyError, prediction
+from lipverify.prediction import (
+    VERDICT_ALPHA,
+    effective_sample_size,
+    plot_run,
+    prediction_verdict,
+    summarize_run,
+)
 from lipverify.records import StepLog, read_steps, write_json
 from lipverify.training import step_columns
 
@@ -143,25 +152,35 @@ def test_full_data_drift_prediction(tmp_path):
     assert s["K_T_predicted_mean"] != s["K_T_predicted_mean_full_mu"]
 
 
-def test_overflowing_mean_or_std_is_refused_not_counted_in_band(tmp_path):
-    # |K - inf| <= inf is True: an overflowed prediction used to put 100% of the steps in the band
+def test_overflowing_mean_or_std_is_flagged_not_applicable_not_counted_in_band(tmp_path):
+    # |K - inf| <= inf is True: an overflowed prediction used to put 100% of the steps in the band;
+    # the observed run is finite, so it is reportable with the prediction flagged (it used to raise)
     _write_run(tmp_path / "mean", psi=(1e4, 0.0))  # psi_bar = 5e3 per step: exp overflows at t = 1
     _write_run(tmp_path / "std", phi=(1e3, 0.0))  # phi_bar^2 = 2.5e5: only the std overflows
     for run in ("mean", "std"):
-        with pytest.raises(LipverifyError, match=r"prediction overflows at step 1 .*observed ln K_t = .*lr"):
-            summarize_run(tmp_path / run)
-        with pytest.raises(LipverifyError, match="prediction overflows at step 1"):
-            plot_run(tmp_path / run, tmp_path / run / "f.png")
+        s = summarize_run(tmp_path / run)
+        assert s["verdict"] == "not applicable", s["verdict_reasons"]
+        (reason,) = s["verdict_reasons"]
+        assert re.search(
+            r"^a: sigma_1 = 2 at step 0, relative term .* the Theorem 17 prediction overflows at step 1 .*the run itself is finite",  # noqa: E501
+            reason,
+        ), reason
+        assert s["fraction_in_2std"] is None and s["relative_error"] is None
+        assert s["K_T_predicted_std"] is None and (s["K_T_predicted_mean"] is None) == (run == "mean")
+        json.dumps(s, allow_nan=False)  # no inf/NaN reaches summary.json
+        plot_run(tmp_path / run, tmp_path / run / "f.png")
 
 
-def test_overflowing_full_data_prediction_is_refused(tmp_path):
+def test_overflowing_full_data_prediction_is_flagged(tmp_path):
     rows = _write_run(tmp_path)
     for r in rows[:-1]:
         for n in LAYERS:
             r[f"{n}.mu_full"] = 1e4
     StepLog(tmp_path / "steps.csv", step_columns(LAYERS), rows).close()
-    with pytest.raises(LipverifyError, match="prediction overflows at step 1"):
-        summarize_run(tmp_path)
+    s = summarize_run(tmp_path)
+    assert s["verdict_full_mu"]["verdict"] == "not applicable"
+    assert "overflows at step 1" in s["verdict_full_mu"]["reasons"][0]
+    assert s["K_T_predicted_mean_full_mu"] is None and s["verdict"] != "not applicable"
 
 
 def test_overflowing_observed_bound_is_refused(tmp_path):
@@ -329,6 +348,9 @@ def test_every_summary_key_by_hand_on_a_varied_run(tmp_path):
         "cumulative_phi_sq_cross", "log_bound_change_observed", "log_bound_change_predicted",
         "K_T_predicted_mean_full_mu", "K_T_predicted_std_full_mu", "fraction_in_2std_full_mu",
         "cumulative_mu_full", "final_loss", "layers", "config",
+        # verdicts and stability (checked in the verdict tests)
+        "z_final", "verdict", "verdict_reasons", "prediction_verdict", "verdict_full_mu", "sharpness_max",
+        "lr_sharpness_max", "stability_warning_step", "stability_failed_step", "sharpness_evaluations",
     }  # fmt: skip
     assert set(s["layers"]) == set(LAYERS)
     for n in LAYERS:
@@ -354,3 +376,65 @@ def test_every_summary_key_by_hand_on_a_varied_run(tmp_path):
     assert s["layers"]["a"]["fraction_in_2std"] == pytest.approx(5 / 6)
     assert s["layers"]["b"]["fraction_in_2std"] == pytest.approx(5 / 6)
     assert s["layers"]["a"]["degenerate_steps"] == 3 and s["layers"]["b"]["degenerate_steps"] == 1
+
+
+def _false_alarms(n_paths, T, seed):
+    """Verdicts "does not hold" on paths drawn from the model itself: K_t = 1 + 0.01 W_t, predicted
+    E = 1, std = 0.01 sqrt(t) (a correct Gaussian model; Brownian autocorrelation)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = 0.01 * torch.randn(n_paths, T, generator=g, dtype=torch.float64)
+    paths = torch.cat([torch.ones(n_paths, 1, dtype=torch.float64), 1 + steps.cumsum(1)], 1)
+    mean = [1.0] * (T + 1)
+    std = [0.01 * math.sqrt(t) for t in range(T + 1)]
+    return sum(prediction_verdict(p.tolist(), mean, std)["verdict"] == "does not hold" for p in paths)
+
+
+def test_verdict_false_alarm_rate_on_a_correct_model_and_the_independent_steps_variant(monkeypatch):
+    # the rule's family-wise rate is <= 0.01: on 400 model paths the count is <= 4 + 3 binomial sd (10)
+    n, bound = 400, 400 * VERDICT_ALPHA + 3 * math.sqrt(400 * VERDICT_ALPHA)
+    assert _false_alarms(n, 300, seed=0) <= bound
+    # wrong variant: counting the 300 autocorrelated steps as independent samples over-rejects
+    monkeypatch.setattr(prediction, "effective_sample_size", lambda T: T)
+    assert _false_alarms(n, 300, seed=0) > bound
+
+
+def test_verdict_holds_does_not_hold_and_inconclusive_by_construction(tmp_path):
+    _write_run(tmp_path / "exact")  # observed sigma follows the predicted drift exactly
+    s = summarize_run(tmp_path / "exact")
+    assert (
+        s["verdict"] == "holds" and s["fraction_in_2std"] == 1.0 and abs(s["z_final"]) < 0.1
+    )  # K is exponential, sigma linear: close, not equal
+    # observed K jumps 50% above the prediction after step 0: every step outside, |z| huge
+    _write_run(tmp_path / "wrong", observed=lambda t, j: (2.0, 0.5)[j] * (1.5 if t else 1.0))
+    s = summarize_run(tmp_path / "wrong")
+    assert s["verdict"] == "does not hold" and s["fraction_in_2std"] == 0.0
+    assert any("std from the predicted" in r for r in s["verdict_reasons"]), s["verdict_reasons"]
+    # phi so large that E - 2 std < 0 at T: the band excludes no small K
+    _write_run(tmp_path / "wide", phi=(1.5, 0.4), observed=lambda t, j: (2.0, 0.5)[j])
+    s = summarize_run(tmp_path / "wide")
+    assert s["verdict"] == "inconclusive" and "excludes no small K" in s["verdict_reasons"][0]
+
+
+def test_negative_layer_mean_and_failed_stability_are_flagged(tmp_path):
+    # layer b: 0.5 + t (-0.1 + 0.001) < 0 from t = 6 while its observed sigma stays at 0.5
+    rows = _write_run(tmp_path, mu=(-0.01, -0.1), observed=lambda t, j: (2.0 + t * (-0.006), 0.5)[j])
+    rows[4].update(sharpness=60.0, lr_sharpness=3.0)
+    rows[2].update(sharpness=32.0, lr_sharpness=1.6)
+    StepLog(tmp_path / "steps.csv", step_columns(LAYERS), rows).close()
+    s = summarize_run(tmp_path)
+    flags = s["prediction_verdict"]["flags"]
+    assert any(f.startswith("b: predicted E[sigma_1] is negative from step 6") for f in flags), flags
+    assert any("stability condition lr * lambda_max < 2 failed at step 4" in f for f in flags), flags
+    assert (s["stability_warning_step"], s["stability_failed_step"], s["lr_sharpness_max"]) == (2, 4, 3.0)
+    assert s["verdict"] in ("inconclusive", "does not hold")
+
+
+def test_prediction_verdict_refuses_bad_input_and_flags_non_physical():
+    with pytest.raises(LipverifyError, match="same length"):
+        prediction_verdict([1.0, 2.0], [1.0], [0.0, 0.1])
+    with pytest.raises(LipverifyError, match="positive and finite"):
+        prediction_verdict([1.0, math.nan], [1.0, 1.0], [0.0, 0.1])
+    v = prediction_verdict([1.0, 1.0], [1.0, -1.0], [0.0, 0.1])
+    assert v["verdict"] == "not applicable" and "non-physical at step 1" in v["reasons"][0]
+    assert effective_sample_size(1) == 1 and effective_sample_size(15) == 1
+    assert effective_sample_size(16) == 2 and effective_sample_size(300) == 3

@@ -337,21 +337,66 @@ def test_non_finite_sigma_is_divergence_at_that_step(tmp_path, monkeypatch):
         train(tiny(steps=2), tmp_path / "final", progress=False)
 
 
-def test_diverged_run_is_failed_not_complete(tmp_path, capsys):
-    # lr = 1e4: every recorded number is finite, but exp(sum psi_bar) overflows from step 1 on;
-    # the summary used to say K_T_predicted_mean inf and 100% of the steps inside the band
+def test_overflowing_prediction_is_complete_and_flagged_not_applicable(tmp_path, capsys):
+    # lr = 1e4: every recorded number is finite, but exp(sum psi_bar) overflows from step 1 on; this
+    # used to fail the run with "diverged; smaller lr" and no summary
     out = tmp_path / "run"
     args = ["--out", str(out), "--no-progress", "steps=6", "train_size=128", "batch_size=16", "lr=1e4"]
+    assert main(["train", *args]) == 0
+    err = capsys.readouterr().err
+    assert "verdict (Theorem 17, batch mu): not applicable: " in err and "the run itself is finite" in err
+    assert "smaller lr" not in err and "lr = 10000.0" in err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "complete"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "not applicable" and summary["K_T_predicted_mean"] is None
+
+
+def test_tiny_sigma_is_reportable_with_what_happened(tmp_path, capsys):
+    # the issue's run, init_scale = 1e-5: fc3's sigma_1 = 6.4e-6 gives psi/sigma = 4e3 per step
+    # (measured): exp overflows at step 1 while training stays finite
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--no-progress", "steps=30", "init_scale=1e-5"]
+    assert main(["train", *args]) == 0
+    err = capsys.readouterr().err
+    assert re.search(
+        r"not applicable: fc\d: sigma_1 = \S+ at step \d+, relative term .* the Theorem 17 prediction overflows",  # noqa: E501
+        err,
+    ), err
+    assert "diverged" not in err
+    assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+
+
+def test_huge_lr_term_overflow_names_step_and_lr(tmp_path, capsys):
+    # lr = 1e300: psi = lr^2 / 2 tr(H Sigma) is inf by arithmetic at step 0 (it used to say
+    # "fc1: psi is not finite ... check the inputs" with no step or lr)
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--no-progress", "steps=3", "train_size=128", "batch_size=16", "lr=1e300"]
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
-    assert "prediction overflows at step 1" in err and "observed ln K_t = " in err and "smaller lr" in err
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["status"] == "failed" and "overflows at step 1" in meta["error"]
-    assert (out / "steps.csv").exists() and (out / "checkpoint.pt").exists()
-    assert not (out / "summary.json").exists()
-    # the report refuses it with the same reason (and the meta.json status)
-    assert main(["report", str(out)]) == 2
-    assert "overflows at step 1" in capsys.readouterr().err
+    assert re.search(
+        r"training diverged at step 0: fc\d: psi is not finite .*try a smaller lr \(lr = 1e\+300\)", err
+    ), err
+    assert "check the inputs" not in err
+    assert json.loads((out / "meta.json").read_text())["status"] == "failed"
+
+
+def test_sharpness_columns_and_stability_warning(tmp_path, capsys):
+    out = train(
+        tiny(steps=3, sharpness_every=2, lr=1.0, checkpoint_every=0), tmp_path / "run", progress=False
+    )
+    _, rows = read_steps(out / "steps.csv")
+    assert [r.get("sharpness") is not None for r in rows[:3]] == [True, False, True]
+    for r in (rows[0], rows[2]):
+        assert r["sharpness"] > 0 and r["lr_sharpness"] == pytest.approx(1.0 * r["sharpness"], rel=1e-12)
+    assert rows[1].get("lr_sharpness") is None
+    # lambda_max of the fresh MLP's loss is about 2 (2.0 measured): lr = 1 puts lr * lambda above 1.5
+    err = capsys.readouterr().err
+    assert err.count("lr * lambda_max = ") == 1 and "at step 0" in err, err
+    assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+    off = train(tiny(steps=2, sharpness_every=0), tmp_path / "off", progress=False)
+    _, rows = read_steps(off / "steps.csv")
+    assert all(r.get("sharpness") is None for r in rows)
 
 
 def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys):

@@ -29,6 +29,9 @@ _KEYS = (
     "log_bound_change_observed",
     "log_bound_change_predicted",
     "final_loss",
+    "z_final",
+    "lr_sharpness_max",
+    "stability_failed_step",
 )
 
 
@@ -36,8 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="directory written by `lipverify train` (or a sweep directory)")
 
 
-def report_run(run_dir: str | Path) -> int:
-    from lipverify.prediction import plot_run, summarize_run
+def report_run(run_dir: str | Path, verdict_to_stderr: bool = False) -> int:
+    """Write summary.json and figure.png, print the summary and the verdict line (``verdict:
+    holds|does not hold|inconclusive|not applicable: reasons``; also on stderr for ``train``).
+    Returns 0: a run whose prediction fails is a result, not an error."""
+    import sys
+
+    from lipverify.prediction import plot_run, summarize_run, verdict_line
     from lipverify.records import write_json
 
     run_dir = Path(run_dir)
@@ -54,6 +62,12 @@ def report_run(run_dir: str | Path) -> int:
             f"{s['sigma_T_predicted_mean']:10.5g} "
             f"{s['sigma_T_predicted_std']:10.3g} {s['fraction_in_2std']:8.2f}"
         )
+    line = f"verdict (Theorem 17, batch mu): {verdict_line(summary['prediction_verdict'])}"
+    print(line)
+    if summary.get("verdict_full_mu") is not None:
+        print(f"verdict (Theorem 17, full-data mu): {verdict_line(summary['verdict_full_mu'])}")
+    if verdict_to_stderr:
+        print(f"lipverify train: {line}", file=sys.stderr)
     print(f"wrote {run_dir / 'summary.json'} and {figure}")
     return 0
 

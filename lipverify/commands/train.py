@@ -30,4 +30,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     train(config, out, progress=not args.no_progress)
-    return report_run(out)
+    return report_run(out, verdict_to_stderr=True)
