@@ -264,23 +264,27 @@ def network_terms(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> Ne
         # Diffusion of ln K without Assumption 3: sum_i (sum_l p_{l,i} / sigma_l)^2.
         full = sum(p.to(torch.float64) / t.sigma for p, t in zip(projections, items, strict=True))
         cross = float((full * full).sum()) - sum(t.phi**2 / t.sigma**2 for t in items)
-    net = NetworkTerms(
-        log_bound=sum(math.log(t.sigma) for t in items),
-        mu=sum(_generated.normalised_rate(t.mu, t.sigma) for t in items),
-        psi=sum(_generated.normalised_rate(t.psi, t.sigma) for t in items),
-        phi_sq=sum(_generated.normalised_diffusion_sq(t.phi, t.sigma) for t in items),
-        phi_sq_cross=cross,
-        degenerate=any(t.degenerate for t in items),
-        degenerate_layers=tuple((name, t.relative_gap) for name, t in named if t.degenerate),
-    )
-    for key in ("mu", "psi", "phi_sq", "phi_sq_cross"):
-        value = getattr(net, key)
-        if value is not None and not math.isfinite(value):
-            worst = max(named, key=lambda nt: abs(getattr(nt[1], "phi" if key.startswith("phi") else key)) / nt[1].sigma)
-            raise LipverifyError(
-                f"network {key} = sum over layers overflows float64 ({value}); largest layer {worst[0]} "
-                f"(sigma {worst[1].sigma:.3g}, degenerate={worst[1].degenerate})"
-            )
+    try:
+        net = NetworkTerms(
+            log_bound=sum(math.log(t.sigma) for t in items),
+            mu=sum(_generated.normalised_rate(t.mu, t.sigma) for t in items),
+            psi=sum(_generated.normalised_rate(t.psi, t.sigma) for t in items),
+            phi_sq=sum(_generated.normalised_diffusion_sq(t.phi, t.sigma) for t in items),
+            phi_sq_cross=cross,
+            degenerate=any(t.degenerate for t in items),
+            degenerate_layers=tuple((name, t.relative_gap) for name, t in named if t.degenerate),
+        )
+        bad = [k for k in ("mu", "psi", "phi_sq", "phi_sq_cross") if not math.isfinite(getattr(net, k) or 0.0)]
+    except (OverflowError, ZeroDivisionError):  # Python floats: (phi / sigma)^2 with sigma^2 -> 0
+        bad = ["mu, psi or phi_sq"]
+    if bad:
+        # the layer with the largest |term| / sigma is the one that overflowed
+        worst, wt = max(named, key=lambda nt: max(abs(nt[1].mu), abs(nt[1].psi), nt[1].phi) / nt[1].sigma)
+        raise LipverifyError(
+            f"network {bad[0]} = sum over layers of term / sigma overflows float64; largest layer {worst} "
+            f"(sigma {wt.sigma:.3g}, mu {wt.mu:.3g}, psi {wt.psi:.3g}, phi {wt.phi:.3g}, "
+            f"degenerate={wt.degenerate})"
+        )
     return net
 
 
