@@ -274,7 +274,8 @@ def network_terms(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> Ne
             degenerate=any(t.degenerate for t in items),
             degenerate_layers=tuple((name, t.relative_gap) for name, t in named if t.degenerate),
         )
-        bad = [k for k in ("mu", "psi", "phi_sq", "phi_sq_cross") if not math.isfinite(getattr(net, k) or 0.0)]
+        sums = ("mu", "psi", "phi_sq", "phi_sq_cross")
+        bad = [k for k in sums if not math.isfinite(getattr(net, k) or 0.0)]
     except (OverflowError, ZeroDivisionError):  # Python floats: (phi / sigma)^2 with sigma^2 -> 0
         bad = ["mu, psi or phi_sq"]
     if bad:
@@ -373,8 +374,8 @@ def predict_bound(
         if any(len(r) != L for r in rows):
             raise LipverifyError(f"layer_series: every step needs the same {L} layers")
         sigma0 = torch.tensor([t.sigma for _, t in rows[0]], dtype=torch.float64)
-        drift_l = torch.tensor([[t.mu + t.psi for _, t in r] for r in rows], dtype=torch.float64).reshape(-1, L)
-        phi_l = torch.tensor([[t.phi**2 for _, t in r] for r in rows], dtype=torch.float64).reshape(-1, L)
+        drift_l = torch.tensor([[t.mu + t.psi for _, t in r] for r in rows], dtype=torch.float64)
+        phi_l = torch.tensor([[t.phi**2 for _, t in r] for r in rows], dtype=torch.float64)
         zeros = torch.zeros(1, L, dtype=torch.float64)
         layer_mean = _generated.layer_mean(sigma0, torch.cat([zeros, torch.cumsum(drift_l, 0)]))
         layer_var = _generated.layer_variance(torch.cat([zeros, torch.cumsum(phi_l, 0)]))

@@ -191,7 +191,9 @@ def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float 
     check_gap(dec, name, gap_tolerance, stacklevel=4)
 
 
-def _require_finite(result: torch.Tensor, dtype: torch.dtype, what: str, dec: SpectralDecomposition) -> torch.Tensor:
+def _require_finite(
+    result: torch.Tensor, dtype: torch.dtype, what: str, dec: SpectralDecomposition
+) -> torch.Tensor:
     """``result`` cast to ``dtype``, or a :class:`LipverifyError` when a value overflows there (e.g.
     1/sigma_1 of a tiny W, 1/gap in float16): never an inf or NaN returned silently."""
     out = result.to(dtype)

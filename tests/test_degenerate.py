@@ -72,10 +72,12 @@ def test_orthogonal_weight_is_refused_by_every_function_that_needs_u_v(shape):
     rel = float(decompose(W).relative_gap)
     tau = rounding_gap_tolerance(m, n, F64)
     assert rel <= tau  # the premise: a rounding-level gap (measured 0 to 1 eps here, tau = 23-25 eps)
-    for name, call in VECTOR_FUNCTIONS.items():
+    for call in VECTOR_FUNCTIONS.values():
         with pytest.raises(lv.DegenerateSpectrumError, match=r"equal up to rounding \(relative gap"):
             call(W)
-    with pytest.raises(lv.DegenerateSpectrumError, match=r"equal up to rounding.*psi \(Theorem 14\) is undefined"):
+    with pytest.raises(
+        lv.DegenerateSpectrumError, match=r"equal up to rounding.*psi \(Theorem 14\) is undefined"
+    ):
         lv.layer_terms(W, _grads(m, n), 0.1, name="fc1")
 
 
@@ -115,7 +117,9 @@ def test_layer_terms_small_gap_warns_naming_psi_and_amplification():
     """g = 1e-9 (resolvable in float64, below 1e-6): the terms come back flagged, with a warning that
     names the layer, the gap, psi and 1/g. The old code returned them silently."""
     W = _with_gap(1e-9)
-    with pytest.warns(lv.SpectralGapWarning, match=r"fc1: relative spectral gap 1e-09 .*psi = .* 1/gap = 1e\+09"):
+    with pytest.warns(
+        lv.SpectralGapWarning, match=r"fc1: relative spectral gap 1e-09 .*psi = .* 1/gap = 1e\+09"
+    ):
         terms = lv.layer_terms(W, _grads(3, 4), 0.1, name="fc1")
     assert terms.degenerate and math.isfinite(terms.psi)
 
@@ -146,7 +150,10 @@ def _degenerate_series(steps: int = 4):
 
 def test_predict_bound_overflow_names_step_term_and_degenerate_layer():
     nets, layers = _degenerate_series()
-    pattern = r"step 1: E\[K_t\] .* overflows .*largest term psi_bar = .* at step 0; .*fc1 at step 0 \(relative gap 1e-12"
+    pattern = (
+        r"step 1: E\[K_t\] .* overflows .*largest term psi_bar = .* at step 0; "
+        r".*fc1 at step 0 \(relative gap 1e-12"
+    )
     with pytest.warns(BoundOverflowWarning, match=pattern):
         pred = lv.predict_bound(nets, 1.0, layers)
     assert pred.overflow_step == 1 and not pred.finite and math.isfinite(float(pred.mean[0]))
@@ -163,7 +170,9 @@ def test_predict_bound_overflow_without_degenerate_layer_blames_the_terms():
     """A large but well-gapped psi (a diverging run) and a variance-only overflow: the message must
     not invent a degenerate layer and must name the right sum."""
     big_drift = lv.dynamics.NetworkTerms(log_bound=0.0, mu=0.0, psi=1e3, phi_sq=0.0)
-    with pytest.warns(BoundOverflowWarning, match=r"step 1: E\[K_t\].*psi_bar = 1e\+03 at step 0; no layer is flagged"):
+    with pytest.warns(
+        BoundOverflowWarning, match=r"step 1: E\[K_t\].*psi_bar = 1e\+03 at step 0; no layer is flagged"
+    ):
         lv.predict_bound([big_drift] * 3, 1.0)
     big_noise = lv.dynamics.NetworkTerms(log_bound=0.0, mu=0.0, psi=0.0, phi_sq=800.0)
     with pytest.warns(BoundOverflowWarning, match=r"step 1: Var\[K_t\].*phi_sq_bar = 800 at step 0"):
@@ -178,12 +187,12 @@ def test_network_terms_refuses_bad_layers_by_name():
     ok = lv.LayerTerms(sigma=1.0, mu=0.0, phi=0.1, psi=0.0, gap=0.5)
     dead = lv.LayerTerms(sigma=0.0, mu=0.0, phi=0.1, psi=0.0, gap=0.0)
     inf_psi = lv.LayerTerms(sigma=1.0, mu=0.0, phi=0.1, psi=math.inf, gap=0.5)
-    with pytest.raises(lv.LipverifyError, match="conv2: sigma_1 = 0.0 must be positive"):
+    with pytest.raises(lv.LipverifyError, match=r"conv2: sigma_1 = 0.0 must be positive"):
         lv.network_terms({"fc1": ok, "conv2": dead})
-    with pytest.raises(lv.LipverifyError, match="layer 1: psi = inf is not finite"):
+    with pytest.raises(lv.LipverifyError, match=r"layer 1: psi = inf is not finite"):
         lv.network_terms([ok, inf_psi])
     tiny = lv.LayerTerms(sigma=1e-300, mu=0.0, phi=0.1, psi=1e300, gap=1e-301)
-    with pytest.raises(lv.LipverifyError, match="network .* overflows float64; largest layer fc9"):
+    with pytest.raises(lv.LipverifyError, match=r"network .* overflows float64; largest layer fc9"):
         lv.network_terms({"fc9": tiny})
 
 
@@ -191,19 +200,19 @@ def test_outputs_that_overflow_the_dtype_raise():
     """sigma_1 = 2.4e5 of a float16 W overflows float16 (max 65504); a W of size 1e-200 makes
     s1^2 - s2^2 underflow to 0 (Hessian terms 1/0); float16 gradients of size 300 overflow their
     products (float32 ones of size 3e19 in noise_sqrt). The old code returned inf for each."""
-    with pytest.raises(lv.LipverifyError, match="sigma_1 is not finite in torch.float16"):
+    with pytest.raises(lv.LipverifyError, match=r"sigma_1 is not finite in torch.float16"):
         lv.top_singular(torch.full((4, 4), 60000.0, dtype=torch.float16))
     tiny = 1e-200 * torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=F64))
     for call in (lv.hessian, lv.hessian_trace):
-        with pytest.raises(lv.LipverifyError, match="not finite in torch.float64"):
+        with pytest.raises(lv.LipverifyError, match=r"not finite in torch.float64"):
             call(tiny)
     G = torch.full((4, 3, 3), 300.0, dtype=torch.float16)
     G[0] = -300.0
     for call in (lv.batch_noise_covariance, lv.variance_covariance_split):
-        with pytest.raises(lv.LipverifyError, match="overflows torch.float16"):
+        with pytest.raises(lv.LipverifyError, match=r"overflows torch.float16"):
             call(G)
     assert _finite(lv.noise_sqrt(G).matrix())  # computed in float32: 300^2 fits
-    with pytest.raises(lv.LipverifyError, match="Gram matrix .* overflows torch.float32"):
+    with pytest.raises(lv.LipverifyError, match=r"Gram matrix .* overflows torch.float32"):
         lv.noise_sqrt(G.float() * 1e17)  # (4.5e19)^2 > 3.4e38
 
 
