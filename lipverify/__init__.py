@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from lipverify._validation import DegenerateSpectrumError, LipverifyError
 from lipverify.dynamics import (
+    BoundOverflowWarning,
     BoundPrediction,
     LayerTerms,
     NetworkTerms,
@@ -33,6 +34,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
 __all__ = [
+    "BoundOverflowWarning",
     "BoundPrediction",
     "DegenerateSpectrumError",
     "LayerTerms",

@@ -18,6 +18,7 @@ from lipverify._validation import (
     all_finite,
     check_batch_size,
     check_population,
+    compute_dtype,
 )
 
 #: Largest d for which a dense (d, d) covariance is materialised.
@@ -47,6 +48,17 @@ def centred(G: torch.Tensor) -> torch.Tensor:
     return Gf - Gf.mean(0, keepdim=True)
 
 
+def _finite_result(result: torch.Tensor, what: str, Gc: torch.Tensor) -> torch.Tensor:
+    """``result``, or a :class:`LipverifyError` when products of the gradients overflow their dtype
+    (e.g. float16 entries above 256 squared past 65504): never an inf/NaN returned silently."""
+    if not all_finite(result):
+        raise LipverifyError(
+            f"{what} overflows {Gc.dtype} (largest centred gradient entry {float(Gc.abs().max()):.3g}); "
+            "pass the gradients in float32/float64 or rescale them"
+        )
+    return result
+
+
 def estimator_scale(b: int, population_size: int | None = None) -> float:
     """The factor ``(1 - b/N) / (b (b - 1))`` multiplying ``G_hat^T G_hat`` in Proposition 5."""
     check_batch_size(b)
@@ -69,7 +81,7 @@ def batch_noise_covariance(G: torch.Tensor, population_size: int | None = None) 
     """
     Gc = centred(G)
     _check_dense(Gc.shape[1])
-    return Gc.T @ Gc * estimator_scale(Gc.shape[0], population_size)
+    return _finite_result(Gc.T @ Gc * estimator_scale(Gc.shape[0], population_size), "Sigma_hat", Gc)
 
 
 def variance_covariance_split(
@@ -80,9 +92,9 @@ def variance_covariance_split(
     (d, d, zero diagonal, not PSD in general)."""
     Gc = centred(G)
     scale = estimator_scale(Gc.shape[0], population_size)
-    variance = (Gc * Gc).sum(0) * scale
+    variance = _finite_result((Gc * Gc).sum(0) * scale, "the variance part", Gc)
     _check_dense(Gc.shape[1])
-    covariance = Gc.T @ Gc * scale
+    covariance = _finite_result(Gc.T @ Gc * scale, "the covariance part", Gc)
     covariance.diagonal().zero_()
     return variance, covariance
 
@@ -131,10 +143,14 @@ class NoiseSqrt:
 def noise_sqrt(G: torch.Tensor, population_size: int | None = None, rtol: float | None = None) -> NoiseSqrt:
     """Proposition 7 low-rank symmetric square root of ``Sigma_hat`` (see :class:`NoiseSqrt`).
 
-    ``rtol`` is the relative eigenvalue cut-off (default ``10 b eps`` of the dtype)."""
-    Gc = centred(G)
+    ``rtol`` is the relative eigenvalue cut-off (default ``10 b eps`` of the dtype). Half precisions
+    are computed in float32 (no half-precision eigh on CPU; the root's tensors are float32).
+    Gradients whose Gram matrix overflows the dtype raise :class:`LipverifyError`; all-zero
+    gradients give rank 0."""
+    Gf = _flat(G)
+    Gc = centred(Gf.to(compute_dtype(Gf.dtype)))  # no half-precision eigh on CPU
     b = Gc.shape[0]
-    gram = Gc @ Gc.T
+    gram = _finite_result(Gc @ Gc.T, "the Gram matrix G_hat G_hat^T", Gc)
     lam, Q = torch.linalg.eigh(gram)
     if rtol is None:
         rtol = b * torch.finfo(Gc.dtype).eps * 10

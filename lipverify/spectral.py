@@ -36,6 +36,27 @@ def gap_tolerance_for(dtype: torch.dtype) -> float:
     return max(DEFAULT_GAP_TOLERANCE, torch.finfo(dtype).eps ** 0.5)
 
 
+def rounding_gap_tolerance(m: int, n: int, dtype: torch.dtype) -> float:
+    """Relative gap at or below which ``sigma_1 = sigma_2`` up to rounding: ``4 eps (sqrt(m) + sqrt(n))``
+    of the compute dtype, capped at :func:`gap_tolerance_for` (reached only for float32 with
+    ``sqrt(m) + sqrt(n) > 724``).
+
+    Derivation: rounding W's entries (``|dw_ij| <= eps/2 |w_ij|``, independent signs) is a random
+    perturbation of norm ``~ (eps/2) max|w_ij| (sqrt(m) + sqrt(n)) <= (eps/2) (sqrt(m) + sqrt(n))
+    sigma_1``; by Weyl each singular value moves by at most that, so a matrix with ``sigma_1 = sigma_2``
+    shows a computed relative gap up to ``eps (sqrt(m) + sqrt(n))``. The backward-stable SVD adds an
+    error of the same kind. The factor 4 is the safety margin: over 9000 random exactly degenerate
+    matrices (2x2 to 16x16, float32 and float64, built as ``U diag(s) V^T`` in the dtype) the largest
+    computed relative gap was ``1.6 eps (sqrt(m) + sqrt(n))``, and at most ``0.2 eps (sqrt(m) + sqrt(n))``
+    from 128x128 to 512x2048. At or below this level the gap cannot be told from zero: u and v are
+    not defined. The worst-case (linear in ``max(m, n)``) SVD error bound is not used: in float32 it
+    exceeds the flag threshold ``sqrt(eps)`` above ``max(m, n) = 1448`` and would refuse layers whose
+    vectors are accurate to ``eps / gap``.
+    """
+    eps = torch.finfo(dtype).eps
+    return min(4 * eps * (m**0.5 + n**0.5), gap_tolerance_for(dtype))
+
+
 #: Largest d = m*n for which the dense (d, d) Hessian is built.
 MAX_DENSE_HESSIAN_DIM = 4096
 
@@ -109,41 +130,112 @@ def decompose(W: torch.Tensor, name: str = "W") -> SpectralDecomposition:
     check_weight(W, name)
     Wc = W.to(compute_dtype(W.dtype))
     U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
+    if not (all_finite(S) and all_finite(U) and all_finite(Vh)):
+        raise LipverifyError(
+            f"{name}: the SVD is not finite in {Wc.dtype} (largest |entry| {float(Wc.abs().max()):.3g}): "
+            "sigma_1 overflows; rescale W"
+        )
     if not bool(S[0] > 0):
         raise DegenerateSpectrumError(f"{name}: sigma_1 = 0 (dead layer)")
     return with_canonical_sign(U, S, Vh.transpose(-1, -2))
 
 
-def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float | None = None) -> None:
-    _require_separated_top(dec.sigma, name)
+def check_gap(
+    dec: SpectralDecomposition,
+    name: str = "W",
+    gap_tolerance: float | None = None,
+    stacklevel: int = 3,
+    warn: bool = True,
+) -> float:
+    """The policy for sigma_1 close to sigma_2 shared by the public functions; returns the relative gap
+    ``g = (sigma_1 - sigma_2) / sigma_1`` (``sigma_2 := 0`` for a rank-one shape).
+
+    * ``g <= rounding_gap_tolerance(m, n, dtype)`` (sigma_1 = sigma_2 exactly or up to rounding):
+      :class:`DegenerateSpectrumError` naming sigma_1, sigma_2, g and the threshold. u and v are not
+      defined there (any unit vector of the top singular subspace is as good), sigma_1 is not
+      differentiable and the Lemma 13 terms, which divide by ``sigma_1^2 - sigma_2^2``, are unbounded.
+    * ``g < gap_tolerance`` (default :func:`gap_tolerance_for` the compute dtype): values are returned
+      and a :class:`SpectralGapWarning` says by how much they are amplified: u, v carry errors up to
+      ``eps / g`` (Davis-Kahan), the Lemma 13 terms scale like ``1 / g`` with relative error ``eps / g``.
+      ``warn=False`` leaves the warning to the caller (which can name the amplified value).
+    """
+    sigma = dec.sigma
+    dtype = sigma.dtype
+    m, n = dec.shape
+    s1 = float(sigma[0])
+    s2 = float(sigma[1]) if sigma.numel() > 1 else 0.0
     rel = float(dec.relative_gap)
-    if gap_tolerance is None:
-        gap_tolerance = gap_tolerance_for(dec.sigma.dtype)
-    if rel < gap_tolerance:
-        warnings.warn(
-            f"{name}: relative spectral gap {rel:.3g} is below {gap_tolerance:.3g}; Hessian terms scale "
-            "like 1/gap and lose accuracy",
-            SpectralGapWarning,
-            stacklevel=3,
+    rounding = rounding_gap_tolerance(m, n, dtype)
+    if rel <= rounding:
+        raise DegenerateSpectrumError(
+            f"{name}: sigma_1 = {s1:.17g} and sigma_2 = {s2:.17g} are equal up to rounding (relative gap "
+            f"{rel:.3g} <= {rounding:.3g} = 4 eps (sqrt(m) + sqrt(n)) in {dtype}, {m}x{n}): the top "
+            "singular vectors are not defined, sigma_1 is not differentiable there and its Hessian is "
+            "unbounded (Assumption 11 fails)"
         )
+    if gap_tolerance is None:
+        gap_tolerance = gap_tolerance_for(dtype)
+    if warn and rel < gap_tolerance:
+        eps = torch.finfo(dtype).eps
+        warnings.warn(
+            f"{name}: relative spectral gap {rel:.3g} (sigma_1 = {s1:.6g}, sigma_2 = {s2:.6g}) is below "
+            f"{gap_tolerance:.3g}: u, v carry errors up to eps/gap = {eps / rel:.2g} and the Hessian "
+            f"terms are amplified like 1/gap = {1 / rel:.2g} (relative error ~ eps/gap)",
+            SpectralGapWarning,
+            stacklevel=stacklevel,
+        )
+    return rel
+
+
+def _require_simple(dec: SpectralDecomposition, name: str, gap_tolerance: float | None = None) -> None:
+    check_gap(dec, name, gap_tolerance, stacklevel=4)
+
+
+def _require_finite(
+    result: torch.Tensor, dtype: torch.dtype, what: str, dec: SpectralDecomposition
+) -> torch.Tensor:
+    """``result`` cast to ``dtype``, or a :class:`LipverifyError` when a value overflows there (e.g.
+    1/sigma_1 of a tiny W, 1/gap in float16): never an inf or NaN returned silently."""
+    out = result.to(dtype)
+    if not all_finite(out):
+        raise LipverifyError(
+            f"W: {what} is not finite in {dtype} (sigma_1 = {float(dec.sigma1):.3g}, relative gap "
+            f"{float(dec.relative_gap):.3g}); it scales like 1/sigma_1 and 1/gap: rescale W or use float64"
+        )
+    return out
 
 
 def top_singular(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sigma_1 and its singular vectors: ``(sigma, u, v)`` with ``W v = sigma u``.
 
-    W: (m, n) -> sigma: scalar tensor, u: (m,), v: (n,), in W's dtype and device.
+    W: (m, n) -> sigma: scalar tensor, u: (m,), v: (n,), in W's dtype and device (decomposed in
+    float32 for half inputs). Gap policy (:func:`check_gap`): when sigma_1 = sigma_2 up to rounding
+    (relative gap ``<= 4 eps (sqrt(m) + sqrt(n))``, :func:`rounding_gap_tolerance`) u and v are not
+    defined and :class:`DegenerateSpectrumError` is raised (``spectral_gap`` still measures the gap);
+    below ``max(1e-6, sqrt(eps))`` the values come with a :class:`SpectralGapWarning` (u, v accurate
+    to ``~eps / gap``). A sigma_1 that overflows a half dtype raises :class:`LipverifyError`.
     """
     dec = decompose(W)
-    return dec.sigma1.to(W.dtype), dec.u.to(W.dtype), dec.v.to(W.dtype)
+    _require_simple(dec, "W")
+    sigma = _require_finite(dec.sigma1, W.dtype, "sigma_1", dec)
+    return sigma, dec.u.to(W.dtype), dec.v.to(W.dtype)
 
 
 def spectral_gap(W: torch.Tensor) -> torch.Tensor:
-    """Absolute spectral gap ``sigma_1 - sigma_2`` (``sigma_2 := 0`` for a rank-one shape)."""
-    return decompose(W).gap.to(W.dtype)
+    """Absolute spectral gap ``sigma_1 - sigma_2`` (``sigma_2 := 0`` for a rank-one shape), scalar in
+    W's dtype. The measurement of degeneracy itself: it never raises for a small or zero gap (a gap
+    at rounding level, ``<= rounding_gap_tolerance(m, n, dtype) * sigma_1``, is indistinguishable
+    from 0)."""
+    dec = decompose(W)
+    return _require_finite(dec.gap, W.dtype, "the spectral gap", dec)
 
 
 def jacobian(W: torch.Tensor) -> torch.Tensor:
-    """Lemma 12: ``d sigma_1 / dW = u v^T``, shape (m, n) (``v kron u`` in column-major vec)."""
+    """Lemma 12: ``d sigma_1 / dW = u v^T``, shape (m, n) (``v kron u`` in column-major vec), W's dtype.
+
+    Gap policy of :func:`top_singular`: :class:`DegenerateSpectrumError` when sigma_1 = sigma_2 up to
+    rounding (sigma_1 is not differentiable), :class:`SpectralGapWarning` below ``max(1e-6, sqrt(eps))``.
+    """
     dec = decompose(W)
     _require_simple(dec, "W")
     return torch.outer(dec.u, dec.v).to(W.dtype)
@@ -159,7 +251,8 @@ def hessian(W: torch.Tensor, max_dim: int = MAX_DENSE_HESSIAN_DIM) -> torch.Tens
 
     ``H = sum_{k=2..r} [s1 (x_k x_k^T + y_k y_k^T) + s_k (x_k y_k^T + y_k x_k^T)] / (s1^2 - s_k^2)
     + (1/s1) (sum_{k>r} x_k x_k^T + sum_{j>r} y_j y_j^T)``, ``x_k = v_k kron u``, ``y_k = v kron u_k``.
-    Small matrices only: raises above ``max_dim`` = m*n.
+    Small matrices only: raises above ``max_dim`` = m*n. Gap policy of :func:`top_singular` (the
+    terms divide by ``s1^2 - s2^2``); an entry that overflows W's dtype raises :class:`LipverifyError`.
     """
     check_weight(W)
     m, n = W.shape
@@ -195,7 +288,7 @@ def hessian(W: torch.Tensor, max_dim: int = MAX_DENSE_HESSIAN_DIM) -> torch.Tens
     for j in range(r, m):
         yj = _vec(torch.outer(Uf[:, j], v))
         H += torch.outer(yj, yj) / s1
-    return H.to(W.dtype)
+    return _require_finite(H, W.dtype, "the Hessian", dec)
 
 
 def quadratic_form_from_projections(
@@ -251,6 +344,7 @@ def hessian_quadratic_form(W: torch.Tensor, E: torch.Tensor, method: str = "svd"
     ``method="resolvent"``: ``s1 (y_perp^T R_V y_perp + x_perp^T R_U x_perp) + 2 y_perp^T R_V W^T x_perp``
     with the deflated resolvents ``R_V = (s1^2 I - W^T W + s1^2 v v^T)^{-1}`` restricted to v's
     complement (MATH section 2), one linear solve each. Returns (...,) in W's dtype.
+    Gap policy of :func:`top_singular`; a value that overflows W's dtype raises :class:`LipverifyError`.
     """
     dec = decompose(W)
     _check_direction(W, E)
@@ -282,14 +376,15 @@ def hessian_quadratic_form(W: torch.Tensor, E: torch.Tensor, method: str = "svd"
         q = s1 * ((y_perp * Ry).sum(-1) + (x_perp * Rx).sum(-1)) + 2 * (Ry * (x_perp @ Wc)).sum(-1)
     else:
         raise LipverifyError(f"unknown method {method!r}; expected 'svd' or 'resolvent'")
-    return q.to(W.dtype)
+    return _require_finite(q, W.dtype, f"the quadratic form (method={method!r})", dec)
 
 
 def hessian_trace(W: torch.Tensor) -> torch.Tensor:
-    """``tr H = sum_{k=2..r} 2 s1 / (s1^2 - s_k^2) + (m + n - 2r) / s1`` (MATH section 2)."""
+    """``tr H = sum_{k=2..r} 2 s1 / (s1^2 - s_k^2) + (m + n - 2r) / s1`` (MATH section 2), scalar in
+    W's dtype. Gap policy of :func:`top_singular`; overflow in W's dtype raises :class:`LipverifyError`."""
     dec = decompose(W)
     _require_simple(dec, "W")
-    return hessian_trace_from_spectrum(dec.sigma, *W.shape).to(W.dtype)
+    return _require_finite(hessian_trace_from_spectrum(dec.sigma, *W.shape), W.dtype, "tr H", dec)
 
 
 def _require_separated_top(sigma: torch.Tensor, name: str = "W") -> None:

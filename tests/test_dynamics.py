@@ -8,6 +8,7 @@ a computation with condition sigma_1/gap <= 50 over b + m + n <= 30 terms is ~1e
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from lipverify.dynamics import (
     predict_bound,
     rescale_batch_size,
 )
+from lipverify.spectral import SpectralGapWarning
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps
@@ -92,9 +94,11 @@ def _fixed_layer(m: int = 4, n: int = 5, b: int = 6, relative_gap: float = 0.2):
 
 
 def test_small_gap_is_flagged_not_silent():
-    """Relative gap 1e-9 < tolerance: the record carries the gap and degenerate=True, values finite."""
+    """Relative gap 1e-9 < tolerance: the record carries the gap and degenerate=True, values finite,
+    and the caller is warned (psi is amplified like 1/gap)."""
     W, G, _ = _fixed_layer(relative_gap=1e-9)
-    terms = layer_terms(W, G, 0.1)
+    with pytest.warns(SpectralGapWarning, match="psi = .* amplified like 1/gap"):
+        terms = layer_terms(W, G, 0.1)
     assert terms.degenerate
     assert 0 < terms.gap < 1e-7
     assert terms.relative_gap < 1e-6
@@ -342,8 +346,11 @@ def test_degenerate_flag_uses_the_relative_gap(scale):
     tol = gap_tolerance_for(F64)
     for factor, flagged in ((0.5, True), (2.0, False)):
         W, G, _ = _fixed_layer(relative_gap=factor * tol)
-        base = layer_terms(W, G, 0.1)
-        terms = layer_terms(scale * W, scale * G, 0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            base = layer_terms(W, G, 0.1)
+            terms = layer_terms(scale * W, scale * G, 0.1)
+        assert sum(issubclass(w.category, SpectralGapWarning) for w in caught) == (2 if flagged else 0)
         assert base.degenerate is flagged
         assert terms.degenerate is flagged, (factor, scale, terms.gap, terms.sigma)
         # gap / sigma_1 is computed to ~eps sigma_1 / gap ~ 1e-10 relative
