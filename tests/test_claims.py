@@ -285,8 +285,15 @@ def test_noisy_gradient_monotone_pass_and_fail():
 # ------------------------------------------------------------------------------------------- 8.5
 
 
-def label_records(decreasing=True, seeds=3, mu0=0.02, law=lambda p: 1 - p, drift_ratio=lambda p: 1 - p,
-                  full=False, noise=0.01):
+def label_records(
+    decreasing=True,
+    seeds=3,
+    mu0=0.02,
+    law=lambda p: 1 - p,
+    drift_ratio=lambda p: 1 - p,
+    full=False,
+    noise=0.01,
+):
     """Runs sharing theta_0 (K_0 = 2): the step-0 drift mu_p(theta_0) = law(p) mu0 (+ relative noise
     from the corruption draw); the cumulative drift M_p = drift_ratio(p) M_0 along each run's own path.
     ``full``: the step-0 drift is in per-layer ``mu_full`` columns (one layer, sigma 2) and net_mu holds

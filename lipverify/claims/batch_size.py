@@ -74,8 +74,10 @@ def evaluate_batch_size(records: Sequence[dict], alpha: float = ALPHA) -> list[C
             "std(K_T) ~ b^-1/2",
             PAPER,
             pred,
-            f"fitted exponent {fmt(slope)} +- {fmt(se)} (SE), 95% CI [{fmt(slope - z * se)}, {fmt(slope + z * se)}] "
-            f"over b = {bs}, {min(r['n'] for r in rows)}+ seeds each; exponent of the predicted std {fmt(pred_slope)}",
+            f"fitted exponent {fmt(slope)} +- {fmt(se)} (SE), 95% "
+            f"CI [{fmt(slope - z * se)}, {fmt(slope + z * se)}] "
+            f"over b = {bs}, {min(r['n'] for r in rows)}+ seeds "
+            f"each; exponent of the predicted std {fmt(pred_slope)}",
             rule,
             verdict(abs(slope + 0.5) <= z * se),
             numbers={

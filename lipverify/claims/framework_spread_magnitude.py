@@ -37,7 +37,8 @@ def evaluate_spread_magnitude(records: Sequence[dict], alpha: float = ALPHA) -> 
             paper,
             pred,
             "; ".join(
-                f"b={r['batch_size']}: emp/pred {fmt(r['ratio'])} (CI of emp std {fmt(r['ci'][0])}..{fmt(r['ci'][1])}, "
+                f"b={r['batch_size']}: emp/pred {fmt(r['ratio'])} (CI "
+                f"of emp std {fmt(r['ci'][0])}..{fmt(r['ci'][1])}, "
                 f"pred {fmt(r['predicted_std'])})"
                 for r in rows
             ),

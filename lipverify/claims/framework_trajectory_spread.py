@@ -75,11 +75,13 @@ def evaluate_trajectory_spread(
             pred,
             f"{n} seeds; emp/pred std at steps {[int(r['step']) for r in rows]}: "
             + ", ".join(
-                f"{fmt(r['ratio'])} [{fmt(r['ci'][0] / r['predicted_std'])}, {fmt(r['ci'][1] / r['predicted_std'])}]"
+                f"{fmt(r['ratio'])} [{fmt(r['ci'][0] / r['predicted_std'])}, "
+                f"{fmt(r['ci'][1] / r['predicted_std'])}]"
                 for r in rows
             )
             + (f"; steps 3-10: {fmt(min(early))}..{fmt(max(early))}" if early else "")
-            + f"; all steps: {fmt(float(ratios.min()))}..{fmt(float(ratios.max()))}, median {fmt(float(np.median(ratios)))}",
+            + f"; all steps: {fmt(float(ratios.min()))}..{fmt(float(ratios.max()))}, "
+            f"median {fmt(float(np.median(ratios)))}",
             rule,
             verdict(all(r["pass"] for r in rows)),
             numbers={

@@ -157,7 +157,8 @@ def evaluate_near_convergence(
             "bound keeps growing",
             PAPER,
             pred_a,
-            f"late increase of ln K = {fmt(mean)} [95% CI {fmt(lo)}, {fmt(hi)}]; predicted late E[ln K] drift "
+            f"late increase of ln K = {fmt(mean)} [95% CI "
+            f"{fmt(lo)}, {fmt(hi)}]; predicted late E[ln K] drift "
             f"{fmt(np.mean([r['late_predicted_log_drift'] for r in rows]))} "
             f"(+- {fmt(np.mean([r['late_diffusion_std'] for r in rows]))} diffusion sd); {near}",
             rule_a,
@@ -181,7 +182,8 @@ def evaluate_near_convergence(
                 "|psi| one order below |mu|",
                 PAPER,
                 pred_b,
-                f"median |psi_bar|/|mu_bar| per run {', '.join(fmt(m) for m in med)}; mean log10 = {fmt(mean)} "
+                "median |psi_bar|/|mu_bar| per run "
+                f"{', '.join(fmt(m) for m in med)}; mean log10 = {fmt(mean)} "
                 f"[95% CI {fmt(lo)}, {fmt(hi)}] (mean mu_bar {fmt(np.mean([r['mu_late'] for r in rows]))}, "
                 f"psi_bar {fmt(np.mean([r['psi_late'] for r in rows]))} per step); {near}",
                 rule_b,
@@ -214,7 +216,8 @@ def evaluate_near_convergence(
                 PAPER,
                 pred_c,
                 f"window sum psi_bar / increase of ln K = {fmt(mean)} [95% CI {fmt(lo)}, {fmt(hi)}]; "
-                f"window sum psi_bar {fmt(np.mean([r['late_cumulative_psi'] for r in rows]))} vs diffusion sd "
+                "window sum psi_bar "
+                f"{fmt(np.mean([r['late_cumulative_psi'] for r in rows]))} vs diffusion sd "
                 f"{fmt(np.mean([r['late_diffusion_std'] for r in rows]))} (above it in {sum(above_noise)}/"
                 f"{len(rows)} runs); {near}",
                 rule_c,

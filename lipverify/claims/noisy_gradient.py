@@ -11,7 +11,10 @@ from lipverify.claims.figures import FigureSaver
 from lipverify.claims.result import ClaimResult, fmt
 from lipverify.claims.stats import monotone_claim
 
-QUOTE = 'Section 8.4: "As shown in Figure 6, the Lipschitz constant decreases monotonically as [alpha] decreases."'
+QUOTE = (
+    'Section 8.4: "As shown in Figure 6, the Lipschitz '
+    'constant decreases monotonically as [alpha] decreases."'
+)
 
 
 def _group(r: dict) -> str:
@@ -39,7 +42,8 @@ def evaluate_noisy_gradient(records: Sequence[dict]) -> list[ClaimResult]:
         "8.4",
         "noisy gradient: bound shrinks as alpha decreases",
         "Section 8.4",
-        "K_T (and predicted E[K_T]) increase monotonically with the gradient scale alpha, for every noise kind",
+        "K_T (and predicted E[K_T]) increase monotonically "
+        "with the gradient scale alpha, for every noise kind",
         obs,
         +1,
         "alpha",

@@ -54,7 +54,8 @@ def render_markdown(
             "|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {c.id} | {_md_escape(c.title)} ({c.paper}) | {_md_escape(c.paper_quote)} | {_md_escape(c.prediction)} "
+            f"| {c.id} | {_md_escape(c.title)} ({c.paper}) | "
+            f"{_md_escape(c.paper_quote)} | {_md_escape(c.prediction)} "
             f"| {_md_escape(c.measured)} | {_md_escape(c.rule)} | **{c.verdict.upper()}** |"
             for c in rows
         ]

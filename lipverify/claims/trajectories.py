@@ -82,7 +82,8 @@ def evaluate_trajectories(
     """
     pred = "the sampling seed has a negligible effect on the evolution of ln K"
     rule = (
-        f"std over seeds of ln K_T: one-sided {1 - alpha:.3g} chi-square upper bound < {NEGLIGIBLE_FRACTION:g} "
+        f"std over seeds of ln K_T: one-sided {1 - alpha:.3g} "
+        f"chi-square upper bound < {NEGLIGIBLE_FRACTION:g} "
         f"|mean ln K_T - ln K_0| (one order of magnitude below the change); fail if the lower bound > "
         f"{NEGLIGIBLE_FRACTION:g} |change|"
     )
@@ -118,8 +119,10 @@ def evaluate_trajectories(
             "sampling seed negligible",
             PAPER,
             pred,
-            f"{n} seeds; at T = {int(final['step'])}: std of ln K_T {fmt(final['std_log_K'])} (one-sided 95% bounds "
-            f"{fmt(lo)}..{fmt(hi)}) vs change {fmt(final['change_log_K'])} (limit {fmt(limit)}); std/change at steps "
+            f"{n} seeds; at T = {int(final['step'])}: std of ln "
+            f"K_T {fmt(final['std_log_K'])} (one-sided 95% bounds "
+            f"{fmt(lo)}..{fmt(hi)}) vs change {fmt(final['change_log_K'])} "
+            f"(limit {fmt(limit)}); std/change at steps "
             f"{[int(r['step']) for r in rows]}: {[fmt(r['ratio']) for r in rows]}",
             rule,
             three_way(hi < limit, lo > limit),
