@@ -553,7 +553,13 @@ def test_report_sweep_writes_table_figure_and_lists_failed_runs(tmp_path):
 
     dest = collect_results([tmp_path / "sw"], tmp_path / "results", command="pytest")
     assert (dest / "traj" / "trajectories.png").exists()
-    assert "| 8.7 |" in (dest / "claims.md").read_text()
+    combined = (dest / "claims.md").read_text()
+    assert "| 8.7 |" in combined and "| F8.7 |" in combined
+    # paper rows (with the quoted sentence) and framework rows (ours) in separate sections
+    assert combined.index("## Paper claims") < combined.index("| 8.7 |") < combined.index("## Framework tests")
+    assert combined.index("## Framework tests") < combined.index("| F8.7 |")
+    assert "the sampling trajectories have a negligible effect" in combined
+    assert [c["kind"] for c in data["claims"]] == ["paper", "framework"]
     assert not list(dest.rglob("*.pt"))
 
 
