@@ -155,15 +155,19 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
 
 
 def find_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[nn.Module, str]]:
-    """The probed layers ``name -> (module, kind)``; raises listing every unsupported module."""
+    """The probed layers ``name -> (module, kind)``; raises listing every unsupported module.
+    ``skip``: module names left out together with everything inside them; a name that is not a
+    module of ``model`` is an error."""
     from torch.nn.utils import parametrize
 
     skip = set(skip)
+    # a skipped module's descendants are skipped too ("block" covers "block.0", "block.1.fc")
+    skipped_prefixes = tuple(f"{s}." for s in skip if s)
     layers: dict[str, tuple[nn.Module, str]] = {}
     problems: list[str] = []
     owners: dict[int, str] = {}
     for name, module in model.named_modules():
-        if name in skip:
+        if name in skip or name.startswith(skipped_prefixes):
             continue
         own = [p for p in module.parameters(recurse=False)]
         if parametrize.is_parametrized(module):

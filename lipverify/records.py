@@ -3,6 +3,12 @@ append-only per-step CSV that is flushed after every row.
 
 A reader never sees a half-written JSON or checkpoint: the new content goes to a temporary file
 in the same directory, is fsynced, then renamed over the old one (atomic on POSIX).
+
+Two processes never write one run directory: :func:`run_dir_lock` holds ``<run_dir>/.lock`` (an
+OS file lock through ``filelock``, released by the kernel when the holder dies) for the whole of a
+``train()``; a second process gets :class:`RunDirBusy` at once, naming the holder from the side
+file ``<run_dir>/.lock.owner``. :func:`ensure_writable_dir` checks an output directory before any
+computation.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import io
 import json
 import math
 import os
+import socket
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from lipverify._validation import LipverifyError
 
@@ -158,3 +167,110 @@ def read_steps(path: str | Path) -> tuple[list[str], list[dict[str, float | None
             except ValueError as exc:
                 raise LipverifyError(f"malformed line {i} in {path}: {exc}") from exc
     return columns, rows
+
+
+# --------------------------------------------------------------------------------------------------
+# output directories and run-directory locks
+
+#: Lock file of a run directory, and the side file naming its holder (both hidden: not results).
+LOCK_NAME = ".lock"
+LOCK_OWNER_NAME = ".lock.owner"
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create ``path`` (with parents) and check that a file can be created in it, before any
+    computation writes there. Returns ``Path(path)``. Raises :class:`LipverifyError` with one line
+    ("cannot write to X: reason") when a component is a regular file, permission is denied, the file
+    system is read-only, ... A real create-and-delete (not ``os.access``): root ignores modes."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LipverifyError(f"cannot write to {path}: it exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".lipverify-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            reason = "a parent of it is a file, not a directory"
+        raise LipverifyError(f"cannot write to {path}: {reason}") from exc
+    return path
+
+
+class RunDirBusy(LipverifyError):
+    """The run directory is locked by another process (``holder``: its pid/host, when known)."""
+
+    def __init__(self, run_dir: Path, holder: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.holder = holder
+        super().__init__(f"run directory {run_dir} is in use by another lipverify process ({holder})")
+
+
+#: Run directories this thread holds: resolved path -> nesting depth. A sweep worker takes the
+#: lock, then ``train()`` in it takes it again (re-entrant within a thread, exclusive across
+#: threads and processes).
+_held = threading.local()
+
+
+def _lock_holder(run_dir: Path) -> str:
+    try:
+        text = (run_dir / LOCK_OWNER_NAME).read_text().strip()
+    except OSError:
+        text = ""
+    return text or "holder unknown"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path):
+    """Hold ``run_dir``'s lock for the ``with`` block; :class:`RunDirBusy` at once if another
+    process (or thread) holds it. Creates ``run_dir``. Writes ``pid N on HOST`` to
+    ``.lock.owner`` while held and removes it before releasing (so a stale owner is never named)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LipverifyError(f"cannot write to {run_dir}: {exc.strerror or exc}") from exc
+    key = str(run_dir.resolve())
+    depth = getattr(_held, "depth", None)
+    if depth is None:
+        depth = _held.depth = {}
+    if depth.get(key):
+        depth[key] += 1
+        try:
+            yield run_dir
+        finally:
+            depth[key] -= 1
+        return
+    lock = FileLock(run_dir / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise RunDirBusy(run_dir, _lock_holder(run_dir)) from exc
+    owner = run_dir / LOCK_OWNER_NAME
+    depth[key] = 1
+    try:
+        atomic_write_text(owner, f"pid {os.getpid()} on {socket.gethostname()}\n")
+        yield run_dir
+    finally:
+        depth.pop(key, None)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                owner.unlink()
+        finally:
+            lock.release()
+
+
+@contextlib.contextmanager
+def short_lock(path: str | Path, timeout: float = 120.0):
+    """A lock held for a short read-modify-write (e.g. of a sweep's sweep.json); waits up to
+    ``timeout`` seconds for another holder, then raises :class:`LipverifyError`."""
+    lock = FileLock(Path(path), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise LipverifyError(f"{path} stayed locked by another process for {timeout:g} s") from exc
+    try:
+        yield
+    finally:
+        lock.release()

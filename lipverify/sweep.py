@@ -21,8 +21,16 @@ The sweep directory holds ``sweep.json`` (schema version, lipverify version, the
 every run with its config, status and error) and ``runs/<name>/`` (one ``lipverify train`` run
 directory each). Runs already complete with the same config are skipped; interrupted ones are
 resumed (``train`` resumes from ``checkpoint.pt``). Every input problem (unknown parameter, empty
-grid, a directory holding another sweep or another schema) raises :class:`LipverifyError` before
-any run starts; a run that fails is recorded with its error and the others go on.
+grid, a directory holding another sweep or another schema, an unwritable directory) raises
+:class:`LipverifyError` before any run starts; a run that fails is recorded with its error and the
+others go on.
+
+Concurrent drivers: each run is executed under its run directory's lock
+(:func:`lipverify.records.run_dir_lock`); a run another process holds (a second ``lipverify sweep``
+or a ``lipverify train --out`` into it) is recorded as ``"running elsewhere"`` - not failed - and a
+later invocation finishes it. ``sweep.json`` is written by read-merge-write under a short lock
+(``.sweep.lock``): each run record carries ``status_at`` (epoch seconds of the observation), and the
+newer record of a run wins, so two drivers never erase each other's outcomes.
 """
 
 from __future__ import annotations
@@ -43,7 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from lipverify._validation import LipverifyError
-from lipverify.records import atomic_write_text
+from lipverify.records import RunDirBusy, atomic_write_text, ensure_writable_dir, run_dir_lock, short_lock
+
+#: Status of a run whose directory another process holds (skipped; a later sweep finishes it).
+RUNNING_ELSEWHERE = "running elsewhere"
 
 #: Version of the sweep.json layout; a directory written under another version is refused.
 SCHEMA_VERSION = 1
@@ -352,14 +363,29 @@ def train_run(config: dict, run_dir: Path) -> Path:
 
 
 def _execute(run_fn: RunFn, config: dict, run_dir: str) -> dict:
-    """Run one configuration (in a worker process or in-process) with one torch thread; never raises."""
+    """Run one configuration (in a worker process or in-process) with one torch thread, holding the
+    run directory's lock; never raises (KeyboardInterrupt aside). A run directory held by another
+    process gives status ``"running elsewhere"``; one completed (same config) by another process
+    since the sweep started is not run again."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     start = time.perf_counter()
+    skipped = False
     try:
-        run_fn(dict(config), Path(run_dir))
+        with run_dir_lock(run_dir):
+            meta = read_meta(Path(run_dir))
+            if (
+                meta is not None
+                and meta.get("status") == "complete"
+                and _same_config(meta.get("config"), config)
+            ):
+                skipped = True
+            else:
+                run_fn(dict(config), Path(run_dir))
+    except RunDirBusy as exc:
+        status, error = RUNNING_ELSEWHERE, str(exc)
     except Exception as exc:  # a failed run is reported, the sweep goes on
         status, error = "failed", f"{type(exc).__name__}: {exc}"
     else:
@@ -369,7 +395,10 @@ def _execute(run_fn: RunFn, config: dict, run_dir: str) -> dict:
             status, error = "failed", f"run function returned but meta.json says {meta.get('status')!r}"
     finally:
         torch.set_num_threads(threads)
-    return {"status": status, "error": error, "wall_s": round(time.perf_counter() - start, 3)}
+    outcome = {"status": status, "error": error, "wall_s": round(time.perf_counter() - start, 3)}
+    if skipped:
+        outcome["skipped"] = True
+    return outcome
 
 
 def read_meta(run_dir: Path) -> dict | None:
@@ -412,6 +441,11 @@ class SweepResult:
     def ran(self) -> list[dict]:
         return [r for r in self.runs if not r.get("skipped")]
 
+    @property
+    def running_elsewhere(self) -> list[dict]:
+        """Runs whose directory another process held: neither complete nor failed."""
+        return [r for r in self.runs if r["status"] == RUNNING_ELSEWHERE]
+
 
 def _sweep_doc(config: SweepConfig, smoke: bool, runs: list[dict]) -> dict:
     from lipverify import __version__
@@ -425,6 +459,36 @@ def _sweep_doc(config: SweepConfig, smoke: bool, runs: list[dict]) -> dict:
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs,
     }
+
+
+def write_sweep_doc(doc_path: Path, config: SweepConfig, smoke: bool, runs: list[dict]) -> None:
+    """Write sweep.json by read-merge-write under ``.sweep.lock``: for each run, the record with the
+    larger ``status_at`` (this driver's or the one on disk, written by another driver) wins; ties
+    go to this driver. A file of another sweep or schema is not merged (it was refused earlier)."""
+    with short_lock(doc_path.parent / ".sweep.lock"):
+        stored: dict[str, dict] = {}
+        try:
+            old = json.loads(doc_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if (
+            isinstance(old, dict)
+            and old.get("schema_version") == SCHEMA_VERSION
+            and old.get("sweep") == json.loads(json.dumps(config.as_dict()))
+            and bool(old.get("smoke")) == smoke
+        ):
+            stored = {r["name"]: r for r in old.get("runs", []) if isinstance(r, dict) and "name" in r}
+        merged = []
+        for record in runs:
+            other = stored.get(record["name"])
+            newer = other is not None and _status_at(other) > _status_at(record)
+            merged.append(other if newer else record)
+        atomic_write_json(doc_path, _sweep_doc(config, smoke, merged))
+
+
+def _status_at(record: Mapping[str, Any]) -> float:
+    value = record.get("status_at")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def check_sweep_dir(sweep_dir: Path, config: SweepConfig, smoke: bool) -> dict | None:
@@ -459,6 +523,8 @@ def run_sweep(
     """
     if jobs < 1:
         raise LipverifyError(f"--jobs must be >= 1, got {jobs}")
+    if Path(sweep_dir).exists() and not Path(sweep_dir).is_dir():
+        raise LipverifyError(f"cannot write to {sweep_dir}: it exists and is not a directory")
     run_fn = train_run if run_fn is None else run_fn
     resolve = resolve_train_config if resolve is None else resolve
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -482,6 +548,7 @@ def run_sweep(
             "status": "pending",
             "error": None,
             "skipped": False,
+            "status_at": 0.0,  # nothing observed yet: a record on disk from another driver wins
         }
         if meta is not None:
             if not _same_config(meta.get("config"), full):
@@ -489,11 +556,11 @@ def run_sweep(
                     f"{run_dir} holds a run with a different config; delete it or choose another --out"
                 )
             if meta.get("status") == "complete":
-                record.update(status="complete", skipped=True)
+                record.update(status="complete", skipped=True, status_at=time.time())
         runs.append(record)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(sweep_dir)
     doc_path = sweep_dir / "sweep.json"
-    atomic_write_json(doc_path, _sweep_doc(config, smoke, runs))
+    write_sweep_doc(doc_path, config, smoke, runs)
 
     todo = [r for r in runs if r["status"] != "complete"]
     log(
@@ -505,21 +572,27 @@ def run_sweep(
     def finish(record: dict, outcome: dict) -> None:
         nonlocal done
         done += 1
-        record.update(outcome)
-        atomic_write_json(doc_path, _sweep_doc(config, smoke, runs))
+        record.update(outcome, status_at=time.time())
+        write_sweep_doc(doc_path, config, smoke, runs)
         extra = f": {outcome['error']}" if outcome["error"] else ""
         log(f"[{done}/{len(todo)}] {record['name']} {outcome['status']} ({outcome['wall_s']:.1f} s){extra}")
 
     if jobs == 1 or len(todo) <= 1:
         for record in todo:
-            record["status"] = "running"
-            finish(record, _execute(run_fn, record["config"], str(sweep_dir / record["dir"])))
+            record.update(status="running", status_at=time.time())
+            try:
+                outcome = _execute(run_fn, record["config"], str(sweep_dir / record["dir"]))
+            except KeyboardInterrupt:
+                record.update(status="interrupted", error="KeyboardInterrupt", status_at=time.time())
+                write_sweep_doc(doc_path, config, smoke, runs)
+                raise
+            finish(record, outcome)
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
             futures = {}
             for record in todo:
-                record["status"] = "running"
+                record.update(status="running", status_at=time.time())
                 fut = pool.submit(_execute, run_fn, record["config"], str(sweep_dir / record["dir"]))
                 futures[fut] = record
             for fut in as_completed(futures):

@@ -564,6 +564,40 @@ class _Run:
         self.stability_warned = bool(state.get("stability_warned", False))
 
 
+@contextlib.contextmanager
+def _deferred_sigint():
+    """While active (main thread, default SIGINT handler only), a first Ctrl-C sets
+    ``flag.requested`` so that the training loop stops at the next step boundary, where the state is
+    consistent and can be checkpointed; a second Ctrl-C raises KeyboardInterrupt at once."""
+    import signal
+    import threading
+
+    flag = types.SimpleNamespace(requested=False)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _thread_counts() -> dict[str, int]:
+    """Torch's intra-op and inter-op thread counts: reductions split differently with another
+    count, so an exact resume (bitwise-equal records) needs the same ones."""
+    return {"intraop": torch.get_num_threads(), "interop": torch.get_num_interop_threads()}
+
+
 def train(
     config: TrainConfig, out_dir: str | Path, progress: bool = True, *, stop_after: int | None = None
 ) -> Path:
@@ -572,8 +606,17 @@ def train(
     Resumes from ``out_dir/checkpoint.pt`` when it holds a checkpoint of the same config (rows of
     ``steps.csv`` written after that checkpoint are dropped and recomputed identically); a
     checkpoint of a different config is an error. ``meta.json`` ``status``: ``"running"``, then
-    ``"complete"``, ``"failed"`` (with ``error``) or ``"stopped"`` (``stop_after`` steps were run in
-    this call without a final checkpoint - the behaviour of a killed process, used by tests).
+    ``"complete"``, ``"failed"`` (with ``error``), ``"interrupted"`` (KeyboardInterrupt, re-raised;
+    ``interrupted_at_step`` and ``checkpoint_step``, the step a resume starts from) or
+    ``"stopped"`` (``stop_after`` steps were run in this call without a final checkpoint - the
+    behaviour of a killed process, used by tests). ``meta.json`` ``threads`` records torch's
+    intra-op/inter-op thread counts; resuming with other counts warns (RuntimeWarning) that the
+    records may differ from an uninterrupted run in the last bits.
+
+    The run directory is locked (:func:`lipverify.records.run_dir_lock`) for the whole call: a
+    second process training into it gets :class:`lipverify.records.RunDirBusy` before anything is
+    read or written. A first Ctrl-C (SIGINT, main thread) finishes the current step and writes a
+    checkpoint there; a KeyboardInterrupt raised inside a step keeps the last checkpoint.
 
     A diverged run fails (:class:`LipverifyError`, status ``"failed"``, records and meta.json
     kept): a step whose loss, ln K or a layer's sigma is inf or NaN ("training diverged at step
@@ -581,11 +624,18 @@ def train(
     Theorem 17 prediction overflows (a tiny sigma_1, a huge lr) are "complete": the summary flags
     the prediction "not applicable" (:func:`lipverify.prediction.summarize_run`).
     """
-    from tqdm import tqdm
+    from lipverify.records import run_dir_lock
 
     config = dataclasses.replace(config).validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(out_dir) as out:
+        return _train_locked(config, out, progress, stop_after)
+
+
+def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: int | None) -> Path:
+    import warnings
+
+    from tqdm import tqdm
+
     ckpt_path, meta_path = out / "checkpoint.pt", out / "meta.json"
     state = None
     if ckpt_path.exists():
@@ -605,6 +655,7 @@ def train(
         "versions": _versions(),
         "seeds": {"init": config.seed_init, "sampling": config.seed_sampling},
         "device": config.device,
+        "threads": _thread_counts(),
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
@@ -612,8 +663,20 @@ def train(
         old = read_json(meta_path)
         meta["resumed_from_step"] = state["step"]
         meta["started"] = old.get("started", meta["started"])
+        before = old.get("threads")
+        if before is not None and before != meta["threads"]:
+            meta["threads_before_resume"] = before
+            warnings.warn(
+                f"{out} was trained with torch threads {before} and resumes with {meta['threads']}: "
+                "the records may differ from an uninterrupted run in the last bits "
+                "(torch.set_num_threads / set_num_interop_threads restore them)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     write_json(meta_path, meta)
     run = None
+    checkpoint_step = None if state is None else state["step"]
+    at_step_boundary = False  # the run's state is consistent: a checkpoint may be written
     try:
         run = _Run(config)
         if state is not None:
@@ -626,17 +689,23 @@ def train(
             tqdm(
                 total=config.steps, initial=run.step, disable=not progress, desc="train", unit="step"
             ) as bar,
+            _deferred_sigint() as sigint,
         ):
             done_here = 0
+            at_step_boundary = True
             while run.step < config.steps:
+                if sigint.requested:
+                    raise KeyboardInterrupt
                 if stop_after is not None and done_here >= stop_after:
                     meta["status"] = "stopped"
                     meta["stopped_at_step"] = run.step
                     write_json(meta_path, meta)
                     return out
+                at_step_boundary = False
                 row = run.train_step()
                 run.records.append(row)
                 log.append(row)
+                at_step_boundary = True
                 done_here += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lnK=f"{row['log_bound']:.3f}")
@@ -646,6 +715,8 @@ def train(
                     and run.step < config.steps
                 ):
                     atomic_torch_save(ckpt_path, run.state())
+                    checkpoint_step = run.step
+            at_step_boundary = False  # a Ctrl-C during the last step lets the run finish
             if not run.records or run.records[-1].get("loss") is not None:
                 final = run.final_row()
                 run.records.append(final)
@@ -653,6 +724,18 @@ def train(
             atomic_torch_save(ckpt_path, run.state())
         # a non-finite observed K is a divergence; an overflowed prediction is a verdict, not an error
         check_prediction(out)
+    except KeyboardInterrupt:
+        meta["status"] = "interrupted"
+        if run is not None and at_step_boundary and run.step != checkpoint_step:
+            try:
+                atomic_torch_save(ckpt_path, run.state())
+                checkpoint_step = run.step
+            except Exception as exc:  # the last checkpoint is kept; resuming starts from it
+                meta["checkpoint_error"] = f"{type(exc).__name__}: {exc}"
+        meta["interrupted_at_step"] = None if run is None else run.step
+        meta["checkpoint_step"] = checkpoint_step
+        write_json(meta_path, meta)
+        raise
     except BaseException as exc:
         meta["status"] = "failed"
         meta["error"] = f"{type(exc).__name__}: {exc}"

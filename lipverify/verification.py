@@ -160,14 +160,25 @@ def load_checks() -> list[Check]:
     return sorted(_REGISTRY.values(), key=lambda c: (RESULTS.index(c.result), KINDS.index(c.kind), c.name))
 
 
+def select_checks(kinds: tuple[str, ...] = KINDS, exhaustive: bool = False) -> list[Check]:
+    """The registered checks of the given kinds (exhaustive ones only when asked), in report order."""
+    return [c for c in load_checks() if c.kind in kinds and (exhaustive or not c.exhaustive)]
+
+
 def run_checks(
-    kinds: tuple[str, ...] = KINDS, exhaustive: bool = False, progress: Callable[[Check], None] | None = None
+    kinds: tuple[str, ...] = KINDS,
+    exhaustive: bool = False,
+    progress: Callable[[Check], None] | None = None,
+    done: Callable[[Check, CheckOutcome], None] | None = None,
 ) -> list[CheckOutcome]:
+    """Run :func:`select_checks`; ``progress(check)`` is called before each check runs and
+    ``done(check, outcome)`` after it (e.g. to drive a progress bar)."""
     outcomes = []
-    for check in load_checks():
-        if check.kind not in kinds or (check.exhaustive and not exhaustive):
-            continue
+    for check in select_checks(kinds, exhaustive):
         if progress is not None:
             progress(check)
-        outcomes.append(check.run())
+        outcome = check.run()
+        if done is not None:
+            done(check, outcome)
+        outcomes.append(outcome)
     return outcomes

@@ -1004,3 +1004,16 @@ def test_multi_position_linear_and_dilated_same_conv_match_the_reference():
         assert _max_rel(got, reference_layer_terms(conv, x, y, LOSS, lr=0.1)) < RTOL, method
     with pytest.raises(LipverifyError, match="asymmetric 'same' padding"):
         DynamicsProbe(nn.Sequential(nn.Conv2d(2, 3, 4, padding="same")))
+
+
+def test_skip_leaves_out_a_module_and_everything_inside_it():
+    """skip=["block"] skips block.0 and block.2 (not only a module named exactly "block"), but not
+    "block2.0", whose name merely starts with the same letters; an unknown name still raises."""
+    model = nn.Sequential()
+    model.add_module("block", nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5)))
+    model.add_module("block2", nn.Sequential(nn.Linear(5, 5)))
+    model.add_module("head", nn.Linear(5, 2))
+    assert DynamicsProbe(model, skip=["block"]).layer_names == ["block2.0", "head"]
+    assert DynamicsProbe(model, skip=["block.0"]).layer_names == ["block.2", "block2.0", "head"]
+    with pytest.raises(LipverifyError, match="skip names unknown modules: blok"):
+        DynamicsProbe(model, skip=["blok"])

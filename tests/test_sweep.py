@@ -403,3 +403,122 @@ def test_smoke_caps_batch_size_at_the_smoke_train_size(tmp_path):
 def test_sweep_config_that_is_a_directory(tmp_path):
     with pytest.raises(LipverifyError, match="cannot read sweep config"):
         load_sweep_config(tmp_path)
+
+
+# ------------------------------------------------------------------ concurrent drivers (issue 12)
+
+
+def test_run_held_by_another_process_is_running_elsewhere_then_finished(tmp_path):
+    """A run whose directory is locked elsewhere is skipped as "running elsewhere" (not failed, not
+    run twice); the other runs complete; sweep.json says so; a later sweep finishes it."""
+    import threading
+
+    from lipverify.records import run_dir_lock
+    from lipverify.sweep import RUNNING_ELSEWHERE
+
+    cfg = config()
+    held = tmp_path / "runs" / cfg.expand()[1].name
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        with run_dir_lock(held):
+            taken.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(60)
+        result = run_sweep(cfg, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    finally:
+        release.set()
+        holder.join()
+    assert [r["name"] for r in result.running_elsewhere] == [held.name]
+    assert (
+        not result.failed and "is in use by another lipverify process" in result.running_elsewhere[0]["error"]
+    )
+    assert held.name not in calls(tmp_path) and set(calls(tmp_path).values()) == {1}
+    stored = {r["name"]: r["status"] for r in read_sweep(tmp_path)["runs"]}
+    assert stored.pop(held.name) == RUNNING_ELSEWHERE and set(stored.values()) == {"complete"}
+    later = run_sweep(cfg, tmp_path, run_fn=fake_run, resolve=fake_resolve, log=lambda m: None)
+    assert [r["name"] for r in later.ran] == [held.name]
+    assert all(r["status"] == "complete" for r in read_sweep(tmp_path)["runs"])
+    assert set(calls(tmp_path).values()) == {1}
+
+
+def test_sweep_json_merge_keeps_the_newer_record_of_each_run(tmp_path):
+    """Two drivers writing sweep.json: a run's record observed later by the other driver is not
+    overwritten by this driver's older view, and this driver's newer outcome replaces an older one."""
+    from lipverify.sweep import write_sweep_doc
+
+    cfg = config()
+    specs = cfg.expand()
+    mine = [
+        {"name": s.name, "status": "pending", "error": None, "status_at": 0.0, "skipped": False}
+        for s in specs[:2]
+    ]
+    theirs = [
+        dict(mine[0], status="complete", status_at=50.0),
+        dict(mine[1], status="failed", status_at=50.0),
+    ]
+    doc_path = tmp_path / "sweep.json"
+    write_sweep_doc(doc_path, cfg, False, theirs)
+    mine[1].update(status="complete", status_at=60.0)
+    write_sweep_doc(doc_path, cfg, False, mine)
+    assert [r["status"] for r in read_sweep(tmp_path)["runs"]] == ["complete", "complete"]
+    mine[0].update(status="running elsewhere", status_at=40.0)  # an older observation loses too
+    write_sweep_doc(doc_path, cfg, False, mine)
+    assert read_sweep(tmp_path)["runs"][0]["status"] == "complete"
+
+
+def test_sweep_out_below_a_file_is_refused_before_any_run(tmp_path, capsys):
+    from lipverify.cli import main
+
+    toml = tmp_path / "s.toml"
+    toml.write_text('claim = "init"\n[base]\nsteps = 2\n[grid]\nseed_sampling = [0]\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["sweep", str(toml), "--out", str(blocker / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write to {blocker / 'sweep'}" in err
+
+
+def test_two_real_sweeps_on_one_directory(tmp_path, capsys):
+    """The scenario of issue 12 with real training: sweep A is inside run r000 when sweep B starts
+    on the same directory. B reports r000 "running elsewhere" (before the lock it resumed A's run and
+    rewrote its steps.csv under it) and completes r001; A then finishes r000, does not redo r001,
+    exits 0; sweep.json says both complete, and a third sweep runs nothing."""
+    pytest.importorskip("lipverify.training")
+    from test_training import start_paused
+
+    from lipverify.cli import main
+    from lipverify.prediction import check_prediction
+
+    toml = tmp_path / "two.toml"
+    toml.write_text(
+        'claim = "trajectories"\n'
+        "[base]\ntrain_size = 32\nbatch_size = 4\nsteps = 4\ncheckpoint_every = 2\n"
+        "[grid]\nseed_sampling = [0, 1]\n"
+    )
+    out = tmp_path / "sweep"
+    first, go = start_paused(tmp_path, 2, "sweep", str(toml), "--out", str(out))
+    try:
+        rc = main(["sweep", str(toml), "--out", str(out)])
+        printed = capsys.readouterr().out
+    finally:
+        go.write_text("")
+        _, first_err = first.communicate(timeout=300)
+    assert rc == 0, printed
+    assert "sweep two: 1/2 runs complete" in printed
+    assert re.search(
+        r"RUNNING ELSEWHERE r000_seed_sampling=0: .*in use by another lipverify process", printed
+    )
+    assert first.returncode == 0, first_err
+    doc = read_sweep(out)
+    assert [r["status"] for r in doc["runs"]] == ["complete", "complete"]
+    for r in doc["runs"]:
+        check_prediction(out / r["dir"])
+    for r in doc["runs"]:  # each trained once, from scratch: A did not resume B's finished r001
+        assert "resumed_from_step" not in json.loads((out / r["dir"] / "meta.json").read_text())
+    third = run_sweep(load_sweep_config(toml), out, log=lambda m: None)
+    assert all(r["skipped"] for r in third.runs)

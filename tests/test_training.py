@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -424,3 +425,190 @@ def test_cli_overrides_may_follow_options(tmp_path):
     assert parse_args(["report", "d"]).run_dir == "d"
     with pytest.raises(SystemExit):
         parse_args(["train", "steps=2", "--bogus"])
+
+
+# ------------------------------------------------------------------ locks, interrupts, output dirs
+
+#: A `lipverify train` process that stops at step PAUSE (before computing it) of its first run, writes
+#: READY and waits for GO: another process can then act on the same directory mid-run.
+PAUSING_CLI = """
+import pathlib, sys, time
+from lipverify.cli import main
+from lipverify.training import _Run
+
+ready, go, pause_at = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+original = _Run.train_step
+
+def paused(self):
+    if self.step == pause_at and not ready.exists():
+        ready.write_text("")
+        deadline = time.time() + 300
+        while not go.exists():
+            if time.time() > deadline:
+                raise SystemExit("GO never came")
+            time.sleep(0.02)
+    return original(self)
+
+_Run.train_step = paused
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def start_paused(tmp_path, pause_at: int, *cli_args: str):
+    """Start PAUSING_CLI with ``cli_args``; return (process, go file) once it is paused."""
+    import subprocess
+    import time
+
+    script = tmp_path / "pausing_cli.py"
+    script.write_text(PAUSING_CLI)
+    ready, go = tmp_path / "READY", tmp_path / "GO"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(ready), str(go), str(pause_at), *cli_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 300
+    while not ready.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the pausing process did not pause (rc {proc.returncode}): {err[-2000:]}")
+        time.sleep(0.05)
+    return proc, go
+
+
+TINY_ARGS = ["train_size=64", "batch_size=8", "steps=4", "checkpoint_every=2", "lr=0.05"]
+
+
+def test_second_train_on_a_running_dir_fails_at_once_and_touches_nothing(tmp_path, capsys):
+    """Issue 12: two `lipverify train --out SAME`. The second exits 2 at once with a one-line error
+    naming the holder's pid, leaves every file of the first untouched, and the first completes.
+    (Before the lock the second resumed the first's checkpoint and rewrote its steps.csv: exit 0.)"""
+    from lipverify.prediction import check_prediction
+
+    out = tmp_path / "run"
+    first, go = start_paused(tmp_path, 2, "train", "--out", str(out), "--no-progress", *TINY_ARGS)
+    try:
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert (out / ".lock.owner").read_text().startswith(f"pid {first.pid} on ")
+        rc = main(["train", "--out", str(out), "--no-progress", *TINY_ARGS])
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert err.count("\n") == 1
+        assert f"run directory {out} is in use by another lipverify process (pid {first.pid} on " in err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    finally:
+        go.write_text("")
+        _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+    _, rows = read_steps(out / "steps.csv")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    check_prediction(out)
+    assert not (out / ".lock.owner").exists()  # released: the next train may take the directory
+    assert main(["train", "--out", str(out), "--no-progress", *TINY_ARGS]) == 0
+
+
+def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint_and_resumes_identically(
+    tmp_path, monkeypatch, capsys
+):
+    """KeyboardInterrupt raised inside step 5 (checkpoints every 2): exit 130, one line on stderr
+    with the resume command, meta.json status "interrupted" at step 5 with checkpoint step 4;
+    running that command continues to records equal to an uninterrupted run's."""
+    args = ["train_size=200", "batch_size=16", "steps=7", "checkpoint_every=2", "lr=0.05"]
+    config = load_config(None, args)
+    straight = train(config, tmp_path / "straight", progress=False)
+    original = _Run.train_step
+
+    def interrupted(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(_Run, "train_step", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--no-progress", "--out", str(out), *args]) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"lipverify train: interrupted at step 5; resume with: lipverify train {' '.join(args)} --out {out}\n"
+    )
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["status"], meta["interrupted_at_step"], meta["checkpoint_step"]) == ("interrupted", 5, 4)
+    monkeypatch.setattr(_Run, "train_step", original)
+    assert main(["train", "--no-progress", "--out", str(out), *args]) == 0
+    assert (out / "steps.csv").read_text() == (straight / "steps.csv").read_text()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["resumed_from_step"] == 4
+
+
+def test_sigint_finishes_the_step_and_checkpoints_at_it(tmp_path, monkeypatch):
+    """A real SIGINT during step 5 (checkpoints every 3): the step completes, a checkpoint is written
+    at step 5 (not only the one at 3), status "interrupted"; the resume starts at 5 and gives the
+    uninterrupted records. The default SIGINT handler is back afterwards."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT has a non-default handler in this test process")
+    config = tiny(steps=7, checkpoint_every=3)
+    straight = train(config, tmp_path / "straight", progress=False)
+    original = _Run.train_step
+
+    def signalled(self):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(_Run, "train_step", signalled)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["status"], meta["interrupted_at_step"], meta["checkpoint_step"]) == ("interrupted", 5, 5)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
+    monkeypatch.setattr(_Run, "train_step", original)
+    train(config, out, progress=False)
+    assert (out / "steps.csv").read_text() == (straight / "steps.csv").read_text()
+    assert json.loads((out / "meta.json").read_text())["resumed_from_step"] == 5
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """--out below a regular file (chmod does not stop root): exit 2, one line, nothing computed."""
+
+    def never(self, config):
+        raise AssertionError("training started before --out was checked")
+
+    monkeypatch.setattr(_Run, "__init__", never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", "--out", str(blocker / "run"), "steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"cannot write to {blocker / 'run'}: a parent of it is a file" in err
+    assert main(["train", "--out", str(blocker), "steps=2"]) == 2
+    assert "it exists and is not a directory" in capsys.readouterr().err
+    assert main(["report", str(blocker)]) == 2
+
+
+def test_thread_counts_are_recorded_and_a_resume_with_others_warns(tmp_path):
+    import warnings
+
+    config = tiny(steps=4)
+    train(config, tmp_path / "a", progress=False, stop_after=3)
+    threads = {"intraop": 1, "interop": torch.get_num_interop_threads()}
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["threads"] == threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same counts: no warning
+        train(config, tmp_path / "a", progress=False)
+    train(config, tmp_path / "b", progress=False, stop_after=3)
+    torch.set_num_threads(2)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"torch threads .* the last bits"):
+            train(config, tmp_path / "b", progress=False)
+    finally:
+        torch.set_num_threads(1)
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["status"] == "complete"
+    assert meta["threads"]["intraop"] == 2 and meta["threads_before_resume"] == threads

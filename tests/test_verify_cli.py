@@ -170,3 +170,34 @@ def test_report_written_atomically_over_existing_file(fake_registry, tmp_path, c
     assert "old content" not in text
     assert "## Proposition 7" in text and "statement of Proposition 7" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md"]
+
+
+def test_cli_progress_goes_to_stderr_and_json_stays_clean(fake_registry, capsys):
+    """--progress: a tqdm bar on stderr ticking per check with the check's name; stdout is the JSON
+    alone. Without the flag (stderr not a TTY under capsys) and with --no-progress: no bar."""
+    _register_fake("Lemma 12", "numeric", 0.5, 2.0, name="first fake check")
+    _register_fake("Lemma 13", "numeric", 0.5, 2.0, name="second fake check")
+    assert main(["verify", "--json", "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["outcomes"]) == 2
+    assert "2/2" in captured.err and "Lemma 13: second fake check" in captured.err
+    for flags in ([], ["--no-progress"]):
+        assert main(["verify", "--json", *flags]) == 0
+        captured = capsys.readouterr()
+        assert captured.err == ""
+        assert len(json.loads(captured.out)["outcomes"]) == 2
+
+
+def test_report_below_a_file_is_refused_before_any_check(fake_registry, tmp_path, capsys):
+    ran = []
+
+    def counting() -> Comparison:
+        ran.append(1)
+        return Comparison(0.0, 1.0, "a wrong variant", 2.0)
+
+    verification.register("Lemma 12", "numeric", "statement", name="counting")(counting)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["verify", "--report", str(blocker / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert ran == [] and err.count("\n") == 1 and f"cannot write to {blocker}" in err

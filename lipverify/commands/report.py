@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from lipverify._validation import LipverifyError
+from lipverify.records import ensure_writable_dir
 
 HELP = "summarise a training run (summary.json, figure.png) or a sweep directory"
 
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.run_dir)
     if not path.is_dir():
         raise LipverifyError(f"run directory {path} does not exist")
+    ensure_writable_dir(path)  # summary.json and figures are written into it
     if (path / "sweep.json").exists():
         from lipverify.claims import report_sweep
 

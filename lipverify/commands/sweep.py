@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = (
@@ -26,17 +27,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lipverify.records import ensure_writable_dir
     from lipverify.sweep import load_sweep_config, run_sweep
 
     config = load_sweep_config(args.config)
     out = args.out or str(Path("runs") / "sweeps" / (config.name + ("-smoke" if args.smoke else "")))
-    result = run_sweep(config, out, jobs=args.jobs, smoke=args.smoke)
-    failed = result.failed
-    print(f"sweep {config.name}: {len(result.runs) - len(failed)}/{len(result.runs)} runs complete -> {out}")
+    ensure_writable_dir(out)
+    try:
+        result = run_sweep(config, out, jobs=args.jobs, smoke=args.smoke)
+    except KeyboardInterrupt:
+        print(
+            f"lipverify sweep: interrupted; rerun the same command to resume the unfinished runs in {out}",
+            file=sys.stderr,
+        )
+        return 130
+    failed, elsewhere = result.failed, result.running_elsewhere
+    complete = [r for r in result.runs if r["status"] == "complete"]
+    print(f"sweep {config.name}: {len(complete)}/{len(result.runs)} runs complete -> {out}")
     for record in failed:
         print(f"  FAILED {record['name']}: {record['error']}")
+    for record in elsewhere:
+        print(f"  RUNNING ELSEWHERE {record['name']}: {record['error']}")
+    if elsewhere:
+        print(f"  {len(elsewhere)} run(s) held by another process: rerun this command once it has finished")
     if args.report:
-        from lipverify.claims import report_sweep
+        if elsewhere:
+            print(f"  claims report not written: runs still running elsewhere; later: lipverify report {out}")
+        else:
+            from lipverify.claims import report_sweep
 
-        report_sweep(out)
+            report_sweep(out)
     return 1 if failed else 0

@@ -5,6 +5,10 @@ variant and its error, pass/FAIL), then a per-result summary with one column per
 (``pass``, ``FAIL``, ``inconclusive`` or ``—`` when no check of that kind exists). Exit status 1
 if any check fails, 3 if none fails but a Monte Carlo check is inconclusive (its interval too wide
 to reject the wrong variant), 0 if all pass.
+
+Progress: a tqdm bar on stderr (one tick per check, the running check's name as postfix), shown
+when stderr is a terminal; ``--progress`` forces it, ``--no-progress`` hides it. stdout carries only
+the table or the ``--json`` object.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import inspect
 import json
 import math
 import sys
+from pathlib import Path
 
-from lipverify.records import atomic_write_text
-from lipverify.verification import KINDS, RESULTS, CheckOutcome, load_checks, run_checks
+from lipverify._validation import LipverifyError
+from lipverify.records import atomic_write_text, ensure_writable_dir
+from lipverify.verification import KINDS, RESULTS, CheckOutcome, load_checks, run_checks, select_checks
 
 HELP = (
     "run the numeric / symbolic / Monte Carlo checks of every result and print a table "
@@ -37,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exhaustive", action="store_true", help="also run checks registered as exhaustive")
     parser.add_argument("--report", metavar="FILE.md", help="write a Markdown report (atomically)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only when stderr is a terminal)",
+    )
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
@@ -185,13 +197,33 @@ def format_markdown(
     return "\n".join(lines)
 
 
+def _run_with_progress(kinds: tuple[str, ...], exhaustive: bool, progress: bool | None) -> list[CheckOutcome]:
+    """run_checks with a tqdm bar on stderr; ``progress=None``: tqdm's rule (off unless a TTY)."""
+    from tqdm import tqdm
+
+    total = len(select_checks(kinds, exhaustive))
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc="verify", unit="check", file=sys.stderr, disable=disable) as bar:
+        return run_checks(
+            kinds=kinds,
+            exhaustive=exhaustive,
+            progress=lambda check: bar.set_postfix_str(f"{check.result}: {check.name}"),
+            done=lambda check, outcome: bar.update(1),
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         kinds = parse_kinds(args.kind)
     except argparse.ArgumentTypeError as exc:
         print(f"lipverify verify: error: {exc}", file=sys.stderr)
         return 2
-    outcomes = run_checks(kinds=kinds, exhaustive=args.exhaustive)
+    if args.report:
+        report = Path(args.report)
+        if report.is_dir():
+            raise LipverifyError(f"cannot write the report to {report}: it is a directory")
+        ensure_writable_dir(report.parent)  # before the checks run (30-110 s)
+    outcomes = _run_with_progress(kinds, args.exhaustive, args.progress)
     summary = summarize(outcomes)
     if args.json:
         print(as_json(outcomes, summary))
