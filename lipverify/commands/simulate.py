@@ -86,30 +86,17 @@ def check_device(name: str) -> None:
         raise LipverifyError(f"--device {name}: MPS is not available on this machine; use --device cpu")
 
 
-def check_writable(out: Path) -> None:
-    """Create ``out`` and a probe file in it before any computing, so an unwritable place is an
-    error up front, not a lost result after minutes of simulation."""
-    probe = out / ".lipverify-write-probe"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise LipverifyError(f"--out {out}: cannot write there ({reason}: {exc.filename or out})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from lipverify import simulation as sim
-    from lipverify.records import atomic_write_text
+    from lipverify.records import atomic_write_text, ensure_writable_dir
 
     check_device(args.device)
     func = sim.CASES[args.case]
     kwargs = _kwargs(func, args)
     out = Path(args.out or f"./simulate-{args.case}")
-    check_writable(out)
+    ensure_writable_dir(out)  # before minutes of simulation, not after
     if args.threads is not None:
         torch.set_num_threads(max(args.threads, 1))
     result = func(**kwargs)
