@@ -86,6 +86,7 @@ from lipverify.dynamics import LayerTerms, layer_terms, layer_terms_from_project
 from lipverify.spectral import (
     SpectralDecomposition,
     decompose,
+    separation_tolerance,
     with_canonical_sign,
 )
 
@@ -404,8 +405,10 @@ def resolvent_spectrum(
     to ~1e-6 theta_1 in float64.
 
     Returns ``(spectrum, iterations)``, or ``(None, iterations)`` when the iteration did not
-    converge within ``max_iter`` or a factorisation failed (the caller falls back to the full
-    decomposition; a failed factorisation of the deflated A means ``s1 = s2`` numerically).
+    converge within ``max_iter``, a factorisation failed, or ``s1^2 - lambda_2 <= 2
+    separation_tolerance(k) s1^2`` (s1 = s2 to working precision, whichever way the factorisation of
+    the then singular deflated A rounded); the caller falls back to the full decomposition, which
+    raises :class:`~lipverify.DegenerateSpectrumError` on the same tolerance.
     """
     with _linalg.single_threaded_blas():
         return _resolvent_spectrum(W, dtype, basis, max_iter, direct_k)
@@ -440,7 +443,10 @@ def _resolvent_spectrum(
         lam2, X, it2 = _second_eigenvalue(G, L, top[3], Z[:, 1:], lam1, eps, max_iter)
         it += it2
         X = X[:, : p - 1]
-    if lam2 is None or not bool(lam2 < s1sq):
+    # sigma_1 = sigma_2 to working precision: decided from the spectrum with the same tolerance as
+    # the full decomposition (2 x relative gap, on squares), not by whether the Cholesky of the
+    # singular deflated A happened to fail (a rounding coin flip of the kernel)
+    if lam2 is None or not bool(s1sq - lam2 > 2 * separation_tolerance(k, dtype) * s1sq):
         return None, it
     return _assemble(Wc, top, lam2, L, X), it
 

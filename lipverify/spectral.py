@@ -38,8 +38,9 @@ def gap_tolerance_for(dtype: torch.dtype) -> float:
 
 def rounding_gap_tolerance(m: int, n: int, dtype: torch.dtype) -> float:
     """Relative gap at or below which ``sigma_1 = sigma_2`` up to rounding: ``4 eps (sqrt(m) + sqrt(n))``
-    of the compute dtype, capped at :func:`gap_tolerance_for` (reached only for float32 with
-    ``sqrt(m) + sqrt(n) > 724``).
+    of the compute dtype, or :func:`separation_tolerance` ``4 r eps`` (r = min(m, n)) where that is
+    larger (a flat spectrum, e.g. an orthogonal W, spreads its computed values over ~r eps), capped at
+    :func:`gap_tolerance_for` (reached only in float32 for ``sqrt(m) + sqrt(n) > 724`` or r > 724).
 
     Derivation: rounding W's entries (``|dw_ij| <= eps/2 |w_ij|``, independent signs) is a random
     perturbation of norm ``~ (eps/2) max|w_ij| (sqrt(m) + sqrt(n)) <= (eps/2) (sqrt(m) + sqrt(n))
@@ -54,7 +55,11 @@ def rounding_gap_tolerance(m: int, n: int, dtype: torch.dtype) -> float:
     vectors are accurate to ``eps / gap``.
     """
     eps = torch.finfo(dtype).eps
-    return min(4 * eps * (m**0.5 + n**0.5), gap_tolerance_for(dtype))
+    # never below separation_tolerance (a flat spectrum's computed spread grows like r eps), so what the
+    # kernels' check refuses, the public functions refuse too
+    return min(
+        max(4 * eps * (m**0.5 + n**0.5), separation_tolerance(min(m, n), dtype)), gap_tolerance_for(dtype)
+    )
 
 
 #: Largest d = m*n for which the dense (d, d) Hessian is built.
@@ -387,11 +392,26 @@ def hessian_trace(W: torch.Tensor) -> torch.Tensor:
     return _require_finite(hessian_trace_from_spectrum(dec.sigma, *W.shape), W.dtype, "tr H", dec)
 
 
+def separation_tolerance(r: int, dtype: torch.dtype) -> float:
+    """Relative gap ``(sigma_1 - sigma_2) / sigma_1`` at or below which two computed singular values
+    of an (m, n) matrix with r = min(m, n) cannot be told apart: ``4 r eps(dtype)``.
+
+    A backward-stable SVD (or ``eigh`` of the Gram matrix) returns each sigma_i to within a small
+    multiple of ``r eps sigma_1`` (Weyl), so an exactly degenerate sigma_1 = sigma_2 comes out with a
+    computed gap anywhere from 0 to a few ulps, depending on the BLAS kernel and thread count
+    (measured: at most 1.17 r eps over random rotations of diag(1, 1, ...), r = 3..256, float64)."""
+    return 4.0 * r * torch.finfo(dtype).eps
+
+
 def _require_separated_top(sigma: torch.Tensor, name: str = "W") -> None:
-    """Raise :class:`DegenerateSpectrumError` when ``sigma_1 = sigma_2`` (sigma (..., r), descending;
-    for a batch, on any of them): sigma_1 is not differentiable there and the Hessian terms, which
-    divide by ``sigma_1^2 - sigma_2^2``, are unbounded."""
-    if sigma.shape[-1] > 1 and not bool((sigma[..., 0] > sigma[..., 1]).all()):
+    """Raise :class:`DegenerateSpectrumError` when ``sigma_1 = sigma_2`` to working precision
+    (``sigma_1 - sigma_2 <= separation_tolerance(r) sigma_1``; sigma (..., r), descending; for a
+    batch, on any of them): sigma_1 is not differentiable there and the Hessian terms, which divide
+    by ``sigma_1^2 - sigma_2^2``, are unbounded. A tolerance, not ``sigma_1 > sigma_2``: whether an
+    exactly degenerate spectrum's computed values tie is a rounding coin flip of the kernel."""
+    r = sigma.shape[-1]
+    tol = separation_tolerance(r, sigma.dtype) if sigma.is_floating_point() else 0.0
+    if r > 1 and not bool((sigma[..., 0] - sigma[..., 1] > tol * sigma[..., 0]).all()):
         value = f" = {float(sigma[0]):.6g}" if sigma.ndim == 1 else " on some batch entry"
         raise DegenerateSpectrumError(
             f"{name}: sigma_1 = sigma_2{value}; sigma_1 is not differentiable there and its Hessian is "

@@ -68,8 +68,11 @@ def test_matrix_and_vector_layouts_agree():
     """(b, m, n) matrices are vectorised column-major: same Sigma_hat as the (b, m*n) input."""
     G = torch.randn(5, 3, 4, dtype=F64)
     flat = ref.vec(G)
-    assert torch.equal(batch_noise_covariance(G), batch_noise_covariance(flat))
-    assert torch.equal(centred(G), centred(flat))
+    # not bitwise: the two layouts may reach the BLAS with different strides/alignment (MKL's results
+    # depend on both); a row-major vectorisation permutes Sigma_hat (error O(1))
+    b = G.shape[0]
+    assert rel_err(batch_noise_covariance(G), batch_noise_covariance(flat)) <= 4 * b * EPS64
+    assert rel_err(centred(G), centred(flat)) <= 2 * b * EPS64
 
 
 @pytest.mark.parametrize(("b", "replacement"), [(2, True), (3, True), (2, False), (3, False), (4, False)])

@@ -36,6 +36,7 @@ from lipverify.spectral import (
     hessian_trace_from_spectrum,
     jacobian,
     quadratic_form_from_projections,
+    separation_tolerance,
     spectral_gap,
     top_singular,
 )
@@ -249,6 +250,29 @@ def test_equal_top_singular_values_raise():
     ):
         with pytest.raises(DegenerateSpectrumError, match=r"not differentiable|Assumption 11"):
             call()
+
+
+def test_equal_top_singular_values_raise_whichever_way_they_round():
+    """sigma_1 = sigma_2 exactly, but rotated: the computed values tie or differ by a few ulps
+    depending on the kernel (0 to several ulps), so sigma_1 > sigma_2 decided
+    degeneracy by a coin flip. Decided against separation_tolerance (4 r eps) instead: every rotation
+    raises; a gap 8x that tolerance (far above any rounding) only warns."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        Q = torch.linalg.qr(torch.randn(3, 3, dtype=F64, generator=gen))[0]
+        W = Q @ torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=F64)) @ Q.T
+        with pytest.raises(DegenerateSpectrumError, match="Assumption 11"):
+            hessian_trace(W)
+    # a computed spectrum one ulp apart, and a batch with one such entry
+    one_ulp = torch.tensor([2.0, 2.0 - 4.440892098500626e-16, 1.0], dtype=F64)
+    with pytest.raises(DegenerateSpectrumError, match="Assumption 11"):
+        hessian_trace_from_spectrum(one_ulp, 3, 3)
+    tol = separation_tolerance(3, F64)
+    assert tol == 12 * torch.finfo(F64).eps
+    separated = torch.tensor([2.0, 2.0 * (1 - 8 * tol), 1.0], dtype=F64)
+    assert math.isfinite(float(hessian_trace_from_spectrum(separated, 3, 3)))
+    with pytest.warns(SpectralGapWarning):
+        hessian_trace(torch.diag(separated))
 
 
 def test_batched_projections_raise_when_any_decomposition_is_degenerate():

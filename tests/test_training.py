@@ -340,9 +340,11 @@ def test_non_finite_sigma_is_divergence_at_that_step(tmp_path, monkeypatch):
 
 def test_overflowing_prediction_is_complete_and_flagged_not_applicable(tmp_path, capsys):
     # lr = 1e4: every recorded number is finite, but exp(sum psi_bar) overflows from step 1 on; this
-    # used to fail the run with "diverged; smaller lr" and no summary
+    # used to fail the run with "diverged; smaller lr" and no summary. Step 0's psi_bar (~6e5 here, from
+    # the initial weights) alone overflows exp; 2 steps so that no later, trajectory-dependent step (a
+    # stall at zero loss here, NaN elsewhere) decides the outcome
     out = tmp_path / "run"
-    args = ["--out", str(out), "--no-progress", "steps=6", "train_size=128", "batch_size=16", "lr=1e4"]
+    args = ["--out", str(out), "--no-progress", "steps=2", "train_size=128", "batch_size=16", "lr=1e4"]
     assert main(["train", *args]) == 0
     err = capsys.readouterr().err
     assert "verdict (Theorem 17, batch mu): not applicable: " in err and "the run itself is finite" in err
@@ -400,15 +402,43 @@ def test_sharpness_columns_and_stability_warning(tmp_path, capsys):
     assert all(r.get("sharpness") is None for r in rows)
 
 
-def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys):
-    # lr = 2 on the default run: at step 34 (here) the loss is NaN and the gradients overflow; the probe used
-    # to stop first, with "fc1: mu is not finite ... check the inputs" (no step, no lr)
+def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys, monkeypatch):
+    # fc1's output overflows to +-inf at step 5 by construction (a forward hook multiplying by the
+    # dtype's max twice), so the loss is NaN and the gradients overflow there on every CPU; a large lr
+    # reached that only by luck of the trajectory (lr = 2 diverged at step 34 on one CPU and stalled
+    # with dead ReLUs on another). The probe used to stop first, with "fc1: mu is not finite ... check
+    # the inputs" (no step, no lr).
+    import lipverify.training as training_mod
+
+    overflow_step = 5
+    real_build = training_mod.build_model
+
+    def build_overflowing(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        calls = []
+
+        def overflow(module, inputs, out):
+            if not (module.training and torch.is_grad_enabled()):
+                return None
+            calls.append(1)  # one training forward per step in this config
+            if len(calls) <= overflow_step:
+                return None
+            big = torch.finfo(out.dtype).max
+            return out * big * big  # +-inf where nonzero (0 stays 0: no NaN planted by the hook)
+
+        model.fc1.register_forward_hook(overflow)
+        return model
+
+    monkeypatch.setattr(training_mod, "build_model", build_overflowing)
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--no-progress", "steps=100", "lr=2"]) == 2
+    args = ["--out", str(out), "--no-progress", "steps=20", "train_size=256", "batch_size=32", "lr=0.05"]
+    assert main(["train", *args]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"training diverged at step \d+: .*smaller lr", err), err
+    assert re.search(rf"training diverged at step {overflow_step}: .*smaller lr \(lr = 0.05\)", err), err
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["status"] == "failed" and "training diverged at step" in meta["error"]
+    assert meta["status"] == "failed" and f"training diverged at step {overflow_step}" in meta["error"]
+    _, rows = read_steps(out / "steps.csv")
+    assert [r["step"] for r in rows] == list(range(overflow_step))  # the finite records are kept
 
 
 def test_cli_overrides_may_follow_options(tmp_path):
