@@ -556,7 +556,8 @@ def test_report_sweep_writes_table_figure_and_lists_failed_runs(tmp_path):
     combined = (dest / "claims.md").read_text()
     assert "| 8.7 |" in combined and "| F8.7 |" in combined
     # paper rows (with the quoted sentence) and framework rows (ours) in separate sections
-    assert combined.index("## Paper claims") < combined.index("| 8.7 |") < combined.index("## Framework tests")
+    paper, framework = combined.index("## Paper claims"), combined.index("## Framework tests")
+    assert paper < combined.index("| 8.7 |") < framework
     assert combined.index("## Framework tests") < combined.index("| F8.7 |")
     assert "the sampling trajectories have a negligible effect" in combined
     assert [c["kind"] for c in data["claims"]] == ["paper", "framework"]
