@@ -35,7 +35,9 @@ Statistics and verdicts: for each comparison the statistic ``observed - predicte
 from the same batches) is bootstrapped jointly over batches (``resamples`` resamples, fixed seed,
 percentile interval at ``confidence``). A check row FAILS when its interval excludes 0; it PASSES
 when it includes 0 and the interval of its designated wrong variant excludes 0; otherwise it is
-INCONCLUSIVE (the interval cannot tell the prediction from the wrong variant). Wrong variants (rows
+INCONCLUSIVE (the interval cannot tell the prediction from the wrong variant; a variant closer to
+the prediction than the interval's half-width counts as not told apart even when an edge case
+puts it outside the interval). Wrong variants (rows
 of kind ``variant``, verdict ``rejected`` / ``not rejected``, with ``batches_needed``: the B at which
 the interval's half-width would equal the distance between the two predictions, ``B (h / delta)^2``):
 
@@ -189,10 +191,16 @@ def _compare(
     for label, pred_v, designated in variants:
         value_v, diff_v, ratio_v, ratio_ci_v = one(pred_v)
         rejected = not _contains_zero(diff_v)
-        if designated:
-            designated_rejected = rejected
         distance = abs(value_v - pred_value)
         needed = math.ceil(len(observed) * (half_width / distance) ** 2) if distance > 0 else None
+        powered = needed is not None and needed <= len(observed)
+        if designated:
+            # an edge case (observed at the interval's end) rejects a variant closer than the
+            # interval's half-width: that is luck, not power
+            designated_rejected = rejected and powered
+        note = "designated wrong variant" if designated else ""
+        if rejected and not powered:
+            note += "; rejected although closer than the interval half-width (underpowered)"
         rows.append(
             Row(
                 f"{quantity} [{label}]",
@@ -205,7 +213,7 @@ def _compare(
                 ratio_v,
                 ratio_ci_v,
                 batches_needed=needed,
-                note="designated wrong variant" if designated else "",
+                note=note.lstrip("; "),
             )
         )
     if not _contains_zero(diff_ci):
