@@ -203,3 +203,24 @@ def test_mlp_one_step_first_order_variance_matches_phi():
         assert row.verdict in ("pass", "inconclusive"), row
         assert res.row(f"{name}: Var(u^T dW v / sigma) [2 phi]").verdict == "rejected"
     assert np.isfinite(res.split["net"]["cross_over_phi_bar_sq"])
+
+
+def test_verdict_needs_power_not_an_edge_case():
+    """_compare on a known sample: a variant outside the interval but closer to the prediction than
+    the half-width h leaves the check inconclusive (it passed before the power rule); a variant 2h
+    away makes it pass; a prediction 2h off fails."""
+    from lipverify.framework.one_step import _Bootstrap, _compare
+
+    x = np.random.default_rng(5).standard_normal(400)
+    boot = _Bootstrap(400, 2000, 0.99, seed=1)
+    lo, hi = boot.interval(boot.mean(x))
+    m, h = float(x.mean()), (hi - lo) / 2
+
+    def verdicts(pred, variant):
+        rows = _compare(boot, "q", "mean", x, np.full(400, pred), [("v", np.full(400, variant), True)])
+        return rows[0].verdict, rows[1].verdict
+
+    assert verdicts(m - 0.8 * h, m - 1.3 * h) == ("inconclusive", "rejected")
+    assert verdicts(m - 0.5 * h, m + 1.5 * h) == ("pass", "rejected")
+    assert verdicts(m, m + 0.3 * h) == ("inconclusive", "not rejected")
+    assert verdicts(m - 2 * h, m) == ("fail", "not rejected")
