@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "lipverify.commands.train",
     "report": "lipverify.commands.report",
     "sweep": "lipverify.commands.sweep",
+    "framework": "lipverify.commands.framework",
 }
 
 

@@ -1,0 +1,120 @@
+"""``lipverify framework``: framework tests beyond the paper.
+
+``lipverify framework one-step [--config FILE] [key=value ...] --at-step K --batches N [--out DIR]
+[--seed S]``: the one-step check of Theorems 14/15 at W_K (:func:`lipverify.framework.one_step_check`).
+``lipverify framework assumption3 RUN_DIR``: the cross-layer term against phi_bar^2 along a recorded
+run (:func:`lipverify.framework.cross_layer_along_run`).
+
+Both print a table and write ``results.json`` atomically (one-step: into ``--out``, default
+``runs/framework_one_step``; assumption3: into ``--out``, default ``RUN_DIR/assumption3.json``).
+Exit status: 0 pass, 1 fail, 3 inconclusive (2: bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lipverify._validation import LipverifyError
+
+HELP = (
+    "framework tests beyond the paper: 'one-step' (Theorems 14/15 at fixed weights) or 'assumption3 RUN_DIR'"
+)
+EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # one positional list instead of sub-parsers: the CLI parses intermixed (see lipverify.cli)
+    parser.add_argument("test", choices=["one-step", "assumption3"], help="which framework test")
+    parser.add_argument(
+        "rest", nargs="*", metavar="ARG", help="one-step: key=value config overrides; assumption3: RUN_DIR"
+    )
+    parser.add_argument("--config", help="one-step: TOML training config (default: MLP on MNIST-5k)")
+    parser.add_argument(
+        "--at-step", type=int, default=0, help="one-step: check at W_K, after K training steps"
+    )
+    parser.add_argument("--batches", type=int, default=500, help="one-step: mini-batches drawn at W_K")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="one-step: seed of the check's batches and bootstrap"
+    )
+    parser.add_argument("--confidence", type=float, default=0.99, help="bootstrap interval level")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--tolerance", type=float, default=10.0, help="assumption3: tolerance in percent")
+    parser.add_argument("--out", help="output directory (one-step) or JSON file (assumption3)")
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:+.4e}"
+
+
+def _one_step(args: argparse.Namespace) -> int:
+    from lipverify.framework import one_step_check
+    from lipverify.records import write_json
+    from lipverify.training import load_config
+
+    if args.resamples < 100:
+        raise LipverifyError(f"--resamples must be >= 100, got {args.resamples}")
+    config = load_config(args.config, args.rest)
+    out = Path(args.out or "runs/framework_one_step")
+    result = one_step_check(
+        config, args.at_step, args.batches, args.seed, confidence=args.confidence, resamples=args.resamples
+    )
+    cols = ("predicted", "observed", "CI(observed)", "obs/pred")
+    print(f"{'quantity':58s} {cols[0]:>12s} {cols[1]:>12s} {cols[2]:>27s} {cols[3]:>8s}  verdict")
+    for r in result.rows:
+        ratio = f"{r.ratio:8.3f}" if r.ratio is not None else " " * 8
+        ci = f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]"
+        pred, obs = _fmt(r.predicted), _fmt(r.observed)
+        print(f"{r.quantity:58s} {pred:>12s} {obs:>12s} {ci:>27s} {ratio}  {r.verdict or '-'}")
+    for name, sp in result.split.items():
+        if name != "net":
+            print(
+                f"{name}: mean dln sigma = {sp['observed']:+.3e} = first {sp['first']:+.3e} + curvature "
+                f"{sp['curvature']:+.3e} + log {sp['log_correction']:+.3e} "
+                f"+ remainder {sp['remainder']:+.3e}; "
+                f"dropped term {sp['dropped']:+.3e}; update >= gap/2 in "
+                f"{100 * result.layers[name]['update_exceeds_gap_fraction']:.0f}% of batches"
+            )
+    net = result.split["net"]
+    print(f"cross-layer term / phi_bar^2 = {net['cross_over_phi_bar_sq']:+.3f}")
+    s = result.settings
+    print(
+        f"k = {s['at_step']}, B = {s['batches']}, b = {s['batch_size']}, N = {s['population_size']}, "
+        f"{100 * s['confidence']:g}% bootstrap ({s['resamples']} resamples); "
+        f"train {s['train_seconds']:.1f} s, check {s['wall_seconds']:.1f} s; verdict: {result.verdict}"
+    )
+    write_json(out / "results.json", result.as_dict())
+    print(f"wrote {out / 'results.json'}")
+    return EXIT[result.verdict]
+
+
+def _assumption3(args: argparse.Namespace) -> int:
+    from lipverify.framework import cross_layer_along_run
+    from lipverify.records import write_json
+
+    if len(args.rest) != 1:
+        raise LipverifyError(f"assumption3 takes exactly one RUN_DIR, got {len(args.rest)} argument(s)")
+    run_dir = Path(args.rest[0])
+    result = cross_layer_along_run(run_dir, args.tolerance)
+    s = result["summary"]
+    print(f"{'quantity':40s} {'value':>12s}")
+    for key in (
+        "cumulative_phi_bar_sq",
+        "cumulative_cross",
+        "ratio",
+        "share",
+        "late_ratio",
+        "max_step_ratio",
+    ):
+        print(f"{key:40s} {_fmt(s[key]):>12s}")
+    print(s["message"])
+    out = Path(args.out) if args.out else run_dir / "assumption3.json"
+    write_json(out, result)
+    print(f"wrote {out}")
+    return 0 if s["holds"] else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.test == "one-step":
+        return _one_step(args)
+    return _assumption3(args)
