@@ -255,7 +255,7 @@ def test_equal_top_singular_values_raise():
 def test_equal_top_singular_values_raise_whichever_way_they_round():
     """sigma_1 = sigma_2 exactly, but rotated: the computed values tie or differ by a few ulps
     depending on the kernel (0 to several ulps), so sigma_1 > sigma_2 decided
-    degeneracy by a coin flip. Decided against separation_tolerance (4 r eps) instead: every rotation
+    degeneracy by a coin flip. Decided against separation_tolerance (8 sqrt(r) eps) instead: every rotation
     raises; a gap 8x that tolerance (far above any rounding) only warns."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(12):
@@ -268,7 +268,7 @@ def test_equal_top_singular_values_raise_whichever_way_they_round():
     with pytest.raises(DegenerateSpectrumError, match="Assumption 11"):
         hessian_trace_from_spectrum(one_ulp, 3, 3)
     tol = separation_tolerance(3, F64)
-    assert tol == 12 * torch.finfo(F64).eps
+    assert tol == pytest.approx(8 * math.sqrt(3) * torch.finfo(F64).eps, rel=1e-12)
     separated = torch.tensor([2.0, 2.0 * (1 - 8 * tol), 1.0], dtype=F64)
     assert math.isfinite(float(hessian_trace_from_spectrum(separated, 3, 3)))
     with pytest.warns(SpectralGapWarning):
