@@ -301,9 +301,10 @@ def test_real_smoke_sweep_and_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "claims.json").read_text())
     assert report["claim"] == "trajectories"
-    assert [c["id"] for c in report["claims"]] == ["8.7"]
-    assert report["claims"][0]["verdict"] in ("pass", "fail")
-    assert math.isfinite(report["claims"][0]["numbers"]["median_ratio"])
+    # the paper's 8.7 (seed spread negligible against the change) and ours, F8.7 (spread vs Theorem 17)
+    assert [(c["id"], c["kind"]) for c in report["claims"]] == [("8.7", "paper"), ("F8.7", "framework")]
+    assert report["claims"][0]["verdict"] in ("pass", "fail", "inconclusive")
+    assert all(math.isfinite(r["std_log_K"]) for r in report["claims"][0]["numbers"]["checkpoints"])
     assert (out / "claims.md").read_text().startswith("# Claims")
     assert (out / "trajectories.png").stat().st_size > 0
 
