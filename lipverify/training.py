@@ -17,8 +17,10 @@ Regularisers: batch norm and dropout (ConvNet; dropout also in the MLP), weight 
 (``Beta(a, a)`` mixing coefficient, one per batch, partner = a random permutation of the batch),
 label smoothing, AutoAugment (torchvision's CIFAR-10 policy on uint8 3-channel images; needs
 ``pip install lipverify[vision]``), FGSM adversarial training (the step uses
-``x_adv = clip(x + eps sign grad_x L, 0, 1)`` only). The full-data gradient for ``mu_full`` uses the
-plain (clean, unmixed) training loss over the whole training set in chunks of 1000.
+``x_adv = clip(x + eps sign grad_x L, 0, 1)`` only). The full-data gradient for ``mu_full`` is the
+expected step gradient: the training loss (label smoothing, weight decay in the drift) over the whole
+training set in chunks of 1000, with each chunk FGSM-perturbed, mixed or augmented like a batch
+(:meth:`_Run.full_batches`).
 
 Files in ``out_dir``: ``steps.csv`` (one flushed row per step; see :func:`step_columns`),
 ``meta.json`` (config, versions, seeds, device, status, all written atomically) and
@@ -410,9 +412,28 @@ class _Run:
         return F.cross_entropy(out, target, label_smoothing=self.config.label_smoothing)
 
     def full_batches(self):
+        """Chunks of the whole training set, transformed like a training batch, so that the full-data
+        gradient estimates the expected step gradient ``E[g_B | W]`` (the Theorem 14 drift): FGSM
+        inputs, mixed inputs with mixed one-hot targets (one Beta(a, a) lam and one permutation per
+        chunk: an unbiased Monte Carlo estimate over lam and partners), AutoAugment-ed images (one
+        random policy draw per image). Runs inside the probe's forked random stream."""
+        c = self.config
         for start in range(0, len(self.data), FULL_GRADIENT_CHUNK):
             sl = slice(start, start + FULL_GRADIENT_CHUNK)
-            yield to_model_input(self.images[sl], self.config.model, self.dtype), self.labels[sl]
+            images = self.images[sl]
+            if c.autoaugment:
+                images = _autoaugment(images.cpu()).to(self.device)
+            x, y = to_model_input(images, c.model, self.dtype), self.labels[sl]
+            if c.fgsm_eps > 0:
+                x_req = x.clone().requires_grad_(True)
+                (gx,) = torch.autograd.grad(self.loss_fn(self.model(x_req), y), x_req)
+                x = (x + c.fgsm_eps * gx.sign()).clamp(0, 1).detach()
+            if c.mixup > 0:
+                lam = float(torch.distributions.Beta(c.mixup, c.mixup).sample())
+                perm = torch.randperm(x.shape[0]).to(self.device)
+                onehot = F.one_hot(y, self.data.classes).to(x.dtype)
+                x, y = lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]
+            yield x, y
 
     def sharpness(self) -> float:
         """lambda_max of the Hessian of the loss on the first :data:`SHARPNESS_BATCH` training
