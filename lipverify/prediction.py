@@ -161,6 +161,123 @@ def prediction_verdict(
     return out
 
 
+#: coverage of +/- 1 and +/- 2 std under N(0, 1)
+NORMAL_COVERAGE = {1: math.erf(1 / math.sqrt(2)), 2: EXPECTED_COVERAGE}
+#: quantile levels of the calibration table (z-scores of ln K_t against N(0, 1))
+CALIBRATION_LEVELS = (0.025, 0.16, 0.5, 0.84, 0.975)
+
+
+def log_bound_forecast(log_k0: float, net_series) -> tuple[list[float], list[float]]:
+    """Theorem 17's law of ln K_t as the Gaussian ``N(m_t, v_t)`` for t = 0..T:
+    ``m_t = ln K_0 + sum_{s<t} (mu_bar_s + psi_bar_s - phi_bar_s^2 / 2)`` (Theorem 15's drift of
+    ln K) and ``v_t = Phi_t = sum_{s<t} phi_bar_s^2``. Computed in log space, so it cannot overflow.
+    ``net_series``: T :class:`NetworkTerms`. Returns two lists of T + 1 floats."""
+    m, v = [float(log_k0)], [0.0]
+    for t in net_series:
+        m.append(m[-1] + t.mu + t.psi - 0.5 * t.phi_sq)
+        v.append(v[-1] + t.phi_sq)
+    return m, v
+
+
+def calibration(log_observed, log_mean, log_var, *, alpha: float = VERDICT_ALPHA) -> dict:
+    """Calibration of a forecast ``ln K_t ~ N(m_t, v_t)`` against one observed path, t = 1..T
+    (sequences of T + 1 floats; t = 0 is the start and is not scored).
+
+    z-scores ``z_t = (ln K_t - m_t) / sqrt(v_t)`` are N(0, 1) at every t if the model is right, but
+    they are not independent: ``ln K_t - m_t`` is a martingale with Gaussian increments of variance
+    ``v_{t+1} - v_t``, so ``Cov(z_s, z_t) = sqrt(v_s / v_t)`` and ``Cov(z_s^2, z_t^2) = 2 v_s / v_t``
+    (s <= t). The verdict uses ``S = mean_t z_t^2`` with its exact first two moments under the
+    model, ``E S = 1`` and ``Var S = (2 / T^2) sum_{s,t} min(v_s, v_t) / max(v_s, v_t)`` (about 1
+    for a Brownian path, i.e. about two degrees of freedom however long the run: one path is one
+    sample), moment-matched by a Gamma law (exact for T = 1, where S is chi^2_1):
+
+    * ``S`` above its ``1 - alpha/2`` quantile: ``"too narrow"`` (the path strays further than the
+      band allows); below its ``alpha/2`` quantile: ``"too wide"``; else ``"calibrated"``;
+    * ``v_t <= 0`` or a non-finite value at some t >= 1: ``"not applicable"``.
+
+    Also reported: the mean z with its model std ``sqrt((1/T^2) sum_{s,t} sqrt(min/max))`` (a
+    bias), the fractions of t inside +/- 1 and +/- 2 std against 68.3% and 95.4%, and the empirical
+    quantiles of z at :data:`CALIBRATION_LEVELS` against the normal ones. Returns a dict; numbers
+    that cannot be computed are None.
+    """
+    import numpy as np
+    from scipy.stats import gamma, norm
+
+    obs, m, v = (np.asarray(list(a), dtype=np.float64) for a in (log_observed, log_mean, log_var))
+    if not (len(obs) == len(m) == len(v)) or len(obs) < 2:
+        raise LipverifyError(
+            f"log_observed, log_mean and log_var must have the same length >= 2, got "
+            f"{len(obs)}, {len(m)}, {len(v)}"
+        )
+    T = len(obs) - 1
+    out = {
+        "verdict": None,
+        "reason": None,
+        "steps": T,
+        "mean_z_sq": None,
+        "mean_z_sq_interval": None,
+        "mean_z": None,
+        "mean_z_std": None,
+        "coverage_1std": None,
+        "coverage_2std": None,
+        "expected_coverage_1std": NORMAL_COVERAGE[1],
+        "expected_coverage_2std": NORMAL_COVERAGE[2],
+        "quantiles": None,
+    }
+    o, mm, vv = obs[1:], m[1:], v[1:]
+    if not (np.isfinite(o).all() and np.isfinite(mm).all() and np.isfinite(vv).all()) or (vv <= 0).any():
+        bad = int(np.argmax(~(np.isfinite(o) & np.isfinite(mm) & np.isfinite(vv)) | (vv <= 0))) + 1
+        out["verdict"] = "not applicable"
+        out["reason"] = (
+            f"the forecast of ln K has no positive finite variance at step {bad} "
+            f"(v = {v[bad]:.3g}): no z-score"
+        )
+        return out
+    z = (o - mm) / np.sqrt(vv)
+    ratio = np.minimum.outer(vv, vv) / np.maximum.outer(vv, vv)
+    var_s = 2.0 * float(ratio.sum()) / T**2
+    std_mean_z = math.sqrt(float(np.sqrt(ratio).sum())) / T
+    s = float(np.mean(z**2))
+    shape, scale = 1.0 / var_s, var_s
+    lo, hi = (float(gamma.ppf(q, shape, scale=scale)) for q in (alpha / 2, 1 - alpha / 2))
+    mean_z = float(z.mean())
+    out.update(
+        mean_z_sq=s,
+        mean_z_sq_interval=[lo, hi],
+        mean_z=mean_z,
+        mean_z_std=std_mean_z,
+        coverage_1std=float(np.mean(np.abs(z) <= 1)),
+        coverage_2std=float(np.mean(np.abs(z) <= 2)),
+        quantiles=[
+            {"level": q, "normal": float(norm.ppf(q)), "observed": float(np.quantile(z, q))}
+            for q in CALIBRATION_LEVELS
+        ],
+    )
+    where = (
+        f"mean z^2 = {s:.3g}, {1 - alpha:.0%} interval under the model [{lo:.3g}, {hi:.3g}]; "
+        f"mean z = {mean_z:+.3g} (model std {std_mean_z:.3g}); "
+        f"{out['coverage_1std']:.0%} / {out['coverage_2std']:.0%} of steps inside +/- 1 / 2 std "
+        f"(expected {NORMAL_COVERAGE[1]:.1%} / {NORMAL_COVERAGE[2]:.1%})"
+    )
+    if s > hi:
+        out["verdict"] = "too narrow"
+    elif s < lo:
+        out["verdict"] = "too wide"
+    else:
+        out["verdict"] = "calibrated"
+    out["reason"] = where
+    return out
+
+
+def z_scores(log_observed, log_mean, log_var) -> list[float | None]:
+    """``(ln K_t - m_t) / sqrt(v_t)`` for t = 1..T (None where ``v_t <= 0`` or not finite)."""
+    out = []
+    for o, m, v in list(zip(log_observed, log_mean, log_var, strict=True))[1:]:
+        z = (o - m) / math.sqrt(v) if v > 0 and math.isfinite(v) else math.nan
+        out.append(z if math.isfinite(z) else None)
+    return out
+
+
 def verdict_line(verdict: dict) -> str:
     """One line: ``holds``/``does not hold``/... with the reasons joined by ``; ``."""
     return f"{verdict['verdict']}: " + "; ".join(verdict["reasons"])
@@ -350,8 +467,59 @@ def _layer_flags(layers, pred, T: int) -> list[str]:
     return flags
 
 
+FORECAST_KIND = (
+    "expectation-based forecast: Theorem 17 with mu from the full-data gradient (held between passes), "
+    "psi and phi from the batch noise"
+)
+DECOMPOSITION_KIND = (
+    "one-step-ahead decomposition of the realised path: mu from each step's batch mean, which "
+    "already contains that step's noise (not a forecast; its band counts the noise twice)"
+)
+
+
+def _forecast_block(kind: str, log_obs, series, mean, std, verdict: dict) -> dict:
+    """One prediction of K along the run: its Theorem 17 numbers at T, its
+    :func:`prediction_verdict` and the :func:`calibration` of ln K_t's z-scores."""
+    T = len(series)
+    log_mean, log_var = log_bound_forecast(log_obs[0], series)
+    cal = calibration(log_obs, log_mean, log_var)
+    overall, reasons = verdict["verdict"], list(verdict["reasons"])
+    if cal["verdict"] in ("too narrow", "too wide") and overall != "not applicable":
+        # a band that is too narrow or too wide for the path is a failed prediction of Var[K_t]
+        overall = "does not hold"
+        kept = reasons if verdict["verdict"] != "holds" else []
+        reasons = [f"calibration {cal['verdict']}: {cal['reason']}", *kept]
+    return {
+        "kind": kind,
+        "available": True,
+        "K_T_predicted_mean": _finite_or_none(mean[T]),
+        "K_T_predicted_std": _finite_or_none(std[T]),
+        "relative_error": verdict["relative_error"],
+        "fraction_in_2std": verdict["coverage"],
+        "expected_fraction_in_2std": EXPECTED_COVERAGE,
+        "z_final": verdict["z_final"],
+        "verdict": overall,
+        "verdict_reasons": reasons,
+        "band_verdict": verdict["verdict"],
+        "calibration": cal,
+        "cumulative_mu": sum(t.mu for t in series),
+    }
+
+
 def summarize_run(run_dir: str | Path) -> dict:
     """Summary numbers of a finished run (T = number of steps).
+
+    * ``forecast`` (read this first): the expectation-based forecast, Theorem 17 with mu_bar from
+      the full-data gradient (``mu_full``, held between the passes every ``full_gradient_every``
+      steps) and psi, phi from the batch noise: ``kind``, ``available``, ``K_T_predicted_mean``/
+      ``_std``, ``relative_error``, ``fraction_in_2std`` against ``expected_fraction_in_2std``
+      (95.4%), ``z_final``, ``verdict``, ``verdict_reasons``, ``calibration`` (:func:`calibration`:
+      "calibrated" / "too wide" / "too narrow" from the z-scores of ln K_t), ``full_gradient_every``.
+      ``available`` is False (with ``reason``) when no full-data gradient was recorded.
+    * ``one_step_decomposition``: the same with mu_bar from each step's batch mean, which contains
+      the step's realised noise: a decomposition of the realised path, not a forecast. The flat
+      keys below (``K_T_predicted_mean``, ``fraction_in_2std``, ``verdict``, ...) are this variant,
+      kept for compatibility.
 
     * ``K0``, ``K_T_observed``: ``exp(log_bound)`` at steps 0 and T.
     * ``K_T_predicted_mean``, ``K_T_predicted_std``: Theorem 17 at T.
@@ -417,7 +585,8 @@ def summarize_run(run_dir: str | Path) -> dict:
         _, pf = _checked_prediction(run_dir, meta, rows, T, full_series)
         fm, fs = pf.mean.tolist(), pf.std.tolist()
         full_overflow = _overflow_flag(meta, rows, layers, per_layer, pf.mean, pf.std)
-        vf = prediction_verdict(K_obs, fm, fs, name="full-data mu")
+        full_flags = [] if full_overflow else list(flags)
+        vf = prediction_verdict(K_obs, fm, fs, flags=full_flags, name="full-data mu")
         if full_overflow:
             vf["reasons"] = vf["flags"] = [full_overflow]
         full.update(
@@ -427,6 +596,20 @@ def summarize_run(run_dir: str | Path) -> dict:
             cumulative_mu_full=sum(t.mu for t in full_series),
             verdict_full_mu=vf,
         )
+    log_obs = [math.log(k) for k in K_obs]
+    decomposition = _forecast_block(DECOMPOSITION_KIND, log_obs, net, mean, std, verdict)
+    if full_series is not None:
+        forecast = _forecast_block(FORECAST_KIND, log_obs, full_series, fm, fs, vf)
+        forecast["full_gradient_every"] = meta.get("full_gradient_every") or (meta.get("config") or {}).get(
+            "full_gradient_every"
+        )
+    else:
+        forecast = {
+            "kind": FORECAST_KIND,
+            "available": False,
+            "reason": "no full-data gradient recorded (full_gradient_every = 0); only the one-step-ahead "
+            "decomposition below is available",
+        }
     layer_summary = {}
     for j, name in enumerate(layers):
         sig = [r[f"{name}.sigma"] for r in rows[: T + 1]]
@@ -453,6 +636,8 @@ def summarize_run(run_dir: str | Path) -> dict:
         }
     return {
         "steps": T,
+        "forecast": forecast,
+        "one_step_decomposition": decomposition,
         "K0": K_obs[0],
         "K_T_observed": K_obs[T],
         "K_T_predicted_mean": _finite_or_none(mean[T]),
@@ -493,28 +678,42 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
     meta, layers, rows, train_rows, net, per_layer = _series(run_dir)
     T = len(train_rows)
     K_obs, pred = _checked_prediction(run_dir, meta, rows, T, net, per_layer)
+    full_series = _full_mu_series(layers, train_rows, net)
+    forecast = _checked_prediction(run_dir, meta, rows, T, full_series)[1] if full_series else None
     steps = list(range(T + 1))
-    ncol = max(len(layers) + 1, 4)
+    ncol = max(len(layers) + 1, 5)
+
+    def finite(x):  # an overflowed prediction is left out of the figure, not drawn as inf
+        x = x.numpy().copy()
+        x[~np.isfinite(x)] = np.nan
+        return x
+
     fig, axes = plt.subplots(2, ncol, figsize=(3.2 * ncol, 6.4), squeeze=False)
     for j, name in enumerate([*layers, "K"]):
         ax = axes[0, j]
         if name == "K":
             obs, mean, std = K_obs, pred.mean, pred.std
             ax.set_title("network bound K")
+            if forecast is not None:
+                fm, fs = finite(forecast.mean), finite(forecast.std)
+                ax.fill_between(steps, fm - 2 * fs, fm + 2 * fs, color="C2", alpha=0.3)
+                ax.plot(steps, fm, color="C2", lw=1.4, label="forecast E ± 2 std (full-data mu)")
         else:
             obs = [r[f"{name}.sigma"] for r in rows[: T + 1]]
             mean, std = pred.layer_mean[:, j], pred.layer_var[:, j].sqrt()
             ax.set_title(f"{name}: sigma_1")
-        # an overflowed prediction is left out of the figure, not drawn as inf
-        mean, std = mean.numpy().copy(), std.numpy().copy()
-        gone = ~(np.isfinite(mean) & np.isfinite(std))
+        mean, std = finite(mean), finite(std)
+        gone = np.isnan(mean) | np.isnan(std)
         mean[gone], std[gone] = np.nan, np.nan
-        ax.fill_between(steps, mean - 2 * std, mean + 2 * std, color="C1", alpha=0.3, label="E ± 2 std")
-        ax.plot(steps, mean, color="C1", lw=1.2, label="predicted E")
+        label = "one-step-ahead decomposition\nof the realised path (batch mu)"
+        ax.fill_between(steps, mean - 2 * std, mean + 2 * std, color="C1", alpha=0.25)
+        ax.plot(steps, mean, color="C1", lw=1.0, ls="--", label=f"{label}, E ± 2 std")
         ax.plot(steps, obs, color="C0", lw=1.0, label="observed")
         ax.set_xlabel("step")
-        if j == 0:
-            ax.legend(fontsize=7)
+        if name == "K" and len(layers) + 1 < ncol:  # the spare panel holds the legend
+            axes[0, len(layers) + 1].legend(*ax.get_legend_handles_labels(), loc="center", fontsize=7)
+        elif j == 0 or name == "K":
+            ax.legend(fontsize=6)
     for ax in axes[0, len(layers) + 1 :]:
         ax.axis("off")
     t_axis = list(range(T))
@@ -536,9 +735,25 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
             ax.axhline(0, color="k", lw=0.5)
         ax.set_title(f"layers: {title}")
         ax.legend(fontsize=7)
-    for ax in axes[1, 4:]:
+    ax = axes[1, 4]
+    log_obs = [math.log(k) for k in K_obs]
+    qq = [("C2", "forecast", full_series), ("C1", "one-step decomposition", net)]
+    for color, label, series in qq:
+        if series is None:
+            continue
+        z = sorted(v for v in z_scores(log_obs, *log_bound_forecast(log_obs[0], series)) if v is not None)
+        if z:
+            from scipy.stats import norm
+
+            theory = norm.ppf((np.arange(1, len(z) + 1) - 0.5) / len(z))
+            ax.plot(theory, z, ".", ms=2, color=color, label=label)
+    ax.plot([-3, 3], [-3, 3], color="k", lw=0.6, label="N(0, 1)")
+    ax.set_title("calibration: z of ln K_t (QQ)")
+    ax.set_xlabel("N(0, 1) quantile")
+    ax.legend(fontsize=6)
+    for ax in axes[1, 5:]:
         ax.axis("off")
-    for ax in axes[1]:
+    for ax in axes[1, :4]:
         ax.set_xlabel("step")
     cfg = meta.get("config", {})
     fig.suptitle(

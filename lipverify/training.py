@@ -17,8 +17,10 @@ Regularisers: batch norm and dropout (ConvNet; dropout also in the MLP), weight 
 (``Beta(a, a)`` mixing coefficient, one per batch, partner = a random permutation of the batch),
 label smoothing, AutoAugment (torchvision's CIFAR-10 policy on uint8 3-channel images; needs
 ``pip install lipverify[vision]``), FGSM adversarial training (the step uses
-``x_adv = clip(x + eps sign grad_x L, 0, 1)`` only). The full-data gradient for ``mu_full`` uses the
-plain (clean, unmixed) training loss over the whole training set in chunks of 1000.
+``x_adv = clip(x + eps sign grad_x L, 0, 1)`` only). The full-data gradient for ``mu_full`` is the
+expected step gradient: the training loss (label smoothing, weight decay in the drift) over the whole
+training set in chunks of 1000, with each chunk FGSM-perturbed, mixed or augmented like a batch
+(:meth:`_Run.full_batches`).
 
 Files in ``out_dir``: ``steps.csv`` (one flushed row per step; see :func:`step_columns`),
 ``meta.json`` (config, versions, seeds, device, status, all written atomically) and
@@ -74,6 +76,29 @@ SHARPNESS_BATCH = 256
 SHARPNESS_ITERATIONS = 20
 SHARPNESS_TOL = 1e-3
 FULL_GRADIENT_CHUNK = 1000
+#: largest share of a run's time the automatic full-data gradient may add
+FULL_GRADIENT_OVERHEAD = 0.3
+#: cost of one probed training step in per-sample forward/backward passes, per sample of the batch
+#: (benchmarks/bench_probe.py, CPU, b = 128: the probed MLP step is ~11.6x a plain step, the
+#: ConvNet's ~1.8x); a full-data pass costs about N of them
+PROBED_STEP_COST = {"mlp": 11.6, "convnet": 1.8}
+
+
+def full_gradient_period(config: TrainConfig, train_size: int) -> int:
+    """Steps between two full-data gradients (``mu_full``): ``config.full_gradient_every`` when
+    set (0 = off), else the smallest k with ``N / (k c b) <= FULL_GRADIENT_OVERHEAD``, i.e.
+    ``k = ceil(N / (0.3 c b))``: a pass over the N training samples every k steps costs at most 30%
+    of the probed steps (c = :data:`PROBED_STEP_COST` of the model, b the batch size). MLP on
+    MNIST-5k, b = 128: k = 12; ConvNet on 10k Fashion-MNIST samples: k = 145. Between two passes
+    ``mu_full`` is held (the last measured value; causal, like a forecast made with what is known).
+    ``probe_every > 1`` rounds k up to a multiple of it, so every pass lands on a probed step."""
+    if config.full_gradient_every is not None:
+        return config.full_gradient_every
+    cost = PROBED_STEP_COST[config.model] * config.batch_size * FULL_GRADIENT_OVERHEAD
+    k = max(1, math.ceil(train_size / cost))
+    return config.probe_every * math.ceil(k / config.probe_every)
+
+
 #: label corruption is seeded with ``seed_sampling + LABEL_NOISE_SEED_OFFSET``
 LABEL_NOISE_SEED_OFFSET = 1_000_003
 #: the range ``torch.Generator.manual_seed`` accepts
@@ -107,7 +132,7 @@ class TrainConfig:
     grad_noise_std: float = 0.0  # beta: std of the injected per-entry noise
     label_noise: float = 0.0  # p
     probe_every: int = 1
-    full_gradient_every: int = 0  # 0 = off
+    full_gradient_every: int | None = None  # None = auto (full_gradient_period); 0 = off
     sharpness_every: int = 25  # lambda_max of the loss Hessian every k steps; 0 = off
     checkpoint_every: int = 50
     device: str = "cpu"
@@ -155,7 +180,7 @@ class TrainConfig:
         if self.batch_size < 2:
             bad(f"batch_size must be >= 2 (Proposition 5 divides by b(b-1)), got {self.batch_size}")
         for key in ("steps", "probe_every", "full_gradient_every", "checkpoint_every", "sharpness_every"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 bad(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.steps < 1:
             bad(f"steps must be >= 1, got {self.steps}")
@@ -364,8 +389,9 @@ class _Run:
         torch.manual_seed(c.seed_sampling + 1)
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(c.seed_sampling + 1)
+        self.full_gradient_every = full_gradient_period(c, len(self.data))
         schedule = ProbeSchedule(
-            {"terms": c.probe_every, "discrete": c.probe_every, "full_gradient": c.full_gradient_every}
+            {"terms": c.probe_every, "discrete": c.probe_every, "full_gradient": self.full_gradient_every}
         )
         self.probe = DynamicsProbe(self.model, population_size=len(self.data), schedule=schedule)
         self.step = 0
@@ -386,9 +412,28 @@ class _Run:
         return F.cross_entropy(out, target, label_smoothing=self.config.label_smoothing)
 
     def full_batches(self):
+        """Chunks of the whole training set, transformed like a training batch, so that the full-data
+        gradient estimates the expected step gradient ``E[g_B | W]`` (the Theorem 14 drift): FGSM
+        inputs, mixed inputs with mixed one-hot targets (one Beta(a, a) lam and one permutation per
+        chunk: an unbiased Monte Carlo estimate over lam and partners), AutoAugment-ed images (one
+        random policy draw per image). Runs inside the probe's forked random stream."""
+        c = self.config
         for start in range(0, len(self.data), FULL_GRADIENT_CHUNK):
             sl = slice(start, start + FULL_GRADIENT_CHUNK)
-            yield to_model_input(self.images[sl], self.config.model, self.dtype), self.labels[sl]
+            images = self.images[sl]
+            if c.autoaugment:
+                images = _autoaugment(images.cpu()).to(self.device)
+            x, y = to_model_input(images, c.model, self.dtype), self.labels[sl]
+            if c.fgsm_eps > 0:
+                x_req = x.clone().requires_grad_(True)
+                (gx,) = torch.autograd.grad(self.loss_fn(self.model(x_req), y), x_req)
+                x = (x + c.fgsm_eps * gx.sign()).clamp(0, 1).detach()
+            if c.mixup > 0:
+                lam = float(torch.distributions.Beta(c.mixup, c.mixup).sample())
+                perm = torch.randperm(x.shape[0]).to(self.device)
+                onehot = F.one_hot(y, self.data.classes).to(x.dtype)
+                x, y = lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]
+            yield x, y
 
     def sharpness(self) -> float:
         """lambda_max of the Hessian of the loss on the first :data:`SHARPNESS_BATCH` training
@@ -682,6 +727,7 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
         if state is not None:
             run.restore(state)
         meta.update(layers=run.probe.layer_names, train_size=len(run.data), classes=run.data.classes)
+        meta["full_gradient_every"] = run.full_gradient_every  # the resolved period (0 = off)
         write_json(meta_path, meta)
         columns = step_columns(run.probe.layer_names)
         with (

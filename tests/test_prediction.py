@@ -342,12 +342,29 @@ def test_every_summary_key_by_hand_on_a_varied_run(tmp_path):
     close("cumulative_mu_full", s["cumulative_mu_full"], sum(full_mu))
     assert s["final_loss"] == 0.5 + (T - 1)
     assert s["config"] == config
+    # the expectation-based forecast leads, the batch-mean decomposition follows
+    assert list(s)[1:3] == ["forecast", "one_step_decomposition"]
+    f, d = s["forecast"], s["one_step_decomposition"]
+    assert f["available"] and "full-data" in f["kind"] and "not a forecast" in d["kind"]
+    close("forecast mean", f["K_T_predicted_mean"], fmean[T])
+    close("forecast std", f["K_T_predicted_std"], fstd[T])
+    close("forecast cumulative_mu", f["cumulative_mu"], sum(full_mu))
+    assert f["fraction_in_2std"] == s["fraction_in_2std_full_mu"]
+    close("decomposition mean", d["K_T_predicted_mean"], mean[T])
+    # calibration z-scores of ln K_t against N(m_t, v_t), by hand
+    m, v = math.log(K0), 0.0
+    z_hand = []
+    for t in range(T):
+        m += full_mu[t] + net_psi[t] - net_phi_sq[t] / 2
+        v += net_phi_sq[t]
+        z_hand.append((math.log(K_obs[t + 1]) - m) / math.sqrt(v))
+    close("mean z^2", f["calibration"]["mean_z_sq"], sum(z * z for z in z_hand) / T)
     assert set(s) == {
         "steps", "K0", "K_T_observed", "K_T_predicted_mean", "K_T_predicted_std", "relative_error",
         "fraction_in_2std", "psi_mu_ratio", "cumulative_mu", "cumulative_psi", "cumulative_phi_sq",
         "cumulative_phi_sq_cross", "log_bound_change_observed", "log_bound_change_predicted",
         "K_T_predicted_mean_full_mu", "K_T_predicted_std_full_mu", "fraction_in_2std_full_mu",
-        "cumulative_mu_full", "final_loss", "layers", "config",
+        "cumulative_mu_full", "final_loss", "layers", "config", "forecast", "one_step_decomposition",
         # verdicts and stability (checked in the verdict tests)
         "z_final", "verdict", "verdict_reasons", "prediction_verdict", "verdict_full_mu", "sharpness_max",
         "lr_sharpness_max", "stability_warning_step", "stability_failed_step", "sharpness_evaluations",
@@ -438,3 +455,53 @@ def test_prediction_verdict_refuses_bad_input_and_flags_non_physical():
     assert v["verdict"] == "not applicable" and "non-physical at step 1" in v["reasons"][0]
     assert effective_sample_size(1) == 1 and effective_sample_size(15) == 1
     assert effective_sample_size(16) == 2 and effective_sample_size(300) == 3
+
+
+def _martingale_paths(n_paths, T, seed, scale=1.0):
+    """ln K_t - m_t of the model: Gaussian increments with a time-varying variance; the forecast's
+    variance is ``scale^2`` times the true one (scale = 1: the right model)."""
+    gen = torch.Generator().manual_seed(seed)
+    inc_var = torch.linspace(0.2, 3.0, T, dtype=torch.float64) ** 2 * 1e-4
+    x = torch.cumsum(torch.randn(n_paths, T, generator=gen, dtype=torch.float64) * inc_var.sqrt(), dim=1)
+    v = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(inc_var, 0)]) * scale**2
+    obs = torch.cat([torch.zeros(n_paths, 1, dtype=torch.float64), x], dim=1)
+    return obs, v
+
+
+def test_calibration_false_alarms_and_miscalibrated_bands():
+    """Under the model the verdict 'calibrated' errs at rate alpha = 1%: 400 paths, limit 12 false
+    alarms (P(Bin(400, 0.01) >= 12) ~ 4e-4). A band 1/3 as wide is 'too narrow' and one 10x as
+    wide 'too wide' on most paths (measured 82% and 100%; one path is about two degrees of freedom,
+    so a band 4x too wide is caught on only ~36%). The wrong variant that treats the T steps as
+    independent (Var S = 2/T) raises false alarms on far more than 10% of correct paths: the steps
+    are autocorrelated."""
+    from scipy.stats import gamma
+
+    from lipverify.prediction import calibration
+
+    T, n = 200, 400
+    obs, v = _martingale_paths(n, T, seed=11)
+    m = [0.0] * (T + 1)
+    right = [calibration(o.tolist(), m, v.tolist()) for o in obs]
+    assert sum(r["verdict"] != "calibrated" for r in right) <= 12
+    assert all(0.0 <= r["coverage_2std"] <= 1.0 for r in right)
+    narrow = [calibration(o.tolist(), m, (v / 9).tolist())["verdict"] for o in obs]
+    wide = [calibration(o.tolist(), m, (v * 100).tolist())["verdict"] for o in obs]
+    assert narrow.count("too narrow") > 0.7 * n
+    assert wide.count("too wide") > 0.9 * n
+    naive_var = 2 / T
+    lo, hi = (gamma.ppf(q, 1 / naive_var, scale=naive_var) for q in (0.005, 0.995))
+    naive = [not lo <= r["mean_z_sq"] <= hi for r in right]
+    assert sum(naive) > 0.1 * n
+
+
+def test_calibration_refuses_a_zero_variance_and_reports_quantiles():
+    from lipverify.prediction import calibration
+
+    c = calibration([0.0, 0.1, 0.2], [0.0, 0.0, 0.0], [0.0, 0.0, 0.01])
+    assert c["verdict"] == "not applicable" and "step 1" in c["reason"] and c["mean_z_sq"] is None
+    c = calibration([0.0, 0.1, -0.1], [0.0, 0.0, 0.0], [0.0, 0.01, 0.04])
+    assert [q["level"] for q in c["quantiles"]] == [0.025, 0.16, 0.5, 0.84, 0.975]
+    assert c["mean_z_sq"] == pytest.approx((1.0 + 0.25) / 2)
+    with pytest.raises(LipverifyError, match="same length"):
+        calibration([0.0, 1.0], [0.0], [0.0, 1.0])

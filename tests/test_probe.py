@@ -1047,3 +1047,67 @@ def test_skip_leaves_out_a_module_and_everything_inside_it():
     assert DynamicsProbe(model, skip=["block.0"]).layer_names == ["block.2", "block2.0", "head"]
     with pytest.raises(LipverifyError, match="skip names unknown modules: blok"):
         DynamicsProbe(model, skip=["blok"])
+
+
+# -- regularisers of the paper's validation (Fig. 2): the gradient each step takes, and the probe on it
+def _soft_loss(smoothing=0.0):
+    """Mean cross-entropy with (b, C) probability targets (mixup) or class targets; label smoothing."""
+    return lambda out, t: F.cross_entropy(out, t, label_smoothing=smoothing)
+
+
+def _regularised_batch(which, model, x, y):
+    """The inputs and targets whose plain gradient the training step takes (lipverify.training):
+    mixup mixes inputs and one-hot targets with one lam ~ Beta(a, a) and a permutation; FGSM replaces
+    x by clip(x + eps sign grad_x L, 0, 1), held fixed; label smoothing changes only the loss."""
+    if which == "mixup":
+        gen = torch.Generator().manual_seed(5)
+        lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+        perm = torch.randperm(x.shape[0], generator=gen)
+        onehot = F.one_hot(y, 10).to(x.dtype)
+        return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm], _soft_loss()
+    if which == "fgsm":
+        xr = x.clamp(0, 1).requires_grad_(True)
+        (gx,) = torch.autograd.grad(LOSS(model(xr), y), xr)
+        return (xr + 0.03 * gx.sign()).clamp(0, 1).detach(), y, _soft_loss()
+    if which == "label_smoothing":
+        return x, y, _soft_loss(0.1)
+    raise AssertionError(which)
+
+
+@pytest.mark.parametrize("which", ["mixup", "fgsm", "label_smoothing"])
+def test_regularised_step_matches_per_sample_reference(which):
+    """The probe projects the gradient the step takes: per-sample gradients of the mixed loss at the
+    mixed inputs (mixup), of the loss at the FGSM inputs (FGSM), of the smoothed loss (label
+    smoothing). Its terms equal the torch.func per-sample reference of that loss (rtol 1e-8); the
+    wrong variant, the probe on the clean cross-entropy of the clean batch, is rejected (> 1e-3)."""
+    model = _convnet()
+    x, y = _batch((3, 32, 32), b=4)
+    x = x.sigmoid()  # images in [0, 1], as FGSM's clip assumes
+    xs, ys, loss = _regularised_batch(which, model, x, y)
+    ref = reference_layer_terms(model, xs, ys, loss, lr=0.1, mode="vmap", population_size=100)
+    probe = DynamicsProbe(model, population_size=100)
+    assert _max_rel(probe.measure(xs, ys, loss, lr=0.1), ref) < RTOL
+    clean = DynamicsProbe(model, population_size=100).measure(x, y, LOSS, lr=0.1)
+    assert _max_rel(clean, ref) > 1e-3
+
+
+def test_weight_decay_matches_per_sample_reference_of_the_regularised_objective():
+    """SGD with weight decay lam follows the gradient of l_i + (lam/2) ||W||^2: per-sample gradients
+    grad l_i + lam W. The probe's terms with ``weight_decay=lam`` equal layer_terms of those (mu gets
+    -eta lam sigma; phi and psi, from the centred noise, are unchanged); without it they do not."""
+    from lipverify.dynamics import layer_terms
+    from lipverify.probe import weight_matrix
+
+    lam, lr = 0.05, 0.1
+    model = _convnet()
+    x, y = _batch((3, 32, 32), b=4)
+    grads = reference_per_sample_gradients(model, x, y, LOSS, mode="vmap")
+    ref = {}
+    for name, g in grads.items():
+        W = weight_matrix(model.get_submodule(name)).double()
+        ref[name] = layer_terms(W, g + lam * W, lr, population_size=100)
+    probe = DynamicsProbe(model, population_size=100)
+    with probe.capture():
+        LOSS(model(x), y).backward()
+    assert _max_rel(probe.compute(lr, weight_decay=lam), ref) < RTOL
+    assert _max_rel(probe.compute(lr), ref) > 1e-3

@@ -347,7 +347,8 @@ def test_overflowing_prediction_is_complete_and_flagged_not_applicable(tmp_path,
     args = ["--out", str(out), "--no-progress", "steps=2", "train_size=128", "batch_size=16", "lr=1e4"]
     assert main(["train", *args]) == 0
     err = capsys.readouterr().err
-    assert "verdict (Theorem 17, batch mu): not applicable: " in err and "the run itself is finite" in err
+    assert "verdict (forecast, full-data mu): not applicable: " in err and "the run itself is finite" in err
+    assert "verdict (one-step decomposition, batch mu; not a forecast): not applicable: " in err
     assert "smaller lr" not in err and "lr = 10000.0" in err
     meta = json.loads((out / "meta.json").read_text())
     assert meta["status"] == "complete"
@@ -642,3 +643,26 @@ def test_thread_counts_are_recorded_and_a_resume_with_others_warns(tmp_path):
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert meta["status"] == "complete"
     assert meta["threads"]["intraop"] == 2 and meta["threads_before_resume"] == threads
+
+
+def test_full_gradient_period_defaults_to_a_30_percent_overhead():
+    from lipverify.training import TrainConfig, full_gradient_period
+
+    # N / (0.3 c b): MLP on MNIST-5k 5000 / (0.3 * 11.6 * 128) = 11.2; ConvNet 10000 / (0.3 * 1.8 * 128)
+    assert full_gradient_period(TrainConfig(), 5000) == 12
+    assert full_gradient_period(TrainConfig(model="convnet"), 10000) == 145
+    assert full_gradient_period(TrainConfig(probe_every=5), 5000) == 15  # lands on probed steps
+    assert full_gradient_period(TrainConfig(full_gradient_every=0), 5000) == 0
+    assert full_gradient_period(TrainConfig(full_gradient_every=7), 5000) == 7
+
+
+def test_train_leads_with_the_expectation_based_forecast(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--no-progress", "steps=6", "train_size=128", "batch_size=16"]
+    assert main(["train", *args]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("forecast: expectation-based forecast")
+    assert json.loads((out / "meta.json").read_text())["full_gradient_every"] == 3  # ceil(2.3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary)[1] == "forecast" and summary["forecast"]["available"]
+    assert summary["forecast"]["calibration"]["verdict"] in ("calibrated", "too narrow", "too wide")

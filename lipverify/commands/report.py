@@ -11,6 +11,15 @@ from lipverify.records import ensure_writable_dir
 
 HELP = "summarise a training run (summary.json, figure.png) or a sweep directory"
 
+_BLOCK_KEYS = (
+    "K_T_predicted_mean",
+    "K_T_predicted_std",
+    "relative_error",
+    "fraction_in_2std",
+    "expected_fraction_in_2std",
+    "z_final",
+)
+
 _KEYS = (
     "steps",
     "K0",
@@ -46,16 +55,26 @@ def report_run(run_dir: str | Path, verdict_to_stderr: bool = False) -> int:
     Returns 0: a run whose prediction fails is a result, not an error."""
     import sys
 
-    from lipverify.prediction import plot_run, summarize_run, verdict_line
+    from lipverify.prediction import plot_run, summarize_run
     from lipverify.records import write_json
 
     run_dir = Path(run_dir)
     summary = summarize_run(run_dir)
     write_json(run_dir / "summary.json", summary)
     figure = plot_run(run_dir, run_dir / "figure.png")
+    forecast, decomposition = summary["forecast"], summary["one_step_decomposition"]
+    print(f"forecast: {forecast['kind']}")
+    if forecast["available"]:
+        print(f"  {'full_gradient_every':26s} {forecast.get('full_gradient_every')}")
+        _print_block(forecast)
+    else:
+        print(f"  not available: {forecast['reason']}")
+    print(f"one-step decomposition: {decomposition['kind']}")
+    _print_block(decomposition)
+    print("run:")
     for key in _KEYS:
         value = summary[key]
-        print(f"{key:28s} {value:.6g}" if isinstance(value, float) else f"{key:28s} {value}")
+        print(f"  {key:26s} {value:.6g}" if isinstance(value, float) else f"  {key:26s} {value}")
     print(f"{'layer':8s} {'sigma0':>10s} {'sigma_T':>10s} {'pred E':>10s} {'pred std':>10s} {'in 2std':>8s}")
     for name, s in summary["layers"].items():
         print(
@@ -63,14 +82,40 @@ def report_run(run_dir: str | Path, verdict_to_stderr: bool = False) -> int:
             f"{s['sigma_T_predicted_mean']:10.5g} "
             f"{s['sigma_T_predicted_std']:10.3g} {s['fraction_in_2std']:8.2f}"
         )
-    line = f"verdict (Theorem 17, batch mu): {verdict_line(summary['prediction_verdict'])}"
-    print(line)
-    if summary.get("verdict_full_mu") is not None:
-        print(f"verdict (Theorem 17, full-data mu): {verdict_line(summary['verdict_full_mu'])}")
+    lines = []
+    if forecast["available"]:
+        lines.append(f"verdict (forecast, full-data mu): {_block_line(forecast)}")
+        lines.append(f"calibration (forecast): {_calibration_line(forecast['calibration'])}")
+    else:
+        lines.append("verdict (forecast, full-data mu): not available (full_gradient_every = 0)")
+    lines.append(f"verdict (one-step decomposition, batch mu; not a forecast): {_block_line(decomposition)}")
+    lines.append(f"calibration (one-step decomposition): {_calibration_line(decomposition['calibration'])}")
+    for line in lines:
+        print(line)
     if verdict_to_stderr:
-        print(f"lipverify train: {line}", file=sys.stderr)
+        for line in lines:
+            print(f"lipverify train: {line}", file=sys.stderr)
     print(f"wrote {run_dir / 'summary.json'} and {figure}")
     return 0
+
+
+def _print_block(block: dict) -> None:
+    for key in _BLOCK_KEYS:
+        value = block[key]
+        print(f"  {key:26s} {value:.6g}" if isinstance(value, float) else f"  {key:26s} {value}")
+    cal = block["calibration"]
+    if cal["quantiles"]:
+        print(f"  {'z-scores of ln K_t':26s} " + "  ".join(f"q{q['level']:g}" for q in cal["quantiles"]))
+        print(f"  {'  N(0, 1)':26s} " + "  ".join(f"{q['normal']:+.2f}" for q in cal["quantiles"]))
+        print(f"  {'  observed':26s} " + "  ".join(f"{q['observed']:+.2f}" for q in cal["quantiles"]))
+
+
+def _block_line(block: dict) -> str:
+    return f"{block['verdict']}: " + "; ".join(block["verdict_reasons"])
+
+
+def _calibration_line(cal: dict) -> str:
+    return f"{cal['verdict']}: {cal['reason']}"
 
 
 def run(args: argparse.Namespace) -> int:
