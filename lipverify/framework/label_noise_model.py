@@ -132,7 +132,8 @@ def run_drift_ratio(record: dict) -> dict[str, Any]:
     ok = np.isfinite(corrupted) & np.isfinite(clean)
     if not ok.any():
         raise LipverifyError(
-            f"run {name}: no step with both net_mu_full and net_mu_full_clean (train with full_gradient_clean)"
+            f"run {name}: no step with both net_mu_full and net_mu_full_clean "
+            "(train with full_gradient_clean = true)"
         )
     corrupted, clean, steps = corrupted[ok] - wd_part, clean[ok] - wd_part, steps[ok]
 
@@ -150,7 +151,7 @@ def run_drift_ratio(record: dict) -> dict[str, Any]:
         "name": name,
         "p": _p(record),
         "seed_sampling": c.get("seed_sampling"),
-        "steps": int(len(clean)),
+        "steps": len(clean),
         "cumulative_corrupted": float(corrupted.sum()),
         "cumulative_clean": float(clean.sum()),
         "ratio": ratio(corrupted, clean),
@@ -201,7 +202,8 @@ def drift_ratio_section(
     return {
         "rule": (
             f"per p: the t-interval (level {1 - alpha / k:.3g}, Bonferroni over {k}) of the mean over "
-            f"seeds of R = sum mu_bar_p / sum mu_bar_0 at the same weights inside (1 - p)(1 -/+ {tolerance:g})"
+            "seeds of R = sum mu_bar_p / sum mu_bar_0 at the same weights inside "
+            f"(1 - p)(1 -/+ {tolerance:g})"
         ),
         "levels": rows,
         "runs": runs,
@@ -256,7 +258,9 @@ def trajectory_section(
         return out
     steps_t = {float(r["config"]["steps"]) for r in records}
     if len(steps_t) != 1:
-        raise LipverifyError(f"the runs differ in the number of steps {sorted(steps_t)}: growths not comparable")
+        raise LipverifyError(
+            f"the runs differ in the number of steps {sorted(steps_t)}: growths not comparable"
+        )
     (big_t,) = steps_t
     g_clean = float(np.mean([growth_at(r, big_t) for r in clean.values()]))
     out["clean_growth"] = g_clean
