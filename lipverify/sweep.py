@@ -171,6 +171,7 @@ class SweepConfig:
         size = base.get("train_size")
         base["train_size"] = SMOKE_TRAIN_SIZE if size is None else min(int(size), SMOKE_TRAIN_SIZE)
         base["full_gradient_every"] = 0
+        base["full_gradient_clean"] = False  # it needs the full-gradient probe
         base["checkpoint_every"] = max(1, base["steps"] // 2)
         grid = {k: list(v)[:SMOKE_MAX_VALUES] for k, v in self.grid.items()}
         overrides = {k: v for k, v in self.smoke.items() if k != "grid"}

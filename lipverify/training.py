@@ -19,8 +19,12 @@ label smoothing, AutoAugment (torchvision's CIFAR-10 policy on uint8 3-channel i
 ``pip install lipverify[vision]``), FGSM adversarial training (the step uses
 ``x_adv = clip(x + eps sign grad_x L, 0, 1)`` only). The full-data gradient for ``mu_full`` is the
 expected step gradient: the training loss (label smoothing, weight decay in the drift) over the whole
-training set in chunks of 1000, with each chunk FGSM-perturbed, mixed or augmented like a batch
-(:meth:`_Run.full_batches`).
+training set in chunks of 1000, with the labels the run trains on (corrupted under ``label_noise``),
+each chunk FGSM-perturbed, mixed or augmented like a batch (:meth:`_Run.full_batches`). With
+``full_gradient_clean`` the same steps also record ``mu_full_clean``, the drift from the uncorrupted
+labels at the same weights, and the network drifts ``net_mu_full`` / ``net_mu_full_clean``
+(``sum_l mu_l / sigma_l``): the Section 8.5 model ``mu_p = (1 - p) mu_0`` compared at the weights of
+one run (:mod:`lipverify.framework.label_noise_model`).
 
 Files in ``out_dir``: ``steps.csv`` (one flushed row per step; see :func:`step_columns`),
 ``meta.json`` (config, versions, seeds, device, status, all written atomically) and
@@ -68,6 +72,10 @@ LAYER_FIELDS = (
     "update_exceeds_gap",
 )
 NET_FIELDS = ("net_mu", "net_psi", "net_phi_sq", "net_phi_sq_cross")
+#: with ``full_gradient_clean``: full-data network drifts with the run's and with the clean labels
+CLEAN_DRIFT_NET_FIELDS = ("net_mu_full", "net_mu_full_clean")
+#: with ``full_gradient_clean``: per layer, the full-data drift with the clean labels
+CLEAN_DRIFT_LAYER_FIELD = "mu_full_clean"
 #: lambda_max of the loss Hessian and lr * lambda_max, every ``sharpness_every`` steps (else empty)
 SHARPNESS_FIELDS = ("sharpness", "lr_sharpness")
 #: the fixed batch the sharpness is evaluated on: the first samples of the training set
@@ -133,6 +141,7 @@ class TrainConfig:
     label_noise: float = 0.0  # p
     probe_every: int = 1
     full_gradient_every: int | None = None  # None = auto (full_gradient_period); 0 = off
+    full_gradient_clean: bool = False  # also the full-data drift with the uncorrupted labels
     sharpness_every: int = 25  # lambda_max of the loss Hessian every k steps; 0 = off
     checkpoint_every: int = 50
     device: str = "cpu"
@@ -197,6 +206,8 @@ class TrainConfig:
                 bad(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if not 0 <= self.label_noise <= 1:
             bad(f"label_noise must be in [0, 1], got {self.label_noise}")
+        if self.full_gradient_clean and self.full_gradient_every == 0:
+            bad("full_gradient_clean needs full_gradient_every > 0 (it records at the full-gradient steps)")
         if self.grad_noise == "none" and self.grad_noise_std > 0:
             bad("grad_noise_std > 0 needs grad_noise = 'gaussian' or 'uniform'")
         if self.batch_norm and self.model != "convnet":
@@ -311,13 +322,16 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
     return TrainConfig(**values).validate()
 
 
-def step_columns(layers: typing.Sequence[str]) -> list[str]:
+def step_columns(layers: typing.Sequence[str], clean_drift: bool = False) -> list[str]:
     """Header of ``steps.csv``: step, loss, batch_acc, log_bound, the network terms, the sharpness
     columns (:data:`SHARPNESS_FIELDS`), then per layer
-    ``<layer>.<field>`` for :data:`LAYER_FIELDS`."""
+    ``<layer>.<field>`` for :data:`LAYER_FIELDS`. With ``clean_drift`` (the config's
+    ``full_gradient_clean``) then :data:`CLEAN_DRIFT_NET_FIELDS` and ``<layer>.mu_full_clean``."""
     cols = ["step", "loss", "batch_acc", "log_bound", *NET_FIELDS, *SHARPNESS_FIELDS]
     for name in layers:
         cols += [f"{name}.{f}" for f in LAYER_FIELDS]
+    if clean_drift:
+        cols += [*CLEAN_DRIFT_NET_FIELDS, *(f"{name}.{CLEAN_DRIFT_LAYER_FIELD}" for name in layers)]
     return cols
 
 
@@ -370,6 +384,7 @@ class _Run:
         self.data = ImageData(data.name, data.images, labels, data.classes)
         self.images = data.images.to(self.device)
         self.labels = labels.to(self.device)
+        self.clean_labels = data.labels.to(self.device)
         in_features = int(math.prod(data.images.shape[1:]))
         self.model = build_model(
             c.model,
@@ -411,19 +426,21 @@ class _Run:
     def loss_fn(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, target, label_smoothing=self.config.label_smoothing)
 
-    def full_batches(self):
-        """Chunks of the whole training set, transformed like a training batch, so that the full-data
-        gradient estimates the expected step gradient ``E[g_B | W]`` (the Theorem 14 drift): FGSM
-        inputs, mixed inputs with mixed one-hot targets (one Beta(a, a) lam and one permutation per
-        chunk: an unbiased Monte Carlo estimate over lam and partners), AutoAugment-ed images (one
-        random policy draw per image). Runs inside the probe's forked random stream."""
+    def full_batches(self, labels: torch.Tensor | None = None):
+        """Chunks of the whole training set with ``labels`` (default: the run's, corrupted under label
+        noise), transformed like a training batch, so that the full-data gradient estimates the
+        expected step gradient ``E[g_B | W]`` (the Theorem 14 drift): FGSM inputs, mixed inputs with
+        mixed one-hot targets (one Beta(a, a) lam and one permutation per chunk: an unbiased Monte
+        Carlo estimate over lam and partners), AutoAugment-ed images (one random policy draw per
+        image). Runs inside the probe's forked random stream."""
         c = self.config
+        labels = self.labels if labels is None else labels
         for start in range(0, len(self.data), FULL_GRADIENT_CHUNK):
             sl = slice(start, start + FULL_GRADIENT_CHUNK)
             images = self.images[sl]
             if c.autoaugment:
                 images = _autoaugment(images.cpu()).to(self.device)
-            x, y = to_model_input(images, c.model, self.dtype), self.labels[sl]
+            x, y = to_model_input(images, c.model, self.dtype), labels[sl]
             if c.fgsm_eps > 0:
                 x_req = x.clone().requires_grad_(True)
                 (gx,) = torch.autograd.grad(self.loss_fn(self.model(x_req), y), x_req)
@@ -518,6 +535,9 @@ class _Run:
                     f"try a smaller lr (lr = {c.lr})"
                 )
         full = probe.full_gradient(self.full_batches(), self.loss_fn) if due_full else None
+        full_clean = None
+        if due_full and c.full_gradient_clean:
+            full_clean = probe.full_gradient(self.full_batches(self.clean_labels), self.loss_fn)
         noise_var = c.grad_noise_std**2 if c.grad_noise != "none" else 0.0
         if due_disc:
             probe.after_backward()
@@ -551,6 +571,13 @@ class _Run:
         if full is not None:
             for name, mu in probe.drift(full, c.lr, c.grad_scale, c.weight_decay).items():
                 row[f"{name}.mu_full"] = mu
+        if full_clean is not None:
+            # both drifts at the same weights W_t: the Section 8.5 model mu_p = (1 - p) mu_0
+            drifts = probe.drift(full_clean, c.lr, c.grad_scale, c.weight_decay)
+            row["net_mu_full"] = sum(row[f"{n}.mu_full"] / row[f"{n}.sigma"] for n in drifts)
+            row["net_mu_full_clean"] = sum(mu / row[f"{n}.sigma"] for n, mu in drifts.items())
+            for name, mu in drifts.items():
+                row[f"{name}.{CLEAN_DRIFT_LAYER_FIELD}"] = mu
         # gradient modification (Section 8.4), then the plain SGD step
         with torch.no_grad():
             for p in self.model.parameters():
@@ -729,7 +756,7 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
         meta.update(layers=run.probe.layer_names, train_size=len(run.data), classes=run.data.classes)
         meta["full_gradient_every"] = run.full_gradient_every  # the resolved period (0 = off)
         write_json(meta_path, meta)
-        columns = step_columns(run.probe.layer_names)
+        columns = step_columns(run.probe.layer_names, config.full_gradient_clean)
         with (
             StepLog(out / "steps.csv", columns, run.records) as log,
             tqdm(

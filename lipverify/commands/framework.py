@@ -4,9 +4,12 @@
 [--seed S]``: the one-step check of Theorems 14/15 at W_K (:func:`lipverify.framework.one_step_check`).
 ``lipverify framework assumption3 RUN_DIR``: the cross-layer term against phi_bar^2 along a recorded
 run (:func:`lipverify.framework.cross_layer_along_run`).
+``lipverify framework label-noise SWEEP_DIR [--out DIR] [--tolerance PERCENT]``: label noise against
+its (1 - p) model, at the same weights and along trajectories (:func:`lipverify.framework.label_noise_model`).
 
-Both print a table and write ``results.json`` atomically (one-step: into ``--out``, default
-``runs/framework_one_step``; assumption3: into ``--out``, default ``RUN_DIR/assumption3.json``).
+All print a table and write their JSON atomically (one-step: ``--out/results.json``, default
+``runs/framework_one_step``; assumption3: ``--out``, default ``RUN_DIR/assumption3.json``;
+label-noise: ``--out/results.json``, default ``SWEEP_DIR/label_noise_model/results.json``).
 Exit status: 0 pass, 1 fail, 3 inconclusive (2: bad input).
 """
 
@@ -18,16 +21,22 @@ from pathlib import Path
 from lipverify._validation import LipverifyError
 
 HELP = (
-    "framework tests beyond the paper: 'one-step' (Theorems 14/15 at fixed weights) or 'assumption3 RUN_DIR'"
+    "framework tests beyond the paper: 'one-step' (Theorems 14/15 at fixed weights), 'assumption3 RUN_DIR' "
+    "or 'label-noise SWEEP_DIR' (the (1 - p) model of Section 8.5)"
 )
 EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # one positional list instead of sub-parsers: the CLI parses intermixed (see lipverify.cli)
-    parser.add_argument("test", choices=["one-step", "assumption3"], help="which framework test")
     parser.add_argument(
-        "rest", nargs="*", metavar="ARG", help="one-step: key=value config overrides; assumption3: RUN_DIR"
+        "test", choices=["one-step", "assumption3", "label-noise"], help="which framework test"
+    )
+    parser.add_argument(
+        "rest",
+        nargs="*",
+        metavar="ARG",
+        help="one-step: key=value config overrides; assumption3: RUN_DIR; label-noise: SWEEP_DIR",
     )
     parser.add_argument("--config", help="one-step: TOML training config (default: MLP on MNIST-5k)")
     parser.add_argument(
@@ -39,8 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--confidence", type=float, default=0.99, help="bootstrap interval level")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
-    parser.add_argument("--tolerance", type=float, default=10.0, help="assumption3: tolerance in percent")
-    parser.add_argument("--out", help="output directory (one-step) or JSON file (assumption3)")
+    parser.add_argument(
+        "--tolerance", type=float, default=10.0, help="assumption3, label-noise: tolerance in percent"
+    )
+    parser.add_argument("--out", help="output directory (one-step, label-noise) or JSON file (assumption3)")
 
 
 def _fmt(x) -> str:
@@ -114,7 +125,71 @@ def _assumption3(args: argparse.Namespace) -> int:
     return 0 if s["holds"] else 1
 
 
+def _label_noise(args: argparse.Namespace) -> int:
+    import math
+
+    from lipverify.framework import label_noise_model
+    from lipverify.records import write_json
+
+    if len(args.rest) != 1:
+        raise LipverifyError(f"label-noise takes exactly one SWEEP_DIR, got {len(args.rest)} argument(s)")
+    if not (math.isfinite(args.tolerance) and 0 < args.tolerance < 100):
+        raise LipverifyError(f"--tolerance must be a percentage in (0, 100), got {args.tolerance}")
+    sweep_dir = Path(args.rest[0])
+    out = Path(args.out) if args.out else sweep_dir / "label_noise_model"
+    result = label_noise_model(sweep_dir, tolerance=args.tolerance / 100)
+
+    def num(x) -> str:
+        return "" if x is None else f"{x:.4g}"
+
+    def ci(c) -> str:
+        return "" if c is None else f"[{c[0]:+.4g}, {c[1]:+.4g}]"
+
+    d = result["drift_ratio"]
+    print(
+        "1. at the same weights: R = sum_t mu_bar_p(theta_t) / sum_t mu_bar_0(theta_t) "
+        "along each label-noise run"
+    )
+    head = ("p", "1-p", "seeds", "mean R", "CI", "R first step", "R early", "R late", "verdict")
+    print(
+        f"{head[0]:>5s} {head[1]:>5s} {head[2]:>5s} {head[3]:>8s} {head[4]:>22s} {head[5]:>12s} "
+        f"{head[6]:>8s} {head[7]:>8s}  {head[8]}"
+    )
+    for r in d["levels"]:
+        print(
+            f"{r['p']:5.2g} {r['predicted']:5.2g} {r['n']:5d} {num(r.get('mean')):>8s} "
+            f"{ci(r.get('ci')):>22s} {num(r.get('mean_first_step')):>12s} "
+            f"{num(r.get('mean_early')):>8s} {num(r.get('mean_late')):>8s}  {r['verdict']}"
+        )
+    print(f"   rule: {d['rule']}; verdict: {d['verdict']}")
+    t = result["trajectory"]
+    print(
+        "2. along trajectories: growth G = ln K_T - ln K_0 "
+        f"(clean run over T: {num(t.get('clean_growth'))}); paired differences by seed"
+    )
+    print(
+        f"{'comparison':16s} {'p':>5s} {'seeds':>5s} {'G_x':>9s} {'G_y':>9s} {'mean diff':>10s} "
+        f"{'CI':>22s} {'band':>9s}  verdict"
+    )
+    for name, comp in t["comparisons"].items():
+        for r in comp["levels"]:
+            print(
+                f"{name:16s} {r['p']:5.2g} {r['n']:5d} {num(r.get('growth_x')):>9s} "
+                f"{num(r.get('growth_y')):>9s} {num(r.get('mean_difference')):>10s} "
+                f"{ci(r.get('ci')):>22s} {'+/-' + num(r['band'][1]):>9s}  {r['verdict']}"
+            )
+        print(f"   {name}: {comp.get('what', '')}; verdict: {comp['verdict']}")
+    if result["problems"]:
+        print(f"runs not evaluated: {', '.join(p['name'] for p in result['problems'])}")
+    print(f"verdict (drift ratio and LN vs GS, the label-noise model): {result['verdict']}")
+    write_json(out / "results.json", result)
+    print(f"wrote {out / 'results.json'}")
+    return EXIT[result["verdict"]]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.test == "one-step":
         return _one_step(args)
+    if args.test == "label-noise":
+        return _label_noise(args)
     return _assumption3(args)
