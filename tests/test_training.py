@@ -432,7 +432,9 @@ def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys, 
 
     monkeypatch.setattr(training_mod, "build_model", build_overflowing)
     out = tmp_path / "run"
+    # full_gradient_every=0: no full-data passes, so the hook sees one training forward per step
     args = ["--out", str(out), "--no-progress", "steps=20", "train_size=256", "batch_size=32", "lr=0.05"]
+    args.append("full_gradient_every=0")
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert re.search(rf"training diverged at step {overflow_step}: .*smaller lr \(lr = 0.05\)", err), err
