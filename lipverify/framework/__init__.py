@@ -4,9 +4,21 @@ models, not of the paper's stated results.
 - :func:`one_step_check` / :func:`one_step_at`: at fixed weights, many one-step SGD increments of
   ln sigma_1 and ln K against Theorems 14/15's per-step mean and variance.
 - :func:`cross_layer_along_run`: the cross-layer noise that Assumption 3 drops, along a recorded run.
+- :func:`mean_reversion`: feedback of the drift on noise kicks across many sampling seeds (the spread
+  against Theorem 17's sqrt(Phi_t), the reversion slope, kick-drift lag correlations, lr -> 0).
 """
 
 from lipverify.framework.assumption3 import cross_layer_along_run
+from lipverify.framework.mean_reversion import MeanReversionResult, SeedPanel, mean_reversion
 from lipverify.framework.one_step import OneStepResult, Row, one_step_at, one_step_check
 
-__all__ = ["OneStepResult", "Row", "cross_layer_along_run", "one_step_at", "one_step_check"]
+__all__ = [
+    "MeanReversionResult",
+    "OneStepResult",
+    "Row",
+    "SeedPanel",
+    "cross_layer_along_run",
+    "mean_reversion",
+    "one_step_at",
+    "one_step_check",
+]
