@@ -186,7 +186,7 @@ def test_records_to_panel():
 
 
 # --------------------------------------------------------------------------- CLI smoke
-def test_cli_smoke_on_a_tiny_sweep(tmp_path):
+def test_cli_smoke_on_a_tiny_sweep(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "lipverify.cli"]
     proc = subprocess.run(
@@ -207,13 +207,10 @@ def test_cli_smoke_on_a_tiny_sweep(tmp_path):
     assert saved["settings"]["seeds"] == 4 and saved["settings"]["steps"] == 6
     assert len(saved["ratio"]) == 6 and (out / "mean_reversion.png").is_file()
     assert "corr(kick_s, D_s+1" in proc.stdout
-    proc = subprocess.run(
-        [*cmd, "framework", "mean-reversion", str(sweep), "--small-lr", str(sweep), "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "--small-lr sweep has lr" in proc.stderr
-    proc = subprocess.run(
-        [*cmd, "framework", "mean-reversion", str(tmp_path)], capture_output=True, text=True
-    )
-    assert proc.returncode == 2 and "not a sweep directory" in proc.stderr
+    # the error paths in-process (no second interpreter start)
+    from lipverify.cli import main
+
+    assert main(["framework", "mean-reversion", str(sweep), "--small-lr", str(sweep), "--out", str(out)]) == 2
+    assert "--small-lr sweep has lr" in capsys.readouterr().err
+    assert main(["framework", "mean-reversion", str(tmp_path)]) == 2
+    assert "not a sweep directory" in capsys.readouterr().err
