@@ -38,9 +38,9 @@ Uncertainty: every interval of (b), (c), (d) is a percentile bootstrap over seed
 trajectories resampled, the centring recomputed), which respects the dependence within a seed.
 
 Verdict (the framework's no-feedback assumption, on the pooled slope): the slope is *material* when
-the OU model with that slope changes the std of ln K at the last step T by more than
-``MATERIAL_STD_CHANGE`` (10%) against the random walk, i.e. ``|ou_ratio(-beta, T) - 1| > 10%``;
-the threshold ``beta_m`` solves that equation (about ``0.2 / T``). Pass: the slope's interval lies
+the OU model with that reversion lowers the std of ln K at the last step T by more than
+``MATERIAL_STD_CHANGE`` (10%) against the random walk: ``beta_m > 0`` solves
+``ou_ratio(beta_m, T) = 0.9`` (about ``0.2 / T``; used symmetrically for amplification). Pass: the slope's interval lies
 inside ``[-beta_m, beta_m]``; fail: it lies entirely outside (below: mean reversion, above:
 amplification); otherwise inconclusive. If the lag-0 control's interval excludes 0 the kick
 definition is broken on these data and the verdict is inconclusive.
