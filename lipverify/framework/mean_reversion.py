@@ -40,10 +40,10 @@ trajectories resampled, the centring recomputed), which respects the dependence 
 Verdict (the framework's no-feedback assumption, on the pooled slope): the slope is *material* when
 the OU model with that reversion lowers the std of ln K at the last step T by more than
 ``MATERIAL_STD_CHANGE`` (10%) against the random walk: ``beta_m > 0`` solves
-``ou_ratio(beta_m, T) = 0.9`` (about ``0.2 / T``; used symmetrically for amplification). Pass: the slope's interval lies
-inside ``[-beta_m, beta_m]``; fail: it lies entirely outside (below: mean reversion, above:
-amplification); otherwise inconclusive. If the lag-0 control's interval excludes 0 the kick
-definition is broken on these data and the verdict is inconclusive.
+``ou_ratio(beta_m, T) = 0.9`` (about ``0.2 / T``; used symmetrically for amplification).
+Pass: the slope's interval lies inside ``[-beta_m, beta_m]``; fail: it lies entirely outside
+(below: mean reversion, above: amplification); otherwise inconclusive. If the lag-0 control's
+interval excludes 0 the kick definition is broken on these data and the verdict is inconclusive.
 
 Arrays are float64 numpy: ``log_k`` (n, T+1), every per-step series (n, T); row t of a per-step
 series describes the step from t to t+1.
