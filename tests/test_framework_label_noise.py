@@ -87,7 +87,8 @@ def test_clean_drift_equals_the_drift_without_label_noise_exactly():
 
 def test_clean_drift_needs_the_full_gradient_probe_and_adds_columns():
     with pytest.raises(LipverifyError, match="full_gradient_clean needs full_gradient_every > 0"):
-        TrainConfig(full_gradient_clean=True).validate()
+        TrainConfig(full_gradient_clean=True, full_gradient_every=0).validate()
+    TrainConfig(full_gradient_clean=True).validate()  # the automatic period (None) is > 0
     plain, extra = step_columns(["a"]), step_columns(["a"], clean_drift=True)
     assert extra[: len(plain)] == plain
     assert extra[len(plain) :] == ["net_mu_full", "net_mu_full_clean", "a.mu_full_clean"]

@@ -6,6 +6,9 @@
 run (:func:`lipverify.framework.cross_layer_along_run`).
 ``lipverify framework label-noise SWEEP_DIR [--out DIR] [--tolerance PERCENT]``: label noise against
 its (1 - p) model, at the same weights and along trajectories (:func:`lipverify.framework.label_noise_model`).
+``lipverify framework mean-reversion SWEEP_DIR [--small-lr SWEEP_DIR2]``: mean reversion of ln K across
+sampling seeds (:func:`lipverify.framework.mean_reversion`); writes ``results.json`` and
+``mean_reversion.png`` into ``--out`` (default ``SWEEP_DIR/mean_reversion``).
 
 All print a table and write their JSON atomically (one-step: ``--out/results.json``, default
 ``runs/framework_one_step``; assumption3: ``--out``, default ``RUN_DIR/assumption3.json``;
@@ -16,13 +19,15 @@ Exit status: 0 pass, 1 fail, 3 inconclusive (2: bad input).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from lipverify._validation import LipverifyError
 
 HELP = (
-    "framework tests beyond the paper: 'one-step' (Theorems 14/15 at fixed weights), 'assumption3 RUN_DIR' "
-    "or 'label-noise SWEEP_DIR' (the (1 - p) model of Section 8.5)"
+    "framework tests beyond the paper: 'one-step' (Theorems 14/15 at fixed weights), 'assumption3 RUN_DIR', "
+    "'label-noise SWEEP_DIR' (the (1 - p) model of Section 8.5) or "
+    "'mean-reversion SWEEP_DIR [--small-lr SWEEP_DIR2]'"
 )
 EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}
 
@@ -30,13 +35,16 @@ EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # one positional list instead of sub-parsers: the CLI parses intermixed (see lipverify.cli)
     parser.add_argument(
-        "test", choices=["one-step", "assumption3", "label-noise"], help="which framework test"
+        "test",
+        choices=["one-step", "assumption3", "label-noise", "mean-reversion"],
+        help="which framework test",
     )
     parser.add_argument(
         "rest",
         nargs="*",
         metavar="ARG",
-        help="one-step: key=value config overrides; assumption3: RUN_DIR; label-noise: SWEEP_DIR",
+        help="one-step: key=value config overrides; assumption3: RUN_DIR; label-noise, mean-reversion: "
+        "SWEEP_DIR",
     )
     parser.add_argument("--config", help="one-step: TOML training config (default: MLP on MNIST-5k)")
     parser.add_argument(
@@ -44,14 +52,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batches", type=int, default=500, help="one-step: mini-batches drawn at W_K")
     parser.add_argument(
-        "--seed", type=int, default=0, help="one-step: seed of the check's batches and bootstrap"
+        "--seed",
+        type=int,
+        default=0,
+        help="one-step: seed of the check's batches and bootstrap; mean-reversion: bootstrap seed",
     )
     parser.add_argument("--confidence", type=float, default=0.99, help="bootstrap interval level")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument(
         "--tolerance", type=float, default=10.0, help="assumption3, label-noise: tolerance in percent"
     )
-    parser.add_argument("--out", help="output directory (one-step, label-noise) or JSON file (assumption3)")
+    parser.add_argument(
+        "--small-lr", help="mean-reversion: a second sweep at a smaller lr (lr T fixed), for the lr -> 0 row"
+    )
+    parser.add_argument(
+        "--kick",
+        choices=["batch-full", "residual"],
+        default="batch-full",
+        help="mean-reversion: noise kick = batch-vs-full drift (default) or dln K - full drift",
+    )
+    parser.add_argument(
+        "--out", help="output directory (one-step, label-noise, mean-reversion) or JSON file (assumption3)"
+    )
 
 
 def _fmt(x) -> str:
@@ -187,9 +209,79 @@ def _label_noise(args: argparse.Namespace) -> int:
     return EXIT[result["verdict"]]
 
 
+def _print_mean_reversion(result) -> None:
+    s = result.settings
+    print(f"== {s['name'] or 'sweep'}: {s['seeds']} seeds, T = {s['steps']}, lr = {s['lr']:g}")
+    print(
+        f"{'step':>5s} {'lr t':>6s} {'std ln K':>11s} {'sqrt Phi':>11s} {'ratio':>7s} {'CI':>17s} "
+        f"{'ratio+cross':>11s}"
+    )
+    t_max = s["steps"]
+    shown = sorted({1, 2, 3, 5, 10, 20, t_max // 2, t_max} & set(range(1, t_max + 1)))
+    for r in result.ratio:
+        if r["step"] in shown:
+            cross = f"{r['ratio_cross']:11.3f}" if r["ratio_cross"] is not None else " " * 11
+            ratio = f"{r['ratio']:7.3f}" if r["ratio"] is not None else " " * 7
+            ci = f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] is not None else ""
+            print(
+                f"{r['step']:5d} {r['lr_time']:6.3f} {r['std']:11.4e} {math.sqrt(r['phi']):11.4e} "
+                f"{ratio} {ci:>17s} {cross}"
+            )
+    sl = result.slope
+    print(
+        f"slope of centred dln K on centred ln K: {sl['beta']:+.4e} [{sl['ci'][0]:+.4e}, {sl['ci'][1]:+.4e}] "
+        f"per step, {sl['rate']:+.3f} per unit lr t; material |beta| > {sl['material']:.3e}"
+    )
+    for w in sl["windows"]:
+        print(f"  steps {w['from']:3d}-{w['to']:3d}: {w['beta']:+.4e} [{w['ci'][0]:+.4e}, {w['ci'][1]:+.4e}]")
+    for lag in result.lags:
+        ci = f"[{lag['ci'][0]:+.3f}, {lag['ci'][1]:+.3f}]" if lag["ci"] is not None else "(no pairs)"
+        ou = f"  OU at the slope: {lag['ou_equivalent']:+.3f}" if lag["ou_equivalent"] is not None else ""
+        print(f"corr(kick_s, D_s+{lag['lag']:<3d}) = {lag['correlation']:+.3f} {ci}{ou}")
+    print(f"verdict: {result.verdict}: {result.message}")
+
+
+def _mean_reversion(args: argparse.Namespace) -> int:
+    from lipverify.framework import mean_reversion
+    from lipverify.framework.mean_reversion import plot_mean_reversion
+    from lipverify.records import ensure_writable_dir, write_json
+
+    if len(args.rest) != 1:
+        raise LipverifyError(f"mean-reversion takes exactly one SWEEP_DIR, got {len(args.rest)} argument(s)")
+    if args.resamples < 100:
+        raise LipverifyError(f"--resamples must be >= 100, got {args.resamples}")
+    sweep_dir = Path(args.rest[0])
+    out = Path(args.out) if args.out else sweep_dir / "mean_reversion"
+    ensure_writable_dir(out)
+    result = mean_reversion(
+        sweep_dir,
+        args.small_lr,
+        confidence=args.confidence,
+        resamples=args.resamples,
+        seed=args.seed,
+        kick=args.kick,
+    )
+    _print_mean_reversion(result)
+    if result.small_lr is not None:
+        _print_mean_reversion(result.small_lr)
+        c = result.comparison
+        print(
+            f"lr -> 0 (lr {c['lr'][0]:g} -> {c['lr'][1]:g}, lr T fixed): reversion rate beta/lr "
+            f"{c['rate'][0]:+.3f} -> {c['rate'][1]:+.3f}, ratio {c['rate_ratio']:.3f} "
+            f"[{c['rate_ratio_ci'][0]:.3f}, {c['rate_ratio_ci'][1]:.3f}] (continuous-time 1, discretisation "
+            f"{c['discretisation_ratio']:g}, threshold {c['threshold']:g}): {c['outcome']}"
+        )
+    write_json(out / "results.json", result.as_dict())
+    plot_mean_reversion(result, out / "mean_reversion.png")
+    print(f"wrote {out / 'results.json'} and {out / 'mean_reversion.png'}")
+    return EXIT[result.verdict]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.test == "one-step":
         return _one_step(args)
     if args.test == "label-noise":
         return _label_noise(args)
+    if args.test == "mean-reversion":
+        return _mean_reversion(args)
     return _assumption3(args)

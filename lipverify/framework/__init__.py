@@ -6,18 +6,24 @@ models, not of the paper's stated results.
 - :func:`cross_layer_along_run`: the cross-layer noise that Assumption 3 drops, along a recorded run.
 - :func:`label_noise_model`: Section 8.5's ``mu_p = (1 - p) mu_0`` at the same weights along training,
   and label-noise runs against grad_scale = 1 - p runs and the clean run at step (1 - p)T.
+- :func:`mean_reversion`: feedback of the drift on noise kicks across many sampling seeds (the spread
+  against Theorem 17's sqrt(Phi_t), the reversion slope, kick-drift lag correlations, lr -> 0).
 """
 
 from lipverify.framework.assumption3 import cross_layer_along_run
 from lipverify.framework.label_noise_model import label_noise_model, label_noise_model_records
+from lipverify.framework.mean_reversion import MeanReversionResult, SeedPanel, mean_reversion
 from lipverify.framework.one_step import OneStepResult, Row, one_step_at, one_step_check
 
 __all__ = [
+    "MeanReversionResult",
     "OneStepResult",
     "Row",
+    "SeedPanel",
     "cross_layer_along_run",
     "label_noise_model",
     "label_noise_model_records",
+    "mean_reversion",
     "one_step_at",
     "one_step_check",
 ]
