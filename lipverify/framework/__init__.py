@@ -4,9 +4,27 @@ models, not of the paper's stated results.
 - :func:`one_step_check` / :func:`one_step_at`: at fixed weights, many one-step SGD increments of
   ln sigma_1 and ln K against Theorems 14/15's per-step mean and variance.
 - :func:`cross_layer_along_run`: the cross-layer noise that Assumption 3 drops, along a recorded run.
+- :func:`linear_response`: Theorem 17, reduced (per-layer ln sigma_1) and full-parameter adjoint
+  linear-response predictions of std ln K_t; :func:`compare_with_seeds` against many sampling seeds.
 """
 
 from lipverify.framework.assumption3 import cross_layer_along_run
+from lipverify.framework.linear_response import (
+    LinearResponseResult,
+    compare_with_seeds,
+    linear_response,
+    propagate_covariance,
+)
 from lipverify.framework.one_step import OneStepResult, Row, one_step_at, one_step_check
 
-__all__ = ["OneStepResult", "Row", "cross_layer_along_run", "one_step_at", "one_step_check"]
+__all__ = [
+    "LinearResponseResult",
+    "OneStepResult",
+    "Row",
+    "compare_with_seeds",
+    "cross_layer_along_run",
+    "linear_response",
+    "one_step_at",
+    "one_step_check",
+    "propagate_covariance",
+]
