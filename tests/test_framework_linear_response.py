@@ -45,7 +45,9 @@ def _ou_recursion(**kwargs):
 def _ou_error(C: np.ndarray) -> float:
     """Max over t of the relative error of C_t against the closed form."""
     return max(
-        float(np.abs(C[t] - ou_covariance(K_OU, S_OU, t)).max() / np.abs(ou_covariance(K_OU, S_OU, T_OU)).max())
+        float(
+            np.abs(C[t] - ou_covariance(K_OU, S_OU, t)).max() / np.abs(ou_covariance(K_OU, S_OU, T_OU)).max()
+        )
         for t in range(T_OU + 1)
     )
 
@@ -68,7 +70,10 @@ def test_ou_transient_and_stationary_exact():
 def test_ou_rejects_wrong_variants():
     A, Q = ou_exact_discretisation(K_OU, S_OU)
     assert abs(Q[0, 1]) > 0.1 * math.sqrt(Q[0, 0] * Q[1, 1])  # cross terms matter here
-    stack = lambda M: np.repeat(M[None], T_OU, 0)  # noqa: E731
+
+    def stack(M):
+        return np.repeat(M[None], T_OU, 0)
+
     wrong = {
         "no transpose": _ou_recursion(transpose=False),
         "A with the wrong sign": propagate_covariance(stack(-A), stack(Q)),
@@ -158,7 +163,9 @@ def test_reduced_jacobian_matches_finite_differences(weight_decay):
     # wrong variants: the sketch of MATH section 9 (no -a_l on the diagonal), and the wrong sign
     assert np.abs(step["A_sketch"] - fd).max() > 1e2 * tolerance
     assert np.abs(-step["A"] - fd).max() > 1e2 * tolerance
-    np.testing.assert_allclose(step["drift"], reduced_drift(fn, theta, names, eta, alpha, weight_decay), rtol=1e-12)
+    np.testing.assert_allclose(
+        step["drift"], reduced_drift(fn, theta, names, eta, alpha, weight_decay), rtol=1e-12
+    )
 
 
 def test_reduced_noise_covariance_is_the_batch_covariance():
@@ -193,32 +200,55 @@ def _cli(*args, cwd):
     )
 
 
-TINY = ["model=mlp", "dataset=mnist5k", "train_size=64", "batch_size=8", "lr=0.05", "steps=3", "seed_init=0"]
+TINY = ["model=mlp", "dataset=mnist5k", "train_size=32", "batch_size=4", "lr=0.05", "steps=2", "seed_init=0"]
 
 
-def test_cli_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def seeds_sweep(tmp_path_factory):
+    """Three sampling seeds of the tiny config, as ``lipverify sweep`` writes them."""
     from lipverify.sweep import load_sweep_config, run_sweep
 
-    toml = tmp_path / "seeds.toml"
+    tmp = tmp_path_factory.mktemp("linresp")
+    toml = tmp / "seeds.toml"
+    base = "".join(f"{k} = {json.dumps(_value(v))}\n" for k, v in (a.split("=") for a in TINY))
     toml.write_text(
-        'claim = "trajectories"\n[base]\n'
-        + 'model = "mlp"\ndataset = "mnist5k"\ntrain_size = 64\nbatch_size = 8\nlr = 0.05\nsteps = 3\n'
-        + "seed_init = 0\nsharpness_every = 0\n[grid]\nseed_sampling = [0, 1, 2]\n"
+        f'claim = "trajectories"\n[base]\n{base}sharpness_every = 0\n[grid]\nseed_sampling = [0, 1, 2]\n'
     )
-    sweep_dir = tmp_path / "sweep"
-    run_sweep(load_sweep_config(toml), sweep_dir, jobs=1)
+    run_sweep(load_sweep_config(toml), tmp / "sweep", jobs=1)
+    return tmp / "sweep"
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def test_cli_smoke(seeds_sweep, tmp_path):
     out = tmp_path / "out"
-    proc = _cli(*TINY, "--seeds-dir", str(sweep_dir), "--out", str(out), cwd=os.getcwd())
+    proc = _cli(*TINY, "--seeds-dir", str(seeds_sweep), "--out", str(out), cwd=os.getcwd())
     assert proc.returncode == 3, proc.stdout + proc.stderr  # 3 seeds < 30: inconclusive
     doc = json.loads((out / "results.json").read_text())
     assert doc["verdict"] == "inconclusive" and doc["comparison"]["seeds"] == 3
-    assert len(doc["reduced_std"]) == 4 and all(v is not None and v > 0 for v in doc["adjoint_std"][1:])
+    assert len(doc["reduced_std"]) == 3 and all(v is not None and v > 0 for v in doc["adjoint_std"][1:])
     assert "std of ln K_t" in proc.stdout
-    # reuse of the predictions, against the same seeds
-    again = _cli("--predictions", str(out / "results.json"), "--seeds-dir", str(sweep_dir), "--out", str(out), cwd=os.getcwd())
-    assert again.returncode == 3, again.stderr
+    # the stored predictions come back unchanged (reuse with --predictions)
+    from lipverify.framework.linear_response import LinearResponseResult
+
+    back = LinearResponseResult.from_dict(doc)
+    np.testing.assert_array_equal(back.reduced_std, np.asarray(doc["reduced_std"]))
     # bad input: exit 2 with a message naming the problem
     bad = _cli(*TINY, "--adjoint-steps", "9", "--out", str(out), cwd=os.getcwd())
     assert bad.returncode == 2 and "adjoint steps" in bad.stderr
-    other = _cli(*TINY[:-1], "seed_init=1", "--seeds-dir", str(sweep_dir), "--out", str(out), cwd=os.getcwd())
-    assert other.returncode == 2 and "seed_init" in other.stderr
+
+
+def test_seeds_must_share_the_config(seeds_sweep):
+    from lipverify.framework.linear_response import seeds_log_k
+    from lipverify.training import load_config
+
+    steps, log_k = seeds_log_k(seeds_sweep, load_config(None, TINY))
+    assert steps.tolist() == [0.0, 1.0, 2.0]
+    assert log_k.shape == (3, 3) and np.all(log_k.std(axis=0, ddof=1)[1:] > 0)
+    with pytest.raises(LipverifyError, match="seed_init"):
+        seeds_log_k(seeds_sweep, load_config(None, [*TINY[:-1], "seed_init=1"]))
