@@ -252,3 +252,46 @@ def test_seeds_must_share_the_config(seeds_sweep):
     assert log_k.shape == (3, 3) and np.all(log_k.std(axis=0, ddof=1)[1:] > 0)
     with pytest.raises(LipverifyError, match="seed_init"):
         seeds_log_k(seeds_sweep, load_config(None, [*TINY[:-1], "seed_init=1"]))
+
+
+def _result_with(std: np.ndarray):
+    from lipverify.framework.linear_response import LinearResponseResult
+
+    T = len(std) - 1
+    z = np.zeros((T, 1, 1))
+    return LinearResponseResult(
+        steps=np.arange(T + 1, dtype=np.float64),
+        log_k=np.zeros(T + 1),
+        theorem17_std=std,
+        no_feedback_std=std,
+        reduced_std=std,
+        reduced_sketch_std=std,
+        adjoint_std=np.full(T + 1, np.nan),
+        layers=["fc1"],
+        sigma=np.ones((T + 1, 1)),
+        relative_gap=np.ones((T + 1, 1)),
+        A=z,
+        Q=z,
+        flagged_steps=[],
+        costs={},
+        settings={},
+    )
+
+
+def test_comparison_passes_the_true_std_and_fails_a_wrong_one():
+    """Gaussian random walks with known std s sqrt(t): 2000 seeds make the std's relative standard
+    error 1/sqrt(2 * 1999) = 1.6%, so the 15% band is 9 standard errors wide (a spurious miss has
+    probability < 1e-15 per step). The true std passes; 1.3 x it (a wrong prediction) fails."""
+    from lipverify.framework.linear_response import compare_with_seeds
+
+    rng = np.random.default_rng(5)
+    T, s = 20, 0.01
+    log_k = np.concatenate([np.zeros((2000, 1)), np.cumsum(rng.normal(0, s, (2000, T)), axis=1)], axis=1)
+    true = s * np.sqrt(np.arange(T + 1.0))
+    steps = np.arange(T + 1.0)
+    good = compare_with_seeds(_result_with(true), steps, log_k)
+    assert good["verdict"] == "pass" and good["goal_met_by"] == ["reduced"]
+    bad = compare_with_seeds(_result_with(1.3 * true), steps, log_k)
+    assert bad["verdict"] == "fail" and bad["goal"]["reduced"]["decided_outside"] == T
+    few = compare_with_seeds(_result_with(true), steps, log_k[:10])
+    assert few["verdict"] == "inconclusive"
