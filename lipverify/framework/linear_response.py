@@ -1,5 +1,5 @@
 """Linear-response prediction of the spread of ln K_t across sampling seeds (issue 13, part 3;
-derivation: docs/MATH.md section 10).
+derivation: docs/MATH.md section 9).
 
 SGD is the discrete map ``theta_{s+1} = theta_s - eta (alpha grad L_B(theta_s) + lambda theta_s)``
 (``alpha`` = grad_scale, ``lambda`` = weight decay, one step = one unit of time). Linearised around a
@@ -18,7 +18,7 @@ Three predictions of ``std ln K_t``, ``ln K = sum_l ln sigma_1(W_l)``, all float
   cross terms included) and ``A_{ll'} = -eta (sigma_l'/sigma_l) (alpha <E_l, H_s[E_l']> + lambda
   delta_ll') - delta_ll' a_l``, ``a_l = -eta <E_l, alpha grad L + lambda W_l> / sigma_l`` the drift of
   ``ln sigma_l`` (the last term, from ``1/sigma_l`` in ``d ln sigma_l / dW_l = E_l / sigma_l``, is
-  missing from the sketch in MATH section 9, reported as ``reduced_sketch``).
+  missing from the shared spec's sketch (its section 9), reported as ``reduced_sketch``).
 - **adjoint** (all parameters): ``Var f(theta_t) = eta^2 alpha^2 sum_{s<t} g_s^T Sigma_s g_s``,
   ``g_{t-1} = grad f(theta_t)``, ``g_{s-1} = J_s g_s`` (``J`` symmetric; one Hessian-vector product
   per step), ``g_s^T Sigma_s g_s`` from the per-sample directional derivatives ``g_s^T grad l_i``
