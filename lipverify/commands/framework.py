@@ -9,10 +9,16 @@ its (1 - p) model, at the same weights and along trajectories (:func:`lipverify.
 ``lipverify framework mean-reversion SWEEP_DIR [--small-lr SWEEP_DIR2]``: mean reversion of ln K across
 sampling seeds (:func:`lipverify.framework.mean_reversion`); writes ``results.json`` and
 ``mean_reversion.png`` into ``--out`` (default ``SWEEP_DIR/mean_reversion``).
+``lipverify framework linear-response [--config FILE] [key=value ...] [--seeds-dir SWEEP_DIR] [--out DIR]
+[--reference realised|mean] [--adjoint-steps 1,2,5|none] [--predictions FILE]``: Theorem 17, reduced
+and adjoint linear-response predictions of std ln K_t (:mod:`lipverify.framework.linear_response`),
+compared with the spread of ln K_t across the runs of a ``lipverify sweep`` directory.
 
 All print a table and write their JSON atomically (one-step: ``--out/results.json``, default
 ``runs/framework_one_step``; assumption3: ``--out``, default ``RUN_DIR/assumption3.json``;
-label-noise: ``--out/results.json``, default ``SWEEP_DIR/label_noise_model/results.json``).
+label-noise: ``--out/results.json``, default ``SWEEP_DIR/label_noise_model/results.json``;
+linear-response: ``--out/results.json``, default ``runs/framework_linear_response``; without
+``--seeds-dir`` it is inconclusive, exit 3).
 Exit status: 0 pass, 1 fail, 3 inconclusive (2: bad input).
 """
 
@@ -26,8 +32,9 @@ from lipverify._validation import LipverifyError
 
 HELP = (
     "framework tests beyond the paper: 'one-step' (Theorems 14/15 at fixed weights), 'assumption3 RUN_DIR', "
-    "'label-noise SWEEP_DIR' (the (1 - p) model of Section 8.5) or "
-    "'mean-reversion SWEEP_DIR [--small-lr SWEEP_DIR2]'"
+    "'label-noise SWEEP_DIR' (the (1 - p) model of Section 8.5), "
+    "'mean-reversion SWEEP_DIR [--small-lr SWEEP_DIR2]' "
+    "or 'linear-response' (the spread of ln K_t with feedback)"
 )
 EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}
 
@@ -36,17 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # one positional list instead of sub-parsers: the CLI parses intermixed (see lipverify.cli)
     parser.add_argument(
         "test",
-        choices=["one-step", "assumption3", "label-noise", "mean-reversion"],
+        choices=["one-step", "assumption3", "label-noise", "mean-reversion", "linear-response"],
         help="which framework test",
     )
     parser.add_argument(
         "rest",
         nargs="*",
         metavar="ARG",
-        help="one-step: key=value config overrides; assumption3: RUN_DIR; label-noise, mean-reversion: "
-        "SWEEP_DIR",
+        help="one-step, linear-response: key=value config overrides; assumption3: RUN_DIR; "
+        "label-noise, mean-reversion: SWEEP_DIR",
     )
-    parser.add_argument("--config", help="one-step: TOML training config (default: MLP on MNIST-5k)")
+    parser.add_argument(
+        "--config", help="one-step, linear-response: TOML training config (default: MLP on MNIST-5k)"
+    )
     parser.add_argument(
         "--at-step", type=int, default=0, help="one-step: check at W_K, after K training steps"
     )
@@ -60,7 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confidence", type=float, default=0.99, help="bootstrap interval level")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument(
-        "--tolerance", type=float, default=10.0, help="assumption3, label-noise: tolerance in percent"
+        "--tolerance",
+        type=float,
+        default=None,
+        help="tolerance in percent (assumption3, label-noise: default 10; linear-response: default 15)",
     )
     parser.add_argument(
         "--small-lr", help="mean-reversion: a second sweep at a smaller lr (lr T fixed), for the lr -> 0 row"
@@ -71,8 +83,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="batch-full",
         help="mean-reversion: noise kick = batch-vs-full drift (default) or dln K - full drift",
     )
+    parser.add_argument("--seeds-dir", help="linear-response: a lipverify sweep directory of sampling seeds")
     parser.add_argument(
-        "--out", help="output directory (one-step, label-noise, mean-reversion) or JSON file (assumption3)"
+        "--reference",
+        default="realised",
+        choices=["realised", "mean"],
+        help="linear-response: reference path",
+    )
+    parser.add_argument(
+        "--adjoint-steps",
+        help="linear-response: comma-separated steps for the full-parameter adjoint, or 'none' "
+        "(default: every step up to 10, else 10 log-spaced steps)",
+    )
+    parser.add_argument(
+        "--predictions", help="linear-response: reuse the predictions of a results.json instead of computing"
+    )
+    parser.add_argument(
+        "--out",
+        help="output directory (one-step, label-noise, mean-reversion, linear-response) or JSON file "
+        "(assumption3)",
     )
 
 
@@ -128,7 +157,7 @@ def _assumption3(args: argparse.Namespace) -> int:
     if len(args.rest) != 1:
         raise LipverifyError(f"assumption3 takes exactly one RUN_DIR, got {len(args.rest)} argument(s)")
     run_dir = Path(args.rest[0])
-    result = cross_layer_along_run(run_dir, args.tolerance)
+    result = cross_layer_along_run(run_dir, 10.0 if args.tolerance is None else args.tolerance)
     s = result["summary"]
     print(f"{'quantity':40s} {'value':>12s}")
     for key in (
@@ -155,11 +184,12 @@ def _label_noise(args: argparse.Namespace) -> int:
 
     if len(args.rest) != 1:
         raise LipverifyError(f"label-noise takes exactly one SWEEP_DIR, got {len(args.rest)} argument(s)")
-    if not (math.isfinite(args.tolerance) and 0 < args.tolerance < 100):
-        raise LipverifyError(f"--tolerance must be a percentage in (0, 100), got {args.tolerance}")
+    tolerance = 10.0 if args.tolerance is None else args.tolerance
+    if not (math.isfinite(tolerance) and 0 < tolerance < 100):
+        raise LipverifyError(f"--tolerance must be a percentage in (0, 100), got {tolerance}")
     sweep_dir = Path(args.rest[0])
     out = Path(args.out) if args.out else sweep_dir / "label_noise_model"
-    result = label_noise_model(sweep_dir, tolerance=args.tolerance / 100)
+    result = label_noise_model(sweep_dir, tolerance=tolerance / 100)
 
     def num(x) -> str:
         return "" if x is None else f"{x:.4g}"
@@ -277,6 +307,83 @@ def _mean_reversion(args: argparse.Namespace) -> int:
     return EXIT[result.verdict]
 
 
+def _adjoint_steps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    if text.strip() == "none":
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise LipverifyError(
+            f"--adjoint-steps must be comma-separated integers or 'none', got {text!r}"
+        ) from exc
+
+
+def _linear_response(args: argparse.Namespace) -> int:
+    from lipverify.framework.linear_response import (
+        LinearResponseResult,
+        compare_with_seeds,
+        linear_response,
+        seeds_log_k,
+    )
+    from lipverify.records import ensure_writable_dir, read_json, write_json
+    from lipverify.training import TrainConfig, load_config
+
+    tolerance = 15.0 if args.tolerance is None else args.tolerance
+    if not (0 < tolerance < 100):
+        raise LipverifyError(f"--tolerance must be in (0, 100) percent, got {tolerance}")
+    out = ensure_writable_dir(Path(args.out or "runs/framework_linear_response"))
+    if args.predictions:
+        result = LinearResponseResult.from_dict(read_json(args.predictions))
+        config = TrainConfig(**result.settings["config"])
+    else:
+        config = load_config(args.config, args.rest)
+        result = linear_response(config, args.reference, _adjoint_steps(args.adjoint_steps))
+    if args.seeds_dir:
+        steps, log_k = seeds_log_k(args.seeds_dir, config)
+        result.comparison = compare_with_seeds(result, steps, log_k, tolerance / 100)
+    names = result.PREDICTIONS
+    head = f"{'t':>4s} {'ln K (ref)':>11s} " + " ".join(f"{n:>14s}" for n in names)
+    if result.comparison:
+        head += f" {'empirical':>10s} {'95% chi2 interval':>21s}"
+    print("std of ln K_t: predictions" + (" and the spread across seeds" if result.comparison else ""))
+    print(head)
+    rows = {r["step"]: r for r in result.comparison["rows"]} if result.comparison else {}
+    for t in range(1, len(result.steps)):
+        line = f"{t:4d} {result.log_k[t]:+11.5f} " + " ".join(
+            f"{result.prediction(n)[t]:14.4e}" for n in names
+        )
+        if t in rows:
+            r = rows[t]
+            line += f" {r['empirical_std']:10.4e} [{r['empirical_ci'][0]:.3e}, {r['empirical_ci'][1]:.3e}]"
+        print(line)
+    if result.flagged_steps:
+        print(
+            f"WARNING: relative spectral gap below 1e-2 at steps {result.flagged_steps}: the linearisation "
+            "of ln sigma_1 is unreliable there"
+        )
+    costs = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.costs.items())
+    print(f"cost: {costs}")
+    verdict = "inconclusive"
+    if result.comparison:
+        verdict = result.comparison["verdict"]
+        print(result.comparison["message"])
+        print(
+            f"VERDICT ({tolerance:g}% goal): {verdict.upper()}"
+            + (
+                f", met by {', '.join(result.comparison['goal_met_by'])}"
+                if result.comparison["goal_met_by"]
+                else ""
+            )
+        )
+    else:
+        print("no --seeds-dir: predictions only, nothing compared (inconclusive)")
+    write_json(out / "results.json", result.as_dict())
+    print(f"wrote {out / 'results.json'}")
+    return EXIT[verdict]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.test == "one-step":
         return _one_step(args)
@@ -284,4 +391,6 @@ def run(args: argparse.Namespace) -> int:
         return _label_noise(args)
     if args.test == "mean-reversion":
         return _mean_reversion(args)
+    if args.test == "linear-response":
+        return _linear_response(args)
     return _assumption3(args)

@@ -8,22 +8,34 @@ models, not of the paper's stated results.
   and label-noise runs against grad_scale = 1 - p runs and the clean run at step (1 - p)T.
 - :func:`mean_reversion`: feedback of the drift on noise kicks across many sampling seeds (the spread
   against Theorem 17's sqrt(Phi_t), the reversion slope, kick-drift lag correlations, lr -> 0).
+- :func:`linear_response`: Theorem 17, reduced (per-layer ln sigma_1) and full-parameter adjoint
+  linear-response predictions of std ln K_t; :func:`compare_with_seeds` against many sampling seeds.
 """
 
 from lipverify.framework.assumption3 import cross_layer_along_run
 from lipverify.framework.label_noise_model import label_noise_model, label_noise_model_records
+from lipverify.framework.linear_response import (
+    LinearResponseResult,
+    compare_with_seeds,
+    linear_response,
+    propagate_covariance,
+)
 from lipverify.framework.mean_reversion import MeanReversionResult, SeedPanel, mean_reversion
 from lipverify.framework.one_step import OneStepResult, Row, one_step_at, one_step_check
 
 __all__ = [
+    "LinearResponseResult",
     "MeanReversionResult",
     "OneStepResult",
     "Row",
     "SeedPanel",
+    "compare_with_seeds",
     "cross_layer_along_run",
     "label_noise_model",
     "label_noise_model_records",
+    "linear_response",
     "mean_reversion",
     "one_step_at",
     "one_step_check",
+    "propagate_covariance",
 ]
