@@ -337,6 +337,16 @@ def test_label_drift_at_the_same_weights():
     assert bad.verdict == "fail", bad.measured
 
 
+def test_label_drift_without_power_is_inconclusive_not_pass():
+    """Corruption draws so different that the seeds' interval holds both 1 - p and 1 (no effect):
+    the rule cannot tell the law from its wrong variant, so it must not pass (the old rule passed
+    because 1 - p was inside; measured on the committed sweep: p = 0.2, [0.06, 1.22])."""
+    (wide,) = evaluate_label_drift(label_records(noise=1.5))
+    assert wide.verdict == "inconclusive", wide.measured
+    # the same spread with the law off by far still fails where 1 - p is outside
+    assert evaluate_label_drift(label_records(noise=0.01, law=lambda p: 1.0))[0].verdict == "fail"
+
+
 def test_label_drift_does_not_compare_with_another_trajectory():
     # runs that satisfy the law at the same weights pass, even though their cumulative drift along
     # their own (different) paths is far from (1 - p) M_0 -- what the old rule compared and failed

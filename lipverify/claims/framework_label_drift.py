@@ -78,9 +78,10 @@ def evaluate_label_drift(records: Sequence[dict], alpha: float = ALPHA) -> list[
     Per run with p > 0, ``r = mu_p(theta_0) / mu_0(theta_0)`` (:func:`initial_drift`; the p = 0 run
     with the same seed_sampling, else the mean of the p = 0 runs). Rule: for every p > 0, 1 - p lies
     inside the Student-t (1 - alpha/k) interval of the mean r over the seeds (Bonferroni over the k
-    levels; the seeds differ in which labels are corrupted); fail if outside for some p;
-    inconclusive with < 2 seeds at some level, without p = 0 runs, or when the runs do not share
-    theta_0 (different seed_init / K_0).
+    levels; the seeds differ in which labels are corrupted) and r = 1 (label noise without effect on
+    the drift, the wrong variant) outside it: an interval wide enough to hold both cannot decide;
+    fail if 1 - p is outside for some p; inconclusive otherwise, with < 2 seeds at some level,
+    without p = 0 runs, or when the runs do not share theta_0 (different seed_init / K_0).
     """
     title = "(1 - p) drift at the same weights (ours)"
     paper = "framework (Section 8.5 derivation)"
@@ -90,7 +91,8 @@ def evaluate_label_drift(records: Sequence[dict], alpha: float = ALPHA) -> list[
     k = max(len(levels), 1)
     rule = (
         f"every p > 0: 1 - p inside the t-interval (level {1 - alpha / k:.3g}, Bonferroni over {k}) of the "
-        "mean over seeds of mu_p(theta_0)/mu_0(theta_0); not tested: theta_t for t > 0 (records lack "
+        "mean over seeds of mu_p(theta_0)/mu_0(theta_0) and 1 (no effect) outside it (else inconclusive); "
+        "not tested: theta_t for t > 0 (records lack "
         "the clean-label drift at the corrupted run's weights)"
     )
 
@@ -127,7 +129,10 @@ def evaluate_label_drift(records: Sequence[dict], alpha: float = ALPHA) -> list[
                 "ratios": ratios,
                 "ci": [mean - half, mean + half],
                 "predicted": 1 - p,
-                "pass": mean - half <= 1 - p <= mean + half,
+                # None: the interval also holds r = 1, so it cannot tell the law from no effect
+                "pass": (None if mean - half <= 1 <= mean + half else True)
+                if mean - half <= 1 - p <= mean + half
+                else False,
             }
         )
     diag = cross_trajectory_log_prediction(records)
