@@ -224,3 +224,16 @@ def test_verdict_needs_power_not_an_edge_case():
     assert verdicts(m - 0.5 * h, m + 1.5 * h) == ("pass", "rejected")
     assert verdicts(m, m + 0.3 * h) == ("inconclusive", "not rejected")
     assert verdicts(m - 2 * h, m) == ("fail", "not rejected")
+
+
+def test_framework_tests_refuse_regularised_configs_by_name():
+    """One-step check and linear response model plain SGD: a regulariser would make their step not the
+    run's step, so each set field is named (label noise only for the linear response)."""
+    from lipverify.framework import linear_response, one_step_check
+    from lipverify.training import TrainConfig
+
+    with pytest.raises(LipverifyError, match="one-step check supports plain SGD only; unset dropout, mixup"):
+        one_step_check(TrainConfig(dropout=0.5, mixup=0.2), 0)
+    refused = r"linear-response prediction .*unset label_smoothing, label_noise"
+    with pytest.raises(LipverifyError, match=refused):
+        linear_response(TrainConfig(label_smoothing=0.1, label_noise=0.2))

@@ -326,25 +326,12 @@ def linear_response(
     Hessians and noise covariances are those of the full training set, in float64.
     """
     from lipverify.data import to_model_input
+    from lipverify.framework._plain_sgd import require_plain_sgd
     from lipverify.probe import DynamicsProbe
     from lipverify.training import _Run
 
     config = dataclasses.replace(config).validate()
-    unsupported = {
-        "dropout": config.dropout,
-        "batch_norm": config.batch_norm,
-        "mixup": config.mixup,
-        "fgsm_eps": config.fgsm_eps,
-        "autoaugment": config.autoaugment,
-        "grad_noise_std": config.grad_noise_std,
-        "label_smoothing": config.label_smoothing,
-        "label_noise": config.label_noise,
-    }
-    bad = [k for k, val in unsupported.items() if val]
-    if bad:
-        raise LipverifyError(
-            f"the linear-response prediction supports plain SGD only; unset {', '.join(bad)}"
-        )
+    require_plain_sgd(config, "linear-response prediction", also=("label_noise",))
     if reference not in ("realised", "mean"):
         raise LipverifyError(f"reference must be 'realised' or 'mean', got {reference!r}")
     config = dataclasses.replace(config, probe_every=config.steps + 1, sharpness_every=0)

@@ -504,21 +504,11 @@ def one_step_check(config, at_step: int, batches: int = 500, seed: int = 0, **kw
     norm, mixup, FGSM, AutoAugment, injected gradient noise and label smoothing are refused
     (the check's step would not be the probe's model). ``seed`` seeds the B check batches (not the
     training). ``kwargs`` go to :func:`one_step_at`."""
+    from lipverify.framework._plain_sgd import require_plain_sgd
     from lipverify.training import _Run
 
     config = dataclasses.replace(config).validate()
-    unsupported = {
-        "dropout": config.dropout,
-        "batch_norm": config.batch_norm,
-        "mixup": config.mixup,
-        "fgsm_eps": config.fgsm_eps,
-        "autoaugment": config.autoaugment,
-        "grad_noise_std": config.grad_noise_std,
-        "label_smoothing": config.label_smoothing,
-    }
-    bad = [k for k, val in unsupported.items() if val]
-    if bad:
-        raise LipverifyError(f"the one-step check supports plain SGD only; unset {', '.join(bad)}")
+    require_plain_sgd(config, "one-step check")
     if not 0 <= at_step:
         raise LipverifyError(f"at_step must be >= 0, got {at_step}")
     config = dataclasses.replace(config, steps=max(at_step, 1), probe_every=max(at_step, 1) + 1)
