@@ -10,6 +10,7 @@ kick-drift correlation). Fixed seeds; every assertion is an interval statement a
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from lipverify.framework.mean_reversion import (
     SeedPanel,
     analyse_panel,
     compare_lr,
+    linear_response_rows,
     material_slope,
     ou_lag_correlation,
     ou_ratio,
@@ -214,3 +216,36 @@ def test_cli_smoke_on_a_tiny_sweep(tmp_path, capsys):
     assert "--small-lr sweep has lr" in capsys.readouterr().err
     assert main(["framework", "mean-reversion", str(tmp_path)]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+
+
+class _Predictions:
+    """Duck-typed linear-response result: Theorem 17 exact for a random walk (sigma sqrt t), an
+    'adjoint' evaluated at even steps only (NaN elsewhere), for the given lr and steps."""
+
+    PREDICTIONS = ("theorem17", "adjoint")
+
+    def __init__(self, lr, steps):
+        self.settings = {"lr": lr, "steps": steps}
+        t = np.arange(steps + 1, dtype=float)
+        every_other = np.where(t % 2 == 0, 2 * SIGMA * np.sqrt(t), np.nan)
+        self._std = {"theorem17": SIGMA * np.sqrt(t), "adjoint": every_other}
+
+    def prediction(self, name):
+        return self._std[name]
+
+
+def test_linear_response_predictions_beside_the_empirical_spread():
+    """A random walk's spread is sigma sqrt(t): Theorem 17's ratio is 1 within the chi-square
+    spread of 512 seeds at every step; a prediction 2x too large reads 2; steps where a prediction
+    was not evaluated leave it out; predictions for another lr or horizon are refused."""
+    n = 512
+    result = analyse_panel(ou_panel(0.0, n, seed=3), resamples=200)
+    rows = linear_response_rows(result, _Predictions(0.05, T))
+    assert [r["step"] for r in rows] == list(range(1, T + 1))
+    for r in rows:
+        assert abs(r["theorem17_ratio"] - 1) < 4 / math.sqrt(2 * (n - 1))  # 4 sd of the sample std's ratio
+        assert ("adjoint_ratio" in r) == (r["step"] % 2 == 0)
+        if r["step"] % 2 == 0:
+            assert abs(r["adjoint_ratio"] - 2) < 8 / math.sqrt(2 * (n - 1))
+    with pytest.raises(LipverifyError, match=r"predictions are for lr = 0\.1"):
+        linear_response_rows(result, _Predictions(0.1, T))

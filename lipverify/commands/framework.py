@@ -85,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds-dir", help="linear-response: a lipverify sweep directory of sampling seeds")
     parser.add_argument(
+        "--linear-response",
+        help="mean-reversion: a linear-response results.json of the same setup, printed beside the spread",
+    )
+    parser.add_argument(
         "--reference",
         default="realised",
         choices=["realised", "mean"],
@@ -273,8 +277,8 @@ def _print_mean_reversion(result) -> None:
 
 def _mean_reversion(args: argparse.Namespace) -> int:
     from lipverify.framework import mean_reversion
-    from lipverify.framework.mean_reversion import plot_mean_reversion
-    from lipverify.records import ensure_writable_dir, write_json
+    from lipverify.framework.mean_reversion import linear_response_rows, plot_mean_reversion
+    from lipverify.records import ensure_writable_dir, read_json, write_json
 
     if len(args.rest) != 1:
         raise LipverifyError(f"mean-reversion takes exactly one SWEEP_DIR, got {len(args.rest)} argument(s)")
@@ -301,6 +305,19 @@ def _mean_reversion(args: argparse.Namespace) -> int:
             f"[{c['rate_ratio_ci'][0]:.3f}, {c['rate_ratio_ci'][1]:.3f}] (continuous-time 1, discretisation "
             f"{c['discretisation_ratio']:g}, threshold {c['threshold']:g}): {c['outcome']}"
         )
+    if args.linear_response:
+        from lipverify.framework.linear_response import LinearResponseResult
+
+        predictions = LinearResponseResult.from_dict(read_json(args.linear_response))
+        result.linear_response = linear_response_rows(result, predictions)
+        names = predictions.PREDICTIONS
+        print("std ln K_t: linear-response predictions / empirical std (" + args.linear_response + ")")
+        print(f"{'step':>5s} {'empirical':>10s} " + " ".join(f"{n:>14s}" for n in names))
+        for r in result.linear_response:
+            if r["step"] in {1, 2, 3, 5, 10, 20, 30, 45, 60} or r["step"] == result.settings["steps"]:
+                ratios = [r.get(n + "_ratio") for n in names]
+                cells = [f"{x:14.3f}" if x is not None else " " * 14 for x in ratios]
+                print(f"{r['step']:5d} {r['std']:10.4e} " + " ".join(cells))
     write_json(out / "results.json", result.as_dict())
     plot_mean_reversion(result, out / "mean_reversion.png")
     print(f"wrote {out / 'results.json'} and {out / 'mean_reversion.png'}")

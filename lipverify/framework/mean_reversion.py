@@ -336,6 +336,7 @@ class MeanReversionResult:
     settings: dict
     small_lr: MeanReversionResult | None = None
     comparison: dict | None = None
+    linear_response: list[dict] | None = None
     bootstrap_rates: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -348,6 +349,7 @@ class MeanReversionResult:
             "lags": self.lags,
             "comparison": self.comparison,
             "small_lr": None if self.small_lr is None else self.small_lr.as_dict(),
+            "linear_response": self.linear_response,
         }
 
 
@@ -603,3 +605,32 @@ def plot_mean_reversion(result: MeanReversionResult, path: str | Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def linear_response_rows(result: MeanReversionResult, predictions: Any) -> list[dict]:
+    """The spread predictions of :mod:`lipverify.framework.linear_response` beside this test's
+    empirical std of ln K_t: per step t where the empirical std is known, ``{step, std, <name>,
+    <name>_ratio}`` for every name in ``predictions.PREDICTIONS`` (Theorem 17's sqrt(Phi_t), the
+    no-feedback sum with cross terms, the reduced and the adjoint linear response; ratio =
+    prediction / empirical std; a prediction not evaluated at t, NaN, is left out).
+
+    ``predictions``: a :class:`~lipverify.framework.linear_response.LinearResponseResult` of the
+    same setup (its lr and number of steps must equal this sweep's: the predictions are per step).
+    """
+    lr, steps = predictions.settings.get("lr"), predictions.settings.get("steps")
+    if lr != result.settings["lr"] or steps != result.settings["steps"]:
+        raise LipverifyError(
+            f"the linear-response predictions are for lr = {lr}, {steps} steps; this sweep has lr = "
+            f"{result.settings['lr']}, {result.settings['steps']} steps"
+        )
+    rows = []
+    for r in result.ratio:
+        t, std = r["step"], r["std"]
+        row: dict[str, Any] = {"step": t, "std": std}
+        for name in predictions.PREDICTIONS:
+            value = float(predictions.prediction(name)[t])
+            if math.isfinite(value):
+                row[name] = value
+                row[f"{name}_ratio"] = value / std if std > 0 else None
+        rows.append(row)
+    return rows
