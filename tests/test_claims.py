@@ -579,3 +579,35 @@ def test_report_sweep_refuses_non_sweep_dir(tmp_path):
 
     with pytest.raises(LipverifyError, match="not a sweep directory"):
         report_sweep(tmp_path)
+
+
+def test_combined_report_lists_the_committed_framework_results(tmp_path):
+    """collect_results adds one row per `lipverify framework` result found under the destination
+    (its own verdict, never recomputed; assumption3's `holds` read as pass/fail), and none when there
+    are none."""
+    import json
+
+    from lipverify.claims import collect_results
+    from lipverify.claims.report import framework_results
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "claims.json").write_text(json.dumps({"name": "s", "claims": [], "figures": []}))
+    dest = tmp_path / "results"
+    collect_results([sweep], dest)
+    assert "Framework tests on models" not in (dest / "claims.md").read_text()
+    (dest / "framework_mean_reversion").mkdir()
+    (dest / "framework_mean_reversion" / "results.json").write_text(
+        json.dumps({"verdict": "fail", "message": "slope -0.1 per step"})
+    )
+    (dest / "framework_one_step" / "run").mkdir(parents=True)
+    (dest / "framework_one_step" / "run" / "assumption3.json").write_text(
+        json.dumps({"summary": {"holds": True, "message": "within 10%"}})
+    )
+    rows = framework_results(dest)
+    expected = [("pass", "within 10%"), ("fail", "slope -0.1 per step")]
+    assert [(r["verdict"], r["message"]) for r in rows] == expected
+    collect_results([sweep], dest)
+    text = (dest / "claims.md").read_text()
+    assert "| mean-reversion | slope -0.1 per step | **FAIL** |" in text
+    assert json.loads((dest / "claims.json").read_text())["framework_tests"] == rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -139,6 +140,73 @@ def collect_results(sweep_dirs: Sequence[str | Path], dest: str | Path, command:
                 *rows[kind],
                 "",
             ]
+    model_tests = framework_results(dest)
+    if model_tests:
+        lines += [
+            "## Framework tests on models (ours: `lipverify framework`)",
+            "",
+            "| test | result | verdict | details |",
+            "|---|---|---|---|",
+            *(
+                f"| {t['test']} | {_md_escape(t['message'])} | **{t['verdict'].upper()}** "
+                f"| [{t['path']}]({t['path']}) |"
+                for t in model_tests
+            ),
+            "",
+        ]
     atomic_write_text(dest / "claims.md", "\n".join(lines).rstrip("\n") + "\n")
-    atomic_write_json(dest / "claims.json", {"sweeps": combined})
+    atomic_write_json(dest / "claims.json", {"sweeps": combined, "framework_tests": model_tests})
     return dest
+
+
+#: ``lipverify framework`` result files under a results directory: (glob, test name)
+FRAMEWORK_RESULT_FILES = (
+    ("framework_one_step/k*/results.json", "one-step (Theorems 14/15 at fixed weights)"),
+    ("framework_one_step/*/assumption3.json", "assumption3 (cross-layer noise along a run)"),
+    ("framework_mean_reversion/results.json", "mean-reversion"),
+    ("framework_label_noise_model/results.json", "label-noise (the (1 - p) model)"),
+    ("framework_linear_response/results.json", "linear-response (the spread with feedback)"),
+)
+
+
+def framework_results(results_dir: str | Path) -> list[dict]:
+    """The verdicts of the ``lipverify framework`` results committed under ``results_dir`` (one row
+    each: test, path relative to ``results_dir``, verdict, message), for the combined report. The
+    verdict is the file's own (assumption3: ``holds`` -> pass / fail); nothing is recomputed."""
+    results_dir = Path(results_dir)
+    rows = []
+    for pattern, test in FRAMEWORK_RESULT_FILES:
+        for path in sorted(results_dir.glob(pattern)):
+            data = json.loads(path.read_text())
+            if "summary" in data and "holds" in data["summary"]:  # assumption3
+                verdict = "pass" if data["summary"]["holds"] else "fail"
+                message = data["summary"]["message"]
+            else:
+                verdict = data.get("verdict", "inconclusive")
+                message = data.get("message") or _framework_message(data)
+            rows.append(
+                {
+                    "test": test + (f", {path.parent.name}" if "/k*/" in pattern else ""),
+                    "path": path.relative_to(results_dir).as_posix(),
+                    "verdict": verdict,
+                    "message": message,
+                }
+            )
+    return rows
+
+
+def _framework_message(data: dict) -> str:
+    """A one-line result for the framework files without a ``message`` field."""
+    if "comparison" in data and isinstance(data["comparison"], dict) and "message" in data["comparison"]:
+        return data["comparison"]["message"]
+    if "drift_ratio" in data:
+        levels = data["drift_ratio"].get("levels", [])
+        return "drift ratio at the same weights " + ", ".join(
+            f"p={r['p']:g}: {r['mean']:.3g} vs {r['predicted']:.3g}"
+            for r in levels
+            if r.get("mean") is not None
+        )
+    if "rows" in data:  # one-step: the checks' verdicts (wrong-variant rows say rejected / not rejected)
+        counts = Counter(r["verdict"] for r in data["rows"] if r.get("verdict"))
+        return "checks: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+    return "see the file"
