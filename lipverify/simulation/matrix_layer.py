@@ -16,7 +16,7 @@ from lipverify.problems import (
     MatrixSGDSDE,
 )
 from lipverify.sde import brownian_increments, coarsen, integrate
-from lipverify.simulation.results import Row, ValidationResult, _order_row, _progress
+from lipverify.simulation.results import Row, ValidationResult, _order_row, _progress, nested_step_bias
 
 
 def default_problem(seed: int = 0) -> LeastSquares:
@@ -108,9 +108,7 @@ def _mean_rows(
         float((lv["final"] - start_value - lv["sums"][drift_key] - lv["sums"][mart_key]).mean())
         for lv in levels
     ]
-    d1 = Dm[-1] - Dm[-2]
-    d2 = Dm[-2] - Dm[-3] if len(Dm) > 2 else 0.0
-    bias = abs(d1) + abs(d1 - d2 / 2)
+    bias = nested_step_bias(Dm[-1], Dm[-2], Dm[-3] if len(Dm) > 2 else Dm[-2])
     dEst = mean(D.cpu(), "D")
     est = float((end - mart).mean())
     pred = float(fin["sums"][drift_key].mean())

@@ -98,7 +98,13 @@ def step_bias(chain_value: Callable[[int], float], steps: int) -> float:
             f"steps must be a positive multiple of 4 (the step-size bias bound compares the "
             f"chain at steps, steps/2 and steps/4), got {steps}"
         )
-    v1, v2, v3 = chain_value(steps), chain_value(steps // 2), chain_value(steps // 4)
+    return nested_step_bias(chain_value(steps), chain_value(steps // 2), chain_value(steps // 4))
+
+
+def nested_step_bias(v1: float, v2: float, v3: float) -> float:
+    """``|d1| + |d1 - d2/2|`` with ``d1 = v1 - v2``, ``d2 = v2 - v3``: the step-size bias bound of
+    :func:`step_bias` from a value at steps h, 2h and 4h (exact chain values, or Monte Carlo means on
+    nested grids). ``v3 = v2`` drops the O(h^2) part when only two levels exist."""
     d1, d2 = v1 - v2, v2 - v3
     return abs(d1) + abs(d1 - d2 / 2)
 
