@@ -60,9 +60,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 
 from lipverify._validation import LipverifyError
+from lipverify.claims.stats import chi2_std_interval
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 #: the std change at the last step (OU model against the random walk) that counts as material
@@ -372,8 +373,7 @@ def analyse_panel(
         raise LipverifyError(f"lags must be integers >= 0, got {list(lags)}")
     rng = np.random.default_rng(seed)
     n, t_max, alpha = panel.seeds, panel.steps, 1 - confidence
-    chi_lo = math.sqrt((n - 1) / stats.chi2.ppf(1 - alpha / 2, n - 1))
-    chi_hi = math.sqrt((n - 1) / stats.chi2.ppf(alpha / 2, n - 1))
+    chi_lo, chi_hi = chi2_std_interval(1.0, n, alpha)  # the std's interval per unit sample std
     # (a)
     phi_t = np.cumsum(panel.phi_bar_sq, axis=1).mean(axis=0)
     phi_cross_t = None
