@@ -430,8 +430,9 @@ class _Run:
         """Chunks of the whole training set with ``labels`` (default: the run's, corrupted under label
         noise), transformed like a training batch, so that the full-data gradient estimates the
         expected step gradient ``E[g_B | W]`` (the Theorem 14 drift): FGSM inputs, mixed inputs with
-        mixed one-hot targets (one Beta(a, a) lam and one permutation per chunk: an unbiased Monte
-        Carlo estimate over lam and partners), AutoAugment-ed images (one random policy draw per
+        mixed one-hot targets (:meth:`_mixup_as_in_batches`: each sample's lam and partner drawn
+        with their law in a training batch, so an unbiased Monte Carlo estimate of the step's
+        expected gradient), AutoAugment-ed images (one random policy draw per
         image). Runs inside the probe's forked random stream."""
         c = self.config
         labels = self.labels if labels is None else labels
@@ -446,11 +447,34 @@ class _Run:
                 (gx,) = torch.autograd.grad(self.loss_fn(self.model(x_req), y), x_req)
                 x = (x + c.fgsm_eps * gx.sign()).clamp(0, 1).detach()
             if c.mixup > 0:
-                lam = float(torch.distributions.Beta(c.mixup, c.mixup).sample())
-                perm = torch.randperm(x.shape[0]).to(self.device)
-                onehot = F.one_hot(y, self.data.classes).to(x.dtype)
-                x, y = lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]
+                x, y = self._mixup_as_in_batches(x, y)
             yield x, y
+
+    def _mixup_as_in_batches(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup of a chunk of n samples drawn as the training step draws it: the chunk is split into
+        random groups of ``batch_size`` samples, and each group gets its own ``lam ~ Beta(a, a)`` and
+        its own partner permutation (``torch.randperm(group)``). A sample's (lam, partner) then has
+        the law it has in a training batch, including the partner being itself with probability
+        1/b (mixing with itself = the clean sample), which one permutation of the whole chunk would
+        make 1/n. Targets are the mixed one-hot vectors ``lam e_y + (1 - lam) e_y'``: cross-entropy
+        (with label smoothing) is linear in the target, so this is the step's two-term loss
+        ``lam CE(out, y) + (1 - lam) CE(out, y')`` sample by sample.
+
+        x: (n, ...), y: (n,) int64 -> x_mixed (n, ...), soft targets (n, classes) in x.dtype."""
+        c, n = self.config, x.shape[0]
+        order = torch.randperm(n)
+        partner = torch.empty(n, dtype=torch.long)
+        lam = torch.empty(n, dtype=torch.float64)
+        for start in range(0, n, c.batch_size):
+            group = order[start : start + c.batch_size]
+            partner[group] = group[torch.randperm(group.numel())]
+            lam[group] = float(torch.distributions.Beta(c.mixup, c.mixup).sample())
+        partner, lam = partner.to(self.device), lam.to(self.device, x.dtype)
+        onehot = F.one_hot(y, self.data.classes).to(x.dtype)
+        lam_x = lam.reshape(n, *([1] * (x.dim() - 1)))
+        return lam_x * x + (1 - lam_x) * x[partner], lam[:, None] * onehot + (1 - lam[:, None]) * onehot[
+            partner
+        ]
 
     def sharpness(self) -> float:
         """lambda_max of the Hessian of the loss on the first :data:`SHARPNESS_BATCH` training
