@@ -432,12 +432,23 @@ class _Run:
         expected step gradient ``E[g_B | W]`` (the Theorem 14 drift): FGSM inputs, mixed inputs with
         mixed one-hot targets (:meth:`_mixup_as_in_batches`: each sample's lam and partner drawn
         with their law in a training batch, so an unbiased Monte Carlo estimate of the step's
-        expected gradient), AutoAugment-ed images (one random policy draw per
-        image). Runs inside the probe's forked random stream."""
+        expected gradient), AutoAugment-ed images (one random policy draw per image).
+
+        Chunks are :data:`FULL_GRADIENT_CHUNK` consecutive samples, except under batch norm: in
+        training mode it normalises by the batch's own statistics, so the step gradient depends on
+        which b samples share a batch, and ``E[g_B | W]`` is over batches of b. The chunks are then a
+        random partition into batches of b, the ``N mod b`` left over left out (each chunk is still a
+        uniform b-subset, so their mean is unbiased for ``E[g_B | W]``). Runs inside the probe's
+        forked random stream."""
         c = self.config
         labels = self.labels if labels is None else labels
-        for start in range(0, len(self.data), FULL_GRADIENT_CHUNK):
-            sl = slice(start, start + FULL_GRADIENT_CHUNK)
+        n = len(self.data)
+        if c.batch_norm:
+            order = torch.randperm(n).to(self.device)
+            chunks = [order[s : s + c.batch_size] for s in range(0, n - c.batch_size + 1, c.batch_size)]
+        else:
+            chunks = [slice(s, s + FULL_GRADIENT_CHUNK) for s in range(0, n, FULL_GRADIENT_CHUNK)]
+        for sl in chunks:
             images = self.images[sl]
             if c.autoaugment:
                 images = _autoaugment(images.cpu()).to(self.device)

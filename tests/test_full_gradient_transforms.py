@@ -239,3 +239,47 @@ def test_autoaugment_full_batches_transform_every_image(monkeypatch):
     torch.testing.assert_close(x[inner], expected[inner], rtol=0, atol=1e-15)
     clean = to_model_input(run.images, "convnet", torch.float64)
     assert not torch.allclose(x[inner], clean[inner])  # wrong variant: AutoAugment left out
+
+
+# -- batch norm ------------------------------------------------------------------------------------
+
+
+def batch_membership(run: _Run, chunks) -> list[list[int]]:
+    """Which samples (by their distinct images) each yielded chunk holds."""
+    clean = to_model_input(run.images, "convnet", torch.float64).flatten(1)
+    out = []
+    for x, _ in chunks:
+        match = torch.cdist(x.flatten(1), clean) < 1e-9
+        assert (match.sum(1) == 1).all()
+        out.append(match.float().argmax(1).tolist())
+    return out
+
+
+@pytest.mark.parametrize("train_size", [20, 22])
+def test_batch_norm_full_batches_are_a_random_partition_into_uniform_batches_of_b(train_size):
+    # Training-mode batch norm makes the step gradient depend on which b samples share a batch, so
+    # E[g_B] is over uniform b-subsets: every chunk must have b samples, chunks must be disjoint, and
+    # two samples share a chunk with probability (b - 1)/(N - 1) (N mod b samples left out per pass).
+    # Per-pair frequencies are checked against a binomial interval with a Bonferroni z = 4.
+    torch.manual_seed(6)
+    run = make_run(model="convnet", batch_norm=True, train_size=train_size, batch_size=4)
+    n, b, draws = train_size, 4, 300
+    together = torch.zeros(n, n)
+    for _ in range(draws):
+        members = batch_membership(run, run.full_batches())
+        flat = [i for m in members for i in m]
+        assert all(len(m) == b for m in members) and len(set(flat)) == len(flat) == n - n % b
+        for m in members:
+            idx = torch.tensor(m)
+            together[idx[:, None], idx[None, :]] += 1
+    p = (b - 1) / (n - 1) * (n - n % b) / n  # both in the kept part, then in the same batch
+    freq = together[~torch.eye(n, dtype=torch.bool)] / draws
+    assert (freq - p).abs().max() < 4 * math.sqrt(p * (1 - p) / draws), (freq.min(), freq.max(), p)
+
+
+def test_batch_norm_membership_check_rejects_consecutive_chunks():
+    # The same membership check on the old consecutive chunks of FULL_GRADIENT_CHUNK samples: one
+    # batch of all N (batch statistics of N, not of b).
+    run = make_run(model="convnet", batch_norm=False, train_size=20, batch_size=4)
+    members = batch_membership(run, run.full_batches())
+    assert [len(m) for m in members] != [4] * 5
