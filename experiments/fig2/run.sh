@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 py=${PYTHON:-python}
 if [[ "${1:-}" == gpu ]]; then configs=("$root"/experiments/gpu/fig2/*.toml); out=${OUT:-runs/fig2-gpu}
-else configs=("$here"/{plain,batch_norm,dropout,weight_decay,mixup,autoaugment,label_smoothing,fgsm}.toml); out=${OUT:-runs/fig2}
+else configs=("$here"/{plain,batch_norm,dropout,weight_decay,mixup,autoaugment,label_smoothing,fgsm,plain_small_lr}.toml); out=${OUT:-runs/fig2}
 fi
 mkdir -p "$out"
 extra=()
