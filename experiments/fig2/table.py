@@ -137,7 +137,8 @@ def main() -> None:
         lines.append(diagnostics(dirs[n], json.loads((dirs[n] / "summary.json").read_text())))
     missing = [n for n in ORDER if n not in dirs]
     if missing:
-        why = " (autoaugment needs torchvision: pip install lipverify[vision])" if "autoaugment" in missing else ""
+        needs = " (autoaugment needs torchvision: pip install lipverify[vision])"
+        why = needs if "autoaugment" in missing else ""
         lines += ["", f"Not run: {', '.join(missing)}{why}."]
     text = "\n".join(lines) + "\n"
     if args.out:
