@@ -22,12 +22,15 @@ Certified bounds (:func:`conv_operator_norm`):
   into the padded grid (``N = H + pad_lo + pad_hi``), C the circular cross-correlation on that grid
   and R the restriction to the valid outputs (indices ``i <= N - d(k-1) - 1``, where no tap wraps
   around); ``||R||, ||P|| <= 1`` so ``||A_1|| <= ||C||``. A strided conv is ``S A_1`` with S the
-  subsampling ``i -> s i`` (a restriction, norm <= 1), so ``||A|| <= ||C||`` too. Dilation is the
-  kernel with d-1 zeros between taps, placed at offsets ``d a mod N``.
+  subsampling ``i -> s i``: it is the compression of the *strided* circular conv on the padded grid
+  rounded up to a multiple of s, whose norm is exact in polyphase form (:func:`transfer_matrices`
+  with ``stride``: c_out x c_in s1 s2 matrices on the grid N/s), so the bound keeps the stride (the
+  stride-1 bound, ``||S|| <= 1``, is also valid but looser). Dilation is the kernel with d-1 zeros
+  between taps, placed at offsets ``d a mod N``.
 * upper, ``"circular"``: the operator is the circular cross-correlation on the ``H x W`` grid itself,
   shifted by the padding and restricted to ``L`` outputs (and subsampled by the stride); when
-  ``L <= H`` these are distinct rows of C, so ``||A|| <= ||C||``, with equality for stride 1 and
-  ``L = H`` (A is then C up to a permutation of its rows).
+  ``L <= H`` these are distinct rows of C (strided, polyphase, when s divides H), so
+  ``||A|| <= ||C||``, with equality when ``L = H`` and s divides H (A is then C, rows permuted).
 * lower: ``||A x|| / ||x||`` of the explicit vector x that power iteration on ``A^T A`` returns
   (``A^T`` is ``conv_transpose2d`` then cropping the padding; autograd of the pad for circular
   padding). Any x gives ``||A x|| / ||x|| <= ||A||``.
@@ -94,13 +97,24 @@ class ConvSpec:
         return self.padded_grid if self.padding_mode == "zeros" else tuple(self.input_shape[1:])
 
     @property
+    def embedding_grid(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(grid, stride) of the circular operator A is a compression of. Zeros: the padded grid
+        rounded up to a multiple of the stride (more zero padding: still an isometric embedding,
+        and no valid output reads past ``N - 1``), with the stride. Circular: the input grid, with
+        the stride when it divides the grid, else stride 1 (the subsampled rows are rows of it)."""
+        if self.padding_mode == "zeros":
+            grid = tuple(-(-n // s) * s for n, s in zip(self.padded_grid, self.stride, strict=True))
+            return grid, self.stride  # type: ignore[return-value]
+        grid = tuple(self.input_shape[1:])
+        divides = all(n % s == 0 for n, s in zip(grid, self.stride, strict=True))
+        return grid, (self.stride if divides else (1, 1))  # type: ignore[return-value]
+
+    @property
     def exact(self) -> bool:
-        """True when the upper bound is the exact norm: circular padding, stride 1, L = H and W."""
-        return (
-            self.padding_mode == "circular"
-            and self.stride == (1, 1)
-            and self.stride1_output == tuple(self.input_shape[1:])
-        )
+        """True when the upper bound is the exact norm: circular padding, L = H and W outputs at
+        stride 1, and the stride divides the grid (A is then the strided circular conv, rows permuted)."""
+        grid, stride = self.embedding_grid
+        return self.padding_mode == "circular" and self.stride1_output == grid and stride == self.stride
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -232,15 +246,28 @@ def _embedded_kernel(weight: torch.Tensor, grid, dilation) -> torch.Tensor:
     return k.reshape(co, ci, n1, n2)
 
 
-def transfer_matrices(weight: torch.Tensor, grid, dilation=1) -> torch.Tensor:
-    """Per-frequency transfer matrices of the stride-1 circular cross-correlation with ``weight``
-    (c_out, c_in, kh, kw) on a ``grid = (N1, N2)``: complex128 (N1, N2, c_out, c_in),
+def transfer_matrices(weight: torch.Tensor, grid, dilation=1, stride=1) -> torch.Tensor:
+    """Per-frequency transfer matrices of the circular cross-correlation with ``weight``
+    (c_out, c_in, kh, kw) on a ``grid = (N1, N2)``.
+
+    Stride 1: complex128 (N1, N2, c_out, c_in),
     ``T[f1, f2] = sum_{a,b} W[:, :, a, b] exp(+2 pi i (f1 d1 a / N1 + f2 d2 b / N2))`` (module
-    docstring), computed as ``conj(fft2)`` of the embedded kernel (unnormalised DFT)."""
-    dilation = _pair(dilation, "dilation")
+    docstring), computed as ``conj(fft2)`` of the embedded kernel (unnormalised DFT).
+
+    Stride s (s must divide N; polyphase form): ``y[i] = sum_a W_a x[(s i + d a) mod N]`` and with
+    ``d a = s q + r`` the input phase ``x_r[m] = x[s m + r]`` enters through the tap ``q`` on the grid
+    ``M = N / s``: a stride-1 circular cross-correlation with ``c_in s1 s2`` input channels on
+    ``M1 x M2``. Returns (M1, M2, c_out, c_in s1 s2), columns ordered (c, r1, r2)."""
+    dilation, stride = _pair(dilation, "dilation"), _pair(stride, "stride")
     n1, n2 = _pair(tuple(grid), "grid")
+    if n1 % stride[0] or n2 % stride[1]:
+        raise LipverifyError(f"stride {stride} must divide the grid {(n1, n2)}")
     w = weight.detach().to(torch.float64)
+    co, ci = w.shape[:2]
     k = _embedded_kernel(w, (n1, n2), dilation)
+    (s1, s2), (m1, m2) = stride, (n1 // stride[0], n2 // stride[1])
+    # index s q + r -> (q, r): (co, ci, m1, s1, m2, s2) -> (co, ci, s1, s2, m1, m2)
+    k = k.reshape(co, ci, m1, s1, m2, s2).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * s1 * s2, m1, m2)
     return torch.fft.fft2(k).conj().permute(2, 3, 0, 1).contiguous()
 
 
@@ -299,8 +326,10 @@ class ConvNormBounds:
 
 
 def circular_upper_bound(spec: ConvSpec) -> float:
-    """``max_f sigma_1(T_f)`` on the circular grid of ``spec`` times ``1 + ROUNDING_MARGIN``."""
-    t = transfer_matrices(spec.weight, spec.circular_grid, spec.dilation)
+    """``max_f sigma_1(T_f)`` of the strided circular conv on the embedding grid (:attr:`ConvSpec.
+    embedding_grid`, polyphase form of :func:`transfer_matrices`) times ``1 + ROUNDING_MARGIN``."""
+    grid, stride = spec.embedding_grid
+    t = transfer_matrices(spec.weight, grid, spec.dilation, stride)
     return float(torch.linalg.matrix_norm(t, ord=2).max()) * (1 + ROUNDING_MARGIN)
 
 

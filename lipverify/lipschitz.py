@@ -1,0 +1,256 @@
+"""Lipschitz constant of a whole network in l2: certified upper bound, the paper's K, an empirical
+lower bound (issue 16).
+
+For ``f = g_L o ... o g_1``, ``Lip(f) <= prod_l Lip(g_l)`` with, in l2 and evaluation mode:
+
+* ``nn.Linear``: sigma_1(W) (float64 SVD, times ``1 + ROUNDING_MARGIN``); ``nn.Conv2d``: the certified
+  upper bound of :func:`lipverify.conv.conv_operator_norm` on the layer's actual input size (biases
+  are translations: Lipschitz constant unchanged);
+* ReLU, Flatten, Identity, Dropout (identity in eval mode): 1;
+* ``nn.MaxPool2d``: ``sqrt(m)``, m the largest number of pooling windows that contain one input
+  pixel (``|max_w a - max_w b| <= max_w |a - b|``, so ``||pool a - pool b||^2 <= sum_w sum_{i in w}
+  (a_i - b_i)^2 <= m ||a - b||^2``); m = 1 for non-overlapping windows (the paper's MaxPool2d(2)), so
+  overlapping pools are honestly looser, not treated as 1-Lipschitz;
+* ``nn.BatchNorm2d`` with running statistics, eval mode: the diagonal scaling ``|gamma| /
+  sqrt(var + eps)``, Lipschitz constant its largest entry. Without running statistics
+  (``track_running_stats=False``, the paper's ConvNet with batch norm) eval mode still normalises with
+  the batch's own statistics: the output of one sample depends on the others, there is no
+  per-sample map to bound, and it is refused.
+
+Any other module type is refused with a :class:`LipverifyError` naming it. The layer order comes
+from :func:`layer_sequence` (the package's MLP and ConvNet, or an ``nn.Sequential``), checked against
+the model's own forward.
+
+``K = prod_l sigma_1(reshaped W_l)`` (the framework's bound, Proposition 8 with the matrix view of a
+Conv2d weight) is reported beside them: it is not an upper bound for conv layers.
+
+Empirical lower bound. For any x and direction delta, ``||f(x + delta) - f(x)|| / ||delta|| <= Lip(f)``
+(the secant ratio: certified for any function, kinks included). At each sample x the direction is
+the top right singular vector of the input Jacobian J(x) (power iteration on ``J^T J`` with
+``torch.func.jvp``/``vjp``, float64, eval mode), the step ``delta = h v`` with ``h =``
+:data:`SECANT_STEP` (relative to ``||x||``); ``jacobian_lower = max_x ||J(x) v|| / ||v||`` is reported
+too (equal to a secant limit where f is differentiable). A ReLU network's Jacobian is piecewise
+constant, so gradient ascent on ``||J(x)||`` has zero gradient almost everywhere; the ascent
+(:data:`ASCENT_STEPS` normalised-gradient steps) is on the secant ratio over (x, delta) instead, and
+the largest ratio evaluated is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipverify._validation import LipverifyError
+from lipverify.conv import ROUNDING_MARGIN, conv_operator_norm, frequency_response, reshaped_sigma1
+
+JACOBIAN_ITERATIONS = 20
+SECANT_STEP = 1e-3
+ASCENT_STEPS = 5
+ASCENT_LR = 0.05
+
+
+def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model as an ordered list ``(name, module)`` of the maps it composes (eval mode):
+    ``lipverify.models.MLP``/``ConvNet`` by their forward, an ``nn.Sequential`` by its children."""
+    from lipverify.models import MLP, ConvNet
+
+    if isinstance(model, ConvNet):
+        relu = nn.ReLU()
+        return [
+            ("conv1", model.conv1), ("relu1", relu), ("pool1", model.pool),
+            ("conv2", model.conv2), ("relu2", relu), ("pool2", model.pool),
+            ("conv3", model.conv3), ("relu3", relu), ("bn", model.bn), ("flatten", nn.Flatten()),
+            ("fc1", model.fc1), ("relu4", relu), ("dropout", model.dropout), ("fc2", model.fc2),
+        ]  # fmt: skip
+    if isinstance(model, MLP):
+        relu = nn.ReLU()
+        return [
+            ("flatten", nn.Flatten()), ("fc1", model.fc1), ("relu1", relu), ("drop1", model.drop),
+            ("fc2", model.fc2), ("relu2", relu), ("drop2", model.drop), ("fc3", model.fc3),
+        ]  # fmt: skip
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    raise LipverifyError(
+        f"no layer order known for {type(model).__name__}: pass an nn.Sequential or a lipverify model"
+    )
+
+
+def _pool_overlap(pool: nn.MaxPool2d, shape: tuple[int, ...]) -> int:
+    """Largest number of pooling windows containing one input pixel (gradient of the summed unfold)."""
+    if pool.ceil_mode:
+        raise LipverifyError("MaxPool2d with ceil_mode=True is not covered")
+    x = torch.zeros(1, 1, *shape[-2:], dtype=torch.float64, requires_grad=True)
+    cols = F.unfold(x, pool.kernel_size, pool.dilation, pool.padding, pool.stride)
+    (count,) = torch.autograd.grad(cols.sum(), x)
+    return int(round(float(count.max())))
+
+
+@dataclass
+class LayerBound:
+    """One map of the sequence: ``factor`` its certified Lipschitz upper bound; for Linear/Conv2d also
+    ``lower`` (certified), ``reshaped`` (the framework's sigma_1), ``exact`` and, for Conv2d, the
+    ``radial_profile`` of its frequency response on the padded grid."""
+
+    kind: str
+    factor: float
+    lower: float | None = None
+    reshaped: float | None = None
+    exact: bool = False
+    radial_profile: list | None = None
+    vector: torch.Tensor | None = None
+
+
+@dataclass
+class NetworkBounds:
+    """``K`` (framework), ``upper`` (certified ``prod factor``), ``layers`` by name (forward order)."""
+
+    K: float
+    upper: float
+    layers: dict[str, LayerBound] = field(default_factory=dict)
+
+
+def _float64_eval(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model).to(torch.float64)
+    m.eval()
+    return m
+
+
+def _check_sequence(model: nn.Module, seq, x: torch.Tensor) -> None:
+    """The sequence must reproduce the model's forward (eval mode, float64), else it is not the model."""
+    y = x
+    for _, module in seq:
+        y = module(y)
+    with torch.no_grad():
+        ref = model(x)
+        y = y.detach()
+    if ref.shape != y.shape or not torch.allclose(ref, y, rtol=1e-10, atol=1e-10 * float(ref.abs().max() + 1)):
+        raise LipverifyError(f"layer sequence of {type(model).__name__} does not reproduce its forward")
+
+
+def network_upper_bound(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    warm: dict[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> NetworkBounds:
+    """Certified ``upper = prod_l factor_l`` and the framework's ``K`` for inputs of ``input_shape``
+    (one sample, no batch dimension); ``warm`` maps conv layer names to the previous power-iteration
+    vectors. The model is copied to float64 in eval mode; the original is untouched."""
+    m = _float64_eval(model)
+    seq = layer_sequence(m)
+    x = torch.zeros(1, *input_shape, dtype=torch.float64)
+    _check_sequence(m, seq, torch.randn(2, *input_shape, dtype=torch.float64, generator=generator))
+    warm = warm or {}
+    layers: dict[str, LayerBound] = {}
+    for name, module in seq:
+        shape = tuple(x.shape[1:])
+        if isinstance(module, nn.Conv2d):
+            b = conv_operator_norm(module, shape, v0=warm.get(name), generator=generator)
+            fr = frequency_response(module.weight, _circular_grid(module, shape), module.dilation)
+            layers[name] = LayerBound(
+                "conv2d", b.upper, b.lower, reshaped_sigma1(module.weight), b.exact, fr.radial_profile, b.vector
+            )
+        elif isinstance(module, nn.Linear):
+            s = reshaped_sigma1(module.weight)
+            layers[name] = LayerBound("linear", s * (1 + ROUNDING_MARGIN), s * (1 - ROUNDING_MARGIN), s, True)
+        elif isinstance(module, nn.ReLU | nn.Flatten | nn.Identity | nn.Dropout):
+            layers[name] = LayerBound(type(module).__name__.lower(), 1.0)
+        elif isinstance(module, nn.MaxPool2d):
+            layers[name] = LayerBound("maxpool2d", math.sqrt(_pool_overlap(module, shape)))
+        elif isinstance(module, nn.BatchNorm2d):
+            if module.running_var is None:
+                raise LipverifyError(
+                    f"{name}: BatchNorm2d without running statistics normalises with the batch's own "
+                    "statistics even in eval mode; one sample's output depends on the others, so there "
+                    "is no per-sample Lipschitz constant to bound"
+                )
+            scale = torch.ones_like(module.running_var) if module.weight is None else module.weight.abs()
+            scale = scale / torch.sqrt(module.running_var + module.eps)
+            layers[name] = LayerBound("batchnorm2d", float(scale.max()) * (1 + ROUNDING_MARGIN))
+        else:
+            raise LipverifyError(
+                f"{name}: no certified Lipschitz bound for {type(module).__name__}; covered: Linear, "
+                "Conv2d, ReLU, MaxPool2d, BatchNorm2d (running stats), Flatten, Dropout, Identity"
+            )
+        with torch.no_grad():
+            x = module(x)
+    K = math.prod(lb.reshaped for lb in layers.values() if lb.reshaped is not None)
+    upper = math.prod(lb.factor for lb in layers.values())
+    return NetworkBounds(K, upper, layers)
+
+
+def _circular_grid(conv: nn.Conv2d, shape) -> tuple[int, int]:
+    from lipverify.conv import conv_spec
+
+    return conv_spec(conv, shape).circular_grid
+
+
+@dataclass(frozen=True)
+class EmpiricalLower:
+    """``secant`` (certified lower bound on Lip(f): the largest secant ratio evaluated, ascent
+    included), ``secant_at_samples`` (before the ascent), ``jacobian`` (largest ``||J(x) v||/||v||``
+    over the sample), ``sample_index`` of the latter."""
+
+    secant: float
+    secant_at_samples: float
+    jacobian: float
+    sample_index: int
+
+
+def empirical_lower_bound(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    iterations: int = JACOBIAN_ITERATIONS,
+    ascent_steps: int = ASCENT_STEPS,
+    generator: torch.Generator | None = None,
+) -> EmpiricalLower:
+    """Empirical lower bound on the l2 Lipschitz constant (module docstring) over ``inputs`` (n, ...),
+    float64, eval mode (a copy of the model). Samples must not interact (no batch statistics)."""
+    m = _float64_eval(model)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_var is None:
+            raise LipverifyError("batch norm without running statistics: samples interact in eval mode")
+    x = inputs.detach().to(torch.float64)
+    if x.shape[0] < 1 or not bool(torch.isfinite(x).all()):
+        raise LipverifyError("inputs must be a non-empty finite batch")
+    v = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+
+    def norms(t):
+        return t.flatten(1).norm(dim=1)
+
+    v = v / norms(v).view(-1, *[1] * (x.dim() - 1))
+    _, vjp_fn = torch.func.vjp(m, x)
+    for _ in range(iterations):
+        _, jv = torch.func.jvp(m, (x,), (v,))
+        (w,) = vjp_fn(jv)
+        n = norms(w).clamp_min(torch.finfo(torch.float64).tiny)
+        v = w / n.view(-1, *[1] * (x.dim() - 1))
+    _, jv = torch.func.jvp(m, (x,), (v,))
+    jac = norms(jv)
+    idx = int(jac.argmax())
+    h = SECANT_STEP * norms(x).clamp_min(1.0).view(-1, *[1] * (x.dim() - 1))
+    with torch.no_grad():
+        delta = h * v
+        ratios = norms(m(x + delta) - m(x)) / norms(delta)
+    at_samples = float(ratios.max())
+    best = at_samples
+    # ascent on the secant ratio over (x, delta); every evaluated ratio is a certified lower bound
+    xa, da = x.clone(), delta.clone()
+    for _ in range(ascent_steps):
+        xa.requires_grad_(True)
+        da.requires_grad_(True)
+        r = norms(m(xa + da) - m(xa)) / norms(da)
+        gx, gd = torch.autograd.grad(r.sum(), (xa, da))
+        with torch.no_grad():
+            scale = lambda g: g / norms(g).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))  # noqa: E731
+            xa = xa + ASCENT_LR * norms(x).clamp_min(1.0).view(-1, *[1] * (x.dim() - 1)) * scale(gx)
+            da = da + ASCENT_LR * norms(da).view(-1, *[1] * (x.dim() - 1)) * scale(gd)
+            r = norms(m(xa + da) - m(xa)) / norms(da)
+            best = max(best, float(r.max()))
+        xa, da = xa.detach(), da.detach()
+    return EmpiricalLower(best, at_samples, float(jac.max()), idx)
