@@ -48,7 +48,9 @@ def block_diagonal_symbolic(N: int, c_out: int, c_in: int, k: int = 2, wrong: bo
     C = _circular_matrix(taps, N)
     lhs = sp.kronecker_product(F.H, sp.eye(c_out)) * C * sp.kronecker_product(F, sp.eye(c_in))
     sign = -1 if wrong else 1
-    blocks = [sum((W * w ** (sign * f * a) for a, W in enumerate(taps)), sp.zeros(c_out, c_in)) for f in range(N)]
+    blocks = [
+        sum((W * w ** (sign * f * a) for a, W in enumerate(taps)), sp.zeros(c_out, c_in)) for f in range(N)
+    ]
     diff = (lhs - sp.diag(*blocks)).applyfunc(lambda e: sp.nsimplify(sp.expand_complex(sp.expand(e))))
     if all(sp.simplify(e) == 0 for e in diff):
         error = 0.0
@@ -62,7 +64,8 @@ def block_diagonal_symbolic(N: int, c_out: int, c_in: int, k: int = 2, wrong: bo
         closed_form=sp.diag(*blocks),
         error=error,
         tolerance=0.0,
-        method=f"exact, symbolic taps, N={N}, c_out={c_out}, c_in={c_in}, k={k}" + (" (wrong sign)" if wrong else ""),
+        method=f"exact, symbolic taps, N={N}, c_out={c_out}, c_in={c_in}, k={k}"
+        + (" (wrong sign)" if wrong else ""),
     )
 
 

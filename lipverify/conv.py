@@ -186,7 +186,9 @@ def conv_spec(
             f"({dilation[0] * (kh - 1) + 1} x {dilation[1] * (kw - 1) + 1})"
         )
     if padding_mode == "circular" and (
-        max(pad[:2]) > shape[1] or max(pad[2:]) > shape[2] or spec.stride1_output[0] > shape[1]
+        max(pad[:2]) > shape[1]
+        or max(pad[2:]) > shape[2]
+        or spec.stride1_output[0] > shape[1]
         or spec.stride1_output[1] > shape[2]
     ):
         raise LipverifyError(
@@ -293,8 +295,10 @@ def frequency_response(weight: torch.Tensor, grid, dilation=1, bins: int = RADIA
     t = transfer_matrices(weight, grid, dilation)
     sigma = torch.linalg.matrix_norm(t, ord=2)
     n1, n2 = sigma.shape
-    r = torch.sqrt(torch.fft.fftfreq(n1, dtype=torch.float64)[:, None] ** 2
-                   + torch.fft.fftfreq(n2, dtype=torch.float64)[None, :] ** 2)
+    r = torch.sqrt(
+        torch.fft.fftfreq(n1, dtype=torch.float64)[:, None] ** 2
+        + torch.fft.fftfreq(n2, dtype=torch.float64)[None, :] ** 2
+    )
     edges = torch.linspace(0.0, math.sqrt(0.5), bins + 1, dtype=torch.float64)
     index = torch.bucketize(r, edges[1:-1], right=True)
     profile: list[float | None] = []

@@ -128,7 +128,9 @@ def _check_sequence(model: nn.Module, seq, x: torch.Tensor) -> None:
     with torch.no_grad():
         ref = model(x)
         y = y.detach()
-    if ref.shape != y.shape or not torch.allclose(ref, y, rtol=1e-10, atol=1e-10 * float(ref.abs().max() + 1)):
+    if ref.shape != y.shape or not torch.allclose(
+        ref, y, rtol=1e-10, atol=1e-10 * float(ref.abs().max() + 1)
+    ):
         raise LipverifyError(f"layer sequence of {type(model).__name__} does not reproduce its forward")
 
 
@@ -153,7 +155,13 @@ def network_upper_bound(
             b = conv_operator_norm(module, shape, v0=warm.get(name), generator=generator)
             fr = frequency_response(module.weight, _circular_grid(module, shape), module.dilation)
             layers[name] = LayerBound(
-                "conv2d", b.upper, b.lower, reshaped_sigma1(module.weight), b.exact, fr.radial_profile, b.vector
+                "conv2d",
+                b.upper,
+                b.lower,
+                reshaped_sigma1(module.weight),
+                b.exact,
+                fr.radial_profile,
+                b.vector,
             )
         elif isinstance(module, nn.Linear):
             s = reshaped_sigma1(module.weight)
@@ -169,7 +177,9 @@ def network_upper_bound(
                     "statistics even in eval mode; one sample's output depends on the others, so there "
                     "is no per-sample Lipschitz constant to bound"
                 )
-            scale = torch.ones_like(module.running_var) if module.weight is None else module.weight.abs()
+            scale = (
+                torch.ones_like(module.running_var) if module.weight is None else module.weight.detach().abs()
+            )
             scale = scale / torch.sqrt(module.running_var + module.eps)
             layers[name] = LayerBound("batchnorm2d", float(scale.max()) * (1 + ROUNDING_MARGIN))
         else:
