@@ -214,7 +214,6 @@ def apply_adjoint(spec: ConvSpec, y: torch.Tensor) -> torch.Tensor:
         (g,) = torch.autograd.grad(apply_conv(spec, x), x, grad_outputs=y)
         return g
     n1, n2 = spec.padded_grid
-    kh, kw = spec.weight.shape[2:]
     z = F.conv_transpose2d(y, spec.weight, stride=spec.stride, dilation=spec.dilation)
     # rows of the padded grid no output reads (stride remainder) get zero
     z = F.pad(z, (0, n2 - z.shape[3], 0, n1 - z.shape[2]))

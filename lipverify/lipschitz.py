@@ -87,7 +87,7 @@ def _pool_overlap(pool: nn.MaxPool2d, shape: tuple[int, ...]) -> int:
     x = torch.zeros(1, 1, *shape[-2:], dtype=torch.float64, requires_grad=True)
     cols = F.unfold(x, pool.kernel_size, pool.dilation, pool.padding, pool.stride)
     (count,) = torch.autograd.grad(cols.sum(), x)
-    return int(round(float(count.max())))
+    return round(float(count.max()))
 
 
 @dataclass
@@ -257,7 +257,7 @@ def empirical_lower_bound(
         r = norms(m(xa + da) - m(xa)) / norms(da)
         gx, gd = torch.autograd.grad(r.sum(), (xa, da))
         with torch.no_grad():
-            scale = lambda g: g / norms(g).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))  # noqa: E731
+            scale = lambda g: g / norms(g).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))
             xa = xa + ASCENT_LR * norms(x).clamp_min(1.0).view(-1, *[1] * (x.dim() - 1)) * scale(gx)
             da = da + ASCENT_LR * norms(da).view(-1, *[1] * (x.dim() - 1)) * scale(gd)
             r = norms(m(xa + da) - m(xa)) / norms(da)
