@@ -28,11 +28,13 @@ Empirical lower bound. For any x and direction delta, ``||f(x + delta) - f(x)|| 
 (the secant ratio: certified for any function, kinks included). At each sample x the direction is
 the top right singular vector of the input Jacobian J(x) (power iteration on ``J^T J`` with
 ``torch.func.jvp``/``vjp``, float64, eval mode), the step ``delta = h v`` with ``h =``
-:data:`SECANT_STEP` (relative to ``||x||``); ``jacobian_lower = max_x ||J(x) v|| / ||v||`` is reported
+:data:`SECANT_STEP` (relative to ``max(||x||, 1)``; float64 rounding of the difference is then
+``~ 1e-10`` relative); ``jacobian_lower = max_x ||J(x) v|| / ||v||`` is reported
 too (equal to a secant limit where f is differentiable). A ReLU network's Jacobian is piecewise
 constant, so gradient ascent on ``||J(x)||`` has zero gradient almost everywhere; the ascent
-(:data:`ASCENT_STEPS` normalised-gradient steps) is on the secant ratio over (x, delta) instead, and
-the largest ratio evaluated is kept.
+(:data:`ASCENT_STEPS` normalised-gradient steps) is on the secant ratio at the coarser step
+:data:`ASCENT_SECANT_STEP` over (x, direction) instead, and the largest ratio evaluated (coarse and
+fine, at every iterate) is kept.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from lipverify._validation import LipverifyError
 from lipverify.conv import ROUNDING_MARGIN, conv_operator_norm, frequency_response, reshaped_sigma1
 
 JACOBIAN_ITERATIONS = 20
-SECANT_STEP = 1e-3
+SECANT_STEP = 1e-6
+ASCENT_SECANT_STEP = 1e-2
 ASCENT_STEPS = 5
 ASCENT_LR = 0.05
 
@@ -243,24 +246,103 @@ def empirical_lower_bound(
     _, jv = torch.func.jvp(m, (x,), (v,))
     jac = norms(jv)
     idx = int(jac.argmax())
-    h = SECANT_STEP * norms(x).clamp_min(1.0).view(-1, *[1] * (x.dim() - 1))
-    with torch.no_grad():
-        delta = h * v
-        ratios = norms(m(x + delta) - m(x)) / norms(delta)
-    at_samples = float(ratios.max())
+
+    def col(t):  # per-sample scalar as a broadcastable column
+        return t.view(-1, *[1] * (x.dim() - 1))
+
+    scale_x = col(norms(x).clamp_min(1.0))
+
+    def secant(x_at, direction, h):
+        d = h * scale_x * direction / col(norms(direction).clamp_min(1e-300))
+        with torch.no_grad():
+            return norms(m(x_at + d) - m(x_at)) / norms(d)
+
+    at_samples = float(secant(x, v, SECANT_STEP).max())
     best = at_samples
-    # ascent on the secant ratio over (x, delta); every evaluated ratio is a certified lower bound
-    xa, da = x.clone(), delta.clone()
+    # ReLU nets: ||J(x)|| is piecewise constant in x (zero gradient a.e.), so the ascent moves x on
+    # the secant ratio at the coarser step ASCENT_SECANT_STEP, whose gradient is not zero; both the
+    # coarse and the fine ratio at every iterate are certified lower bounds, the largest is kept
+    xa, direction = x.clone(), v.clone()
     for _ in range(ascent_steps):
         xa.requires_grad_(True)
-        da.requires_grad_(True)
-        r = norms(m(xa + da) - m(xa)) / norms(da)
-        gx, gd = torch.autograd.grad(r.sum(), (xa, da))
+        direction.requires_grad_(True)
+        d = ASCENT_SECANT_STEP * scale_x * direction / col(norms(direction))
+        r = norms(m(xa + d) - m(xa)) / norms(d)
+        gx, gd = torch.autograd.grad(r.sum(), (xa, direction))
         with torch.no_grad():
-            scale = lambda g: g / norms(g).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))
-            xa = xa + ASCENT_LR * norms(x).clamp_min(1.0).view(-1, *[1] * (x.dim() - 1)) * scale(gx)
-            da = da + ASCENT_LR * norms(da).view(-1, *[1] * (x.dim() - 1)) * scale(gd)
-            r = norms(m(xa + da) - m(xa)) / norms(da)
-            best = max(best, float(r.max()))
-        xa, da = xa.detach(), da.detach()
+            xa = xa + ASCENT_LR * scale_x * gx / col(norms(gx).clamp_min(1e-300))
+            direction = direction + ASCENT_LR * gd / col(norms(gd).clamp_min(1e-300))
+        xa, direction = xa.detach(), direction.detach()
+        best = max(
+            best,
+            float(secant(xa, direction, ASCENT_SECANT_STEP).max()),
+            float(secant(xa, direction, SECANT_STEP).max()),
+        )
     return EmpiricalLower(best, at_samples, float(jac.max()), idx)
+
+
+# ------------------------------------------------------------------------- records along a run
+#: network columns of ``lipschitz.csv`` (``lipverify train`` with ``lipschitz_every > 0``)
+LIPSCHITZ_NET_FIELDS = ("K", "upper", "lower_secant", "lower_secant_at_samples", "lower_jacobian", "seconds")
+#: per Linear/Conv2d layer: certified lower/upper bound of its operator norm, the framework's sigma_1
+LIPSCHITZ_LAYER_FIELDS = ("lower", "upper", "reshaped")
+#: the power iterations of a record are seeded with ``LIPSCHITZ_SEED + step`` (resume-exact)
+LIPSCHITZ_SEED = 7_000_003
+
+
+def weight_layers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names (forward order) of the Linear/Conv2d maps of :func:`layer_sequence` and of its Conv2d."""
+    seq = layer_sequence(model)
+    weighted = [n for n, m in seq if isinstance(m, nn.Linear | nn.Conv2d)]
+    return weighted, [n for n, m in seq if isinstance(m, nn.Conv2d)]
+
+
+def lipschitz_columns(model: nn.Module, bins: int) -> list[str]:
+    """Header of ``lipschitz.csv``: step, :data:`LIPSCHITZ_NET_FIELDS`, per weight layer
+    ``<layer>.<field>`` for :data:`LIPSCHITZ_LAYER_FIELDS`, per Conv2d ``<layer>.radial_<i>`` (the
+    radial frequency profile, :func:`lipverify.conv.frequency_response`, low to high frequency)."""
+    weighted, convs = weight_layers(model)
+    cols = ["step", *LIPSCHITZ_NET_FIELDS]
+    for name in weighted:
+        cols += [f"{name}.{f}" for f in LIPSCHITZ_LAYER_FIELDS]
+    for name in convs:
+        cols += [f"{name}.radial_{i}" for i in range(bins)]
+    return cols
+
+
+def lipschitz_record(
+    model: nn.Module, inputs: torch.Tensor, step: int, warm: dict[str, torch.Tensor] | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One row of ``lipschitz.csv`` at the current weights: :func:`network_upper_bound` (certified
+    upper, K, per-layer bounds and radial profiles) and :func:`empirical_lower_bound` on ``inputs``
+    (n, ...), with power iterations seeded by ``LIPSCHITZ_SEED + step``; returns ``(row, warm)``,
+    ``warm`` the conv power-iteration vectors for the next record. The model is not modified (float64
+    eval-mode copies) and torch's global RNG is not used."""
+    import time
+
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(LIPSCHITZ_SEED + step)
+    nb = network_upper_bound(model, tuple(inputs.shape[1:]), warm, gen)
+    emp = empirical_lower_bound(model, inputs, generator=gen)
+    row: dict = {
+        "step": step,
+        "K": nb.K,
+        "upper": nb.upper,
+        "lower_secant": emp.secant,
+        "lower_secant_at_samples": emp.secant_at_samples,
+        "lower_jacobian": emp.jacobian,
+    }
+    new_warm = {}
+    for name, lb in nb.layers.items():
+        if lb.reshaped is None:
+            continue
+        row.update({f"{name}.lower": lb.lower, f"{name}.upper": lb.factor, f"{name}.reshaped": lb.reshaped})
+        if lb.radial_profile is not None:
+            row.update({f"{name}.radial_{i}": v for i, v in enumerate(lb.radial_profile)})
+        if lb.vector is not None:
+            new_warm[name] = lb.vector
+    for key, value in row.items():
+        if value is not None and not math.isfinite(value):
+            raise LipverifyError(f"Lipschitz record at step {step}: {key} is {value}")
+    row["seconds"] = time.perf_counter() - started
+    return row, new_warm
