@@ -244,7 +244,7 @@ def empirical_lower_bound(
         n = norms(w).clamp_min(torch.finfo(torch.float64).tiny)
         v = w / n.view(-1, *[1] * (x.dim() - 1))
     _, jv = torch.func.jvp(m, (x,), (v,))
-    jac = norms(jv)
+    jac = norms(jv).detach()
     idx = int(jac.argmax())
 
     def col(t):  # per-sample scalar as a broadcastable column
@@ -346,3 +346,101 @@ def lipschitz_record(
             raise LipverifyError(f"Lipschitz record at step {step}: {key} is {value}")
     row["seconds"] = time.perf_counter() - started
     return row, new_warm
+
+
+# ------------------------------------------------------------------------- report
+def summarize_lipschitz(run_dir) -> dict:
+    """From ``lipschitz.csv`` of a run: the first and last record's K, certified upper bound, empirical
+    lower bound (secant), ``upper / K`` and ``upper / lower``, and per layer the first and last
+    certified bounds and reshaped sigma_1. A record whose bounds are inconsistent (empirical lower
+    above the certified upper) is a :class:`LipverifyError`: one of them would be wrong."""
+    from pathlib import Path
+
+    from lipverify.records import read_steps
+
+    _, rows = read_steps(Path(run_dir) / "lipschitz.csv")
+    if not rows:
+        raise LipverifyError(f"{run_dir}/lipschitz.csv holds no record")
+    for r in rows:
+        if r["lower_secant"] > r["upper"]:
+            raise LipverifyError(
+                f"step {int(r['step'])}: empirical lower bound {r['lower_secant']:.6g} exceeds the "
+                f"certified upper bound {r['upper']:.6g}"
+            )
+
+    def point(r):
+        return {
+            "step": int(r["step"]),
+            "K": r["K"],
+            "upper": r["upper"],
+            "lower": r["lower_secant"],
+            "upper_over_K": r["upper"] / r["K"],
+            "upper_over_lower": r["upper"] / r["lower_secant"] if r["lower_secant"] > 0 else None,
+        }
+
+    layers = [k.removesuffix(".upper") for k in rows[0] if k.endswith(".upper")]
+    per_layer = {
+        n: {
+            f"{w}_{f}": rows[i][f"{n}.{f}"]
+            for i, w in ((0, "first"), (-1, "last"))
+            for f in LIPSCHITZ_LAYER_FIELDS
+        }
+        for n in layers
+    }
+    return {"records": len(rows), "first": point(rows[0]), "last": point(rows[-1]), "layers": per_layer}
+
+
+def plot_lipschitz(run_dir, path, profiles: int = 3):
+    """Figure of ``lipschitz.csv``: left, K, the certified upper bound and the empirical lower bound
+    over training (log scale; the true Lipschitz constant lies between the last two); then, per Conv2d,
+    its radial frequency profile (sigma_1 of the transfer matrix, low to high frequency) at
+    ``profiles`` records spread over the run, with the layer's certified bounds. Returns ``path``."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lipverify.records import read_steps
+
+    _, rows = read_steps(Path(run_dir) / "lipschitz.csv")
+    if not rows:
+        raise LipverifyError(f"{run_dir}/lipschitz.csv holds no record")
+    convs = [k.removesuffix(".radial_0") for k in rows[0] if k.endswith(".radial_0")]
+    fig, axes = plt.subplots(1, 1 + len(convs), figsize=(4.2 * (1 + len(convs)), 3.6), squeeze=False)
+    steps = [r["step"] for r in rows]
+    ax = axes[0, 0]
+    ax.plot(steps, [r["upper"] for r in rows], "C3-o", ms=3, label="certified upper bound")
+    ax.plot(steps, [r["K"] for r in rows], "C0-s", ms=3, label="K (paper, reshaped sigma_1)")
+    ax.plot(steps, [r["lower_secant"] for r in rows], "C2-^", ms=3, label="empirical lower bound")
+    ax.fill_between(
+        steps, [r["lower_secant"] for r in rows], [r["upper"] for r in rows], color="C7", alpha=0.15
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("network Lipschitz constant (l2)")
+    ax.legend(fontsize=7)
+    picks = sorted({round(i * (len(rows) - 1) / max(profiles - 1, 1)) for i in range(profiles)})
+    for j, name in enumerate(convs, start=1):
+        ax = axes[0, j]
+        bins = sorted(int(k.split("_")[-1]) for k in rows[0] if k.startswith(f"{name}.radial_"))
+        centres = [(b + 0.5) * math.sqrt(0.5) / len(bins) for b in bins]
+        for c, i in enumerate(picks):
+            r = rows[i]
+            ys = [r[f"{name}.radial_{b}"] for b in bins]
+            ys = [float("nan") if y is None else y for y in ys]  # empty bin: a gap in the line
+            ax.plot(centres, ys, f"C{c}-o", ms=3, label=f"step {int(r['step'])}")
+        last = rows[-1]
+        # a strided layer's bound sits below its kernel's stride-1 response (the stride aliases)
+        ax.axhline(
+            last[f"{name}.upper"], color="k", ls="--", lw=0.8, label="layer's certified upper bound (last)"
+        )
+        ax.axhline(last[f"{name}.reshaped"], color="C0", ls=":", lw=0.8, label="reshaped sigma_1 (last)")
+        ax.set_xlabel("normalised radial frequency |f/N|")
+        ax.set_title(f"{name}: kernel response sigma_1(T_f), stride 1", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
