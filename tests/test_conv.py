@@ -266,3 +266,15 @@ def test_layer_sequence_reproduces_the_model(name):
     for n in sig:
         assert sig[n] == pytest.approx(probe_sig[n], rel=1e-5)  # float32 weights, float64 SVD
     assert nb.upper >= nb.K if name == "mlp" else nb.upper > nb.K
+
+
+def test_tap_sum_equals_fft_of_the_embedded_kernel():
+    """The tap sum of transfer_matrices against conj(fft2) of the kernel placed on the grid (with
+    aliasing taps when the dilated kernel is wider than the grid)."""
+    from lipverify.conv import _embedded_kernel
+
+    torch.manual_seed(5)
+    weight = torch.randn(3, 2, 3, 2, dtype=torch.float64)
+    for grid, dilation in (((6, 7), (1, 1)), ((5, 4), (2, 3)), ((3, 3), (2, 2))):
+        fft = torch.fft.fft2(_embedded_kernel(weight, grid, dilation)).conj().permute(2, 3, 0, 1)
+        assert torch.allclose(transfer_matrices(weight, grid, dilation), fft, atol=1e-12)
