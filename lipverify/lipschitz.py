@@ -30,7 +30,10 @@ the top right singular vector of the input Jacobian J(x) (power iteration on ``J
 ``torch.func.jvp``/``vjp``, float64, eval mode), the step ``delta = h v`` with ``h =``
 :data:`SECANT_STEP` (relative to ``max(||x||, 1)``; float64 rounding of the difference is then
 ``~ 1e-10`` relative); ``jacobian_lower = max_x ||J(x) v|| / ||v||`` is reported
-too (equal to a secant limit where f is differentiable). A ReLU network's Jacobian is piecewise
+too, not used as a bound: it equals a secant limit where f is differentiable, but at a kink (a tie
+inside a max-pool window, common on images with a flat zero background) autograd picks one
+derivative, which can exceed every nearby secant (seen on Fashion-MNIST: about 15% above).
+A ReLU network's Jacobian is piecewise
 constant, so gradient ascent on ``||J(x)||`` has zero gradient almost everywhere; the ascent
 (:data:`ASCENT_STEPS` normalised-gradient steps) is on the secant ratio at the coarser step
 :data:`ASCENT_SECANT_STEP` over (x, direction) instead, and the largest ratio evaluated (coarse and
