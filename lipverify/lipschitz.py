@@ -442,7 +442,7 @@ def plot_lipschitz(run_dir, path, profiles: int = 3):
         ax.axhline(last[f"{name}.reshaped"], color="C0", ls=":", lw=0.8, label="reshaped sigma_1 (last)")
         ax.set_xlabel("normalised radial frequency |f/N|")
         ax.set_title(f"{name}: kernel response sigma_1(T_f), stride 1", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="best", framealpha=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
