@@ -278,3 +278,18 @@ def test_tap_sum_equals_fft_of_the_embedded_kernel():
     for grid, dilation in (((6, 7), (1, 1)), ((5, 4), (2, 3)), ((3, 3), (2, 2))):
         fft = torch.fft.fft2(_embedded_kernel(weight, grid, dilation)).conj().permute(2, 3, 0, 1)
         assert torch.allclose(transfer_matrices(weight, grid, dilation), fft, atol=1e-12)
+
+
+def test_bench_conv_runs_and_reports_the_ratio():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_conv.py"
+    cmd = [sys.executable, str(script), "--repeats", "1", "--batch-size", "4", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["fft_upper"]["median_s"] > 0 and r["plain_step"]["median_s"] > 0
+    assert r["ratio_median"] == pytest.approx(r["fft_upper"]["median_s"] / r["plain_step"]["median_s"])
+    assert r["conv_inputs"] == {"conv1": [3, 32, 32], "conv2": [32, 16, 16], "conv3": [64, 8, 8]}
