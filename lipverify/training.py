@@ -28,7 +28,12 @@ one run (:mod:`lipverify.framework.label_noise_model`).
 
 Files in ``out_dir``: ``steps.csv`` (one flushed row per step; see :func:`step_columns`),
 ``meta.json`` (config, versions, seeds, device, status, all written atomically) and
-``checkpoint.pt`` (model, optimiser-free state, RNG states, step, records so far).
+``checkpoint.pt`` (model, optimiser-free state, RNG states, step, records so far) and, with
+``lipschitz_every = k > 0``, ``lipschitz.csv``: at steps 0, k, 2k, ... and the last, the paper's K,
+the certified upper bound on the network's l2 Lipschitz constant, the empirical lower bound on the
+first ``lipschitz_samples`` training samples, per layer the certified bounds of its operator norm and
+per Conv2d its radial frequency profile (:mod:`lipverify.lipschitz`; read-only: float64 eval-mode
+copies of the model and private random generators, so the training trajectory is unchanged).
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ NET_FIELDS = ("net_mu", "net_psi", "net_phi_sq", "net_phi_sq_cross")
 CLEAN_DRIFT_NET_FIELDS = ("net_mu_full", "net_mu_full_clean")
 #: with ``full_gradient_clean``: per layer, the full-data drift with the clean labels
 CLEAN_DRIFT_LAYER_FIELD = "mu_full_clean"
+#: per-record file of ``lipschitz_every`` (:func:`lipverify.lipschitz.lipschitz_columns`)
+LIPSCHITZ_FILE = "lipschitz.csv"
 #: lambda_max of the loss Hessian and lr * lambda_max, every ``sharpness_every`` steps (else empty)
 SHARPNESS_FIELDS = ("sharpness", "lr_sharpness")
 #: the fixed batch the sharpness is evaluated on: the first samples of the training set
@@ -143,6 +150,8 @@ class TrainConfig:
     full_gradient_every: int | None = None  # None = auto (full_gradient_period); 0 = off
     full_gradient_clean: bool = False  # also the full-data drift with the uncorrupted labels
     sharpness_every: int = 25  # lambda_max of the loss Hessian every k steps; 0 = off
+    lipschitz_every: int = 0  # certified/empirical Lipschitz bounds into lipschitz.csv every k steps; 0 = off
+    lipschitz_samples: int = 32  # training samples of the empirical lower bound (Jacobian, secant)
     checkpoint_every: int = 50
     device: str = "cpu"
     dtype: str = "float32"
@@ -188,7 +197,14 @@ class TrainConfig:
             bad(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.batch_size < 2:
             bad(f"batch_size must be >= 2 (Proposition 5 divides by b(b-1)), got {self.batch_size}")
-        for key in ("steps", "probe_every", "full_gradient_every", "checkpoint_every", "sharpness_every"):
+        for key in (
+            "steps",
+            "probe_every",
+            "full_gradient_every",
+            "checkpoint_every",
+            "sharpness_every",
+            "lipschitz_every",
+        ):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 bad(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.steps < 1:
@@ -212,6 +228,14 @@ class TrainConfig:
             bad("grad_noise_std > 0 needs grad_noise = 'gaussian' or 'uniform'")
         if self.batch_norm and self.model != "convnet":
             bad("batch_norm is only available for the convnet")
+        if self.lipschitz_samples < 1:
+            bad(f"lipschitz_samples must be >= 1, got {self.lipschitz_samples}")
+        if self.lipschitz_every and self.batch_norm:
+            bad(
+                "lipschitz_every needs batch_norm = false: the ConvNet's BatchNorm2d keeps no running "
+                "statistics, so even in eval mode a sample's output depends on the batch and the network "
+                "has no per-sample Lipschitz constant to bound"
+            )
         if self.autoaugment:
             try:
                 import torchvision  # noqa: F401
@@ -413,6 +437,8 @@ class _Run:
         self.records: list[dict] = []
         self.sharpness_vector: torch.Tensor | None = None
         self.stability_warned = False
+        self.lipschitz_records: list[dict] = []
+        self.lipschitz_warm: dict[str, torch.Tensor] = {}
 
     # -- data
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,6 +537,28 @@ class _Run:
             self.model.train(was_training)
         self.sharpness_vector = res.vector
         return res.eigenvalue
+
+    def lipschitz_due(self) -> bool:
+        """A Lipschitz record is due at steps 0, k, 2k, ... and at the end (the weights W_t before step t)."""
+        k, t = self.config.lipschitz_every, self.step
+        if not k or (self.lipschitz_records and self.lipschitz_records[-1]["step"] == t):
+            return False
+        return t % k == 0 or t == self.config.steps
+
+    def record_lipschitz(self) -> dict:
+        """Certified upper bound, K, empirical lower bound and per-layer conv bounds and frequency
+        profiles at the current weights (:func:`lipverify.lipschitz.lipschitz_record`) on the first
+        ``lipschitz_samples`` training samples; warm-starts the conv power iterations."""
+        from lipverify.lipschitz import lipschitz_record
+
+        n = min(self.config.lipschitz_samples, len(self.data))
+        x = to_model_input(self.images[:n], self.config.model, self.dtype)
+        try:
+            row, self.lipschitz_warm = lipschitz_record(self.model, x, self.step, self.lipschitz_warm)
+        except LipverifyError as exc:
+            raise LipverifyError(f"training diverged at step {self.step}: {exc}") from exc
+        self.lipschitz_records.append(row)
+        return row
 
     # -- one step
     def train_step(self) -> dict:
@@ -655,6 +703,8 @@ class _Run:
             # warm start of the sharpness power iteration: a resumed run records the same sharpness
             "sharpness_vector": self.sharpness_vector,
             "stability_warned": self.stability_warned,
+            "lipschitz_records": self.lipschitz_records,
+            "lipschitz_warm": self.lipschitz_warm,
         }
 
     def restore(self, state: dict) -> None:
@@ -669,6 +719,8 @@ class _Run:
             self.probe.load_warm_state(state["probe_warm_state"])
         self.sharpness_vector = state.get("sharpness_vector")
         self.stability_warned = bool(state.get("stability_warned", False))
+        self.lipschitz_records = list(state.get("lipschitz_records", []))
+        self.lipschitz_warm = dict(state.get("lipschitz_warm", {}))
 
 
 @contextlib.contextmanager
@@ -750,8 +802,11 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
             state = torch.load(ckpt_path, weights_only=False)
         except Exception as exc:
             raise LipverifyError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
-        if state.get("config") != asdict(config):
-            diff = sorted(k for k, v in asdict(config).items() if state.get("config", {}).get(k) != v)
+        saved = state.get("config")
+        if isinstance(saved, dict):  # fields added since that checkpoint was written: their defaults
+            saved = {**{k: v for k, v in asdict(TrainConfig()).items() if k not in saved}, **saved}
+        if saved != asdict(config):
+            diff = sorted(k for k, v in asdict(config).items() if (saved or {}).get(k) != v)
             raise LipverifyError(
                 f"{out} holds a checkpoint of a different config (differs in {diff}); "
                 "use another output directory"
@@ -792,7 +847,15 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
         meta["full_gradient_every"] = run.full_gradient_every  # the resolved period (0 = off)
         write_json(meta_path, meta)
         columns = step_columns(run.probe.layer_names, config.full_gradient_clean)
+        lip_log = contextlib.nullcontext()
+        if config.lipschitz_every:
+            from lipverify.conv import RADIAL_BINS
+            from lipverify.lipschitz import lipschitz_columns
+
+            lip_columns = lipschitz_columns(run.model, RADIAL_BINS)
+            lip_log = StepLog(out / LIPSCHITZ_FILE, lip_columns, run.lipschitz_records)
         with (
+            lip_log as lip_log,
             StepLog(out / "steps.csv", columns, run.records) as log,
             tqdm(
                 total=config.steps, initial=run.step, disable=not progress, desc="train", unit="step"
@@ -809,6 +872,8 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
                     meta["stopped_at_step"] = run.step
                     write_json(meta_path, meta)
                     return out
+                if run.lipschitz_due():
+                    lip_log.append(run.record_lipschitz())
                 at_step_boundary = False
                 row = run.train_step()
                 run.records.append(row)
@@ -825,6 +890,8 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
                     atomic_torch_save(ckpt_path, run.state())
                     checkpoint_step = run.step
             at_step_boundary = False  # a Ctrl-C during the last step lets the run finish
+            if run.lipschitz_due():
+                lip_log.append(run.record_lipschitz())
             if not run.records or run.records[-1].get("loss") is not None:
                 final = run.final_row()
                 run.records.append(final)

@@ -95,8 +95,32 @@ def report_run(run_dir: str | Path, verdict_to_stderr: bool = False) -> int:
     if verdict_to_stderr:
         for line in lines:
             print(f"lipverify train: {line}", file=sys.stderr)
+    if (run_dir / "lipschitz.csv").exists():
+        _report_lipschitz(run_dir, summary)
     print(f"wrote {run_dir / 'summary.json'} and {figure}")
     return 0
+
+
+def _report_lipschitz(run_dir: Path, summary: dict) -> None:
+    """``lipschitz.csv`` (``lipschitz_every > 0``): the ``lipschitz`` block of summary.json, a printed
+    table and ``lipschitz.png``."""
+    from lipverify.lipschitz import plot_lipschitz, summarize_lipschitz
+    from lipverify.records import write_json
+
+    block = summarize_lipschitz(run_dir)
+    summary["lipschitz"] = block
+    write_json(run_dir / "summary.json", summary)
+    print("Lipschitz constant (l2): empirical lower <= true <= certified upper; K beside them")
+    print(f"  {'step':>6s} {'K':>11s} {'upper':>11s} {'lower':>11s} {'upper/K':>8s}")
+    for key in ("first", "last"):
+        p = block[key]
+        print(
+            f"  {p['step']:6d} {p['K']:11.5g} {p['upper']:11.5g} {p['lower']:11.5g} {p['upper_over_K']:8.3g}"
+        )
+    print(f"  {'layer':8s} {'lower':>10s} {'upper':>10s} {'reshaped':>10s}  (last record)")
+    for name, d in block["layers"].items():
+        print(f"  {name:8s} {d['last_lower']:10.5g} {d['last_upper']:10.5g} {d['last_reshaped']:10.5g}")
+    print(f"wrote {plot_lipschitz(run_dir, run_dir / 'lipschitz.png')}")
 
 
 def _print_block(block: dict) -> None:

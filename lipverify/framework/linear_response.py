@@ -58,6 +58,8 @@ READ_ONLY_FIELDS = (
     "sharpness_every",
     "full_gradient_every",
     "checkpoint_every",
+    "lipschitz_every",
+    "lipschitz_samples",
 )
 
 
