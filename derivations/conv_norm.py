@@ -67,7 +67,9 @@ def _ops(kind: str):
     return mpmath.conj, mpmath.re, mpmath.im, mpmath.sqrt
 
 
-def jacobian_closed_form(u: Sequence, v: Sequence, E: Sequence[Sequence], variant: str = "complex", kind: str = "mp"):
+def jacobian_closed_form(
+    u: Sequence, v: Sequence, E: Sequence[Sequence], variant: str = "complex", kind: str = "mp"
+):
     """Complex Lemma 12 ``Re(uᴴ E v)``; ``variant`` ``"modulus"`` gives ``|uᴴ E v|``, ``"unconjugated"``
     ``Re(uᵀ E v)`` (both wrong)."""
     conj, re, im, sqrt = _ops(kind)
@@ -135,7 +137,9 @@ def basis_direction(m: int, n: int, index: int, one=1, imag_unit=sp.I) -> list[l
     return E
 
 
-def closed_form_derivatives(U_cols, sigma, V_cols, m: int, n: int, jac_variant="complex", hess_variant="complex"):
+def closed_form_derivatives(
+    U_cols, sigma, V_cols, m: int, n: int, jac_variant="complex", hess_variant="complex"
+):
     """Gradient (2mn,) and Hessian (2mn × 2mn) in the real parameters from the closed forms
     (Hessian entries by polarisation ``(q(E_p + E_q) − q(E_p − E_q)) / 4``), in mpmath."""
     d = 2 * m * n
@@ -201,7 +205,9 @@ def implicit_derivatives_function(m: int, n: int, module: str = "mpmath") -> Cal
 # ---------------------------------------------------------------------------------------------
 
 
-def symbolic_row(n: int = 2, jac_variant: str = "complex", hess_variant: str = "complex") -> tuple[Derivation, Derivation]:
+def symbolic_row(
+    n: int = 2, jac_variant: str = "complex", hess_variant: str = "complex"
+) -> tuple[Derivation, Derivation]:
     """σ1 of a symbolic complex row a (1 × n) is ``‖a‖``; its exact gradient and Hessian in (Re a, Im a)
     against the closed forms with ``u = (3 + 4i)/5`` (a non-trivial phase), ``v = u conj(a)ᵀ/‖a‖``.
     Error 0.0 when the difference simplifies to 0 identically; else its size at a rational point."""
@@ -246,8 +252,19 @@ def symbolic_row(n: int = 2, jac_variant: str = "complex", hess_variant: str = "
     err_h = error([q_derived - q])
     method = f"SymPy, identically in (Re a, Im a) of a symbolic 1x{n} row, u = (3+4i)/5"
     return (
-        Derivation("complex Lemma 12", "dσ1 = Re(uᴴ E v)", grad, J, err_j, 0.0, method, f"variant {jac_variant}"),
-        Derivation("complex Lemma 13", "d²σ1[E,E] closed form", q_derived, q, err_h, 0.0, method, f"variant {hess_variant}"),
+        Derivation(
+            "complex Lemma 12", "dσ1 = Re(uᴴ E v)", grad, J, err_j, 0.0, method, f"variant {jac_variant}"
+        ),
+        Derivation(
+            "complex Lemma 13",
+            "d²σ1[E,E] closed form",
+            q_derived,
+            q,
+            err_h,
+            0.0,
+            method,
+            f"variant {hess_variant}",
+        ),
     )
 
 
@@ -289,7 +306,10 @@ def high_precision(
         J, H = closed_form_derivatives(U_cols, sigma, V_cols, m, n, jac_variant, hess_variant)
         err_j = max(abs(g - c) for g, c in zip(grad, J, strict=True))
         err_h = max(abs(h - c) for hr, cr in zip(hess, H, strict=True) for h, c in zip(hr, cr, strict=True))
-    method = f"{PRECISION_DIGITS}-digit implicit differentiation of det(λI − M) at a random rational complex {m}x{n} (seed {seed})"
+    method = (
+        f"{PRECISION_DIGITS}-digit implicit differentiation of det(λI − M) at a random rational complex "
+        f"{m}x{n} (seed {seed})"
+    )
     tol = HIGH_PRECISION_TOLERANCE
     return (
         Derivation("complex Lemma 12", "dσ1 = Re(uᴴ E v)", grad, J, float(err_j), tol, method, jac_variant),
@@ -327,14 +347,23 @@ def real_case(m: int, n: int, seed: int = 0, wrong_reference: bool = False) -> t
             for s in range(p, d):
                 jp, ip = divmod(p, m)
                 js, is_ = divmod(s, m)
-                E = [[mpmath.mpf(int(a == ip and b == jp) + int(a == is_ and b == js)) for b in range(n)] for a in range(m)]
+                E = [
+                    [mpmath.mpf(int(a == ip and b == jp) + int(a == is_ and b == js)) for b in range(n)]
+                    for a in range(m)
+                ]
                 q = hessian_form_closed_form(U_full[:r], sigma, V_full[:r], E)
                 errs_h.append(abs(q - (H_real[p][p] + H_real[s][s] + 2 * H_real[p][s])))
-    method = f"{PRECISION_DIGITS}-digit mpmath at a random rational real {m}x{n} (seed {seed}), all E = e_p + e_s"
+    method = (
+        f"{PRECISION_DIGITS}-digit mpmath at a random rational real {m}x{n} (seed {seed}), all E = e_p + e_s"
+    )
     tol = HIGH_PRECISION_TOLERANCE
     return (
-        Derivation("complex Lemma 12, real case", "Re(uᴴ E v) = uᵀ E v", None, None, float(max(errs_j)), tol, method),
-        Derivation("complex Lemma 13, real case", "= real Lemma 13", None, None, float(max(errs_h)), tol, method),
+        Derivation(
+            "complex Lemma 12, real case", "Re(uᴴ E v) = uᵀ E v", None, None, float(max(errs_j)), tol, method
+        ),
+        Derivation(
+            "complex Lemma 13, real case", "= real Lemma 13", None, None, float(max(errs_h)), tol, method
+        ),
     )
 
 

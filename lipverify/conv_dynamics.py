@@ -93,7 +93,7 @@ def _check_complex_matrix(A: torch.Tensor, name: str) -> None:
         raise LipverifyError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
     if A.ndim != 2 or A.numel() == 0:
         raise LipverifyError(f"{name} must be a non-empty matrix (m, n), got shape {tuple(A.shape)}")
-    if A.dtype not in (torch.complex64, torch.complex128) + SUPPORTED_DTYPES:
+    if A.dtype not in (torch.complex64, torch.complex128, *SUPPORTED_DTYPES):
         raise LipverifyError(f"{name} has unsupported dtype {A.dtype}")
     if not bool(torch.isfinite(torch.view_as_real(A.to(torch.complex128))).all()):
         raise LipverifyError(f"{name} contains non-finite entries (inf or NaN)")
@@ -116,7 +116,9 @@ def complex_decompose(A: torch.Tensor, name: str = "A") -> ComplexDecomposition:
     return ComplexDecomposition(U=U, sigma=S, V=V)
 
 
-def _require_simple_top(dec: ComplexDecomposition, name: str, gap_tolerance: float | None, warn: bool) -> bool:
+def _require_simple_top(
+    dec: ComplexDecomposition, name: str, gap_tolerance: float | None, warn: bool
+) -> bool:
     """Gap policy of lipverify.spectral.check_gap for a complex matrix: a relative gap at rounding
     level raises :class:`DegenerateSpectrumError`; below ``gap_tolerance`` returns True (flag) and
     warns when ``warn``."""
@@ -187,7 +189,9 @@ def complex_quadratic_form_from_projections(
     if variant == "complex":
         null = null + a[..., 0].imag ** 2
     elif variant != "real_formula":
-        raise LipverifyError(f"unknown variant {variant!r}; expected 'complex', 'real_formula' or 'real_parts'")
+        raise LipverifyError(
+            f"unknown variant {variant!r}; expected 'complex', 'real_formula' or 'real_parts'"
+        )
     return inner + null / s1
 
 
@@ -196,11 +200,14 @@ def complex_hessian_quadratic_form(
 ) -> torch.Tensor:
     """Complex Lemma 13: ``d^2/dt^2 sigma_1(A + t E)`` at t = 0 for a batch of complex directions
     E (..., m, n), never forming the (2mn x 2mn) real Hessian. Formula:
-    :func:`complex_quadratic_form_from_projections`. Returns real (...,) float64. Gap policy of :func:`complex_sigma_jacobian` (the form scales like 1/gap)."""
+    :func:`complex_quadratic_form_from_projections`. Returns real (...,) float64. Gap policy of
+    :func:`complex_sigma_jacobian` (the form scales like 1/gap)."""
     dec = complex_decompose(A)
     if not isinstance(E, torch.Tensor) or E.ndim < 2 or tuple(E.shape[-2:]) != tuple(A.shape):
         shape = tuple(E.shape) if isinstance(E, torch.Tensor) else type(E).__name__
-        raise LipverifyError(f"shape mismatch: direction E has shape {shape}, expected (..., {A.shape[0]}, {A.shape[1]})")
+        raise LipverifyError(
+            f"shape mismatch: direction E has shape {shape}, expected (..., {A.shape[0]}, {A.shape[1]})"
+        )
     _require_simple_top(dec, "A", gap_tolerance, warn=True)
     Ec = E.to(dec.U.dtype)
     left = dec.u.conj() @ Ec  # u^H E, (..., n)
@@ -231,7 +238,9 @@ def _check_kernel(weight: torch.Tensor, grid: tuple[int, int], name: str) -> Non
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise LipverifyError(f"{name} must be a Conv2d weight (c_out, c_in, kh, kw), got {shape}")
     if weight.dtype not in SUPPORTED_DTYPES:
-        raise LipverifyError(f"{name} has unsupported dtype {weight.dtype} (a real floating weight is needed)")
+        raise LipverifyError(
+            f"{name} has unsupported dtype {weight.dtype} (a real floating weight is needed)"
+        )
     if not all_finite(weight):
         raise LipverifyError(f"{name} contains non-finite entries (inf or NaN)")
     if not bool((weight != 0).any()):
@@ -250,9 +259,7 @@ def _phases(kh: int, kw: int, freq: tuple[int, int], grid: tuple[int, int]) -> t
     k2 = torch.arange(kw, dtype=torch.int64)[None, :]
     f1, f2 = freq[0] % grid[0], freq[1] % grid[1]
     # integer phase numerators mod N keep the angle exact for any f
-    angle = (
-        (k1 * f1 % grid[0]).to(torch.float64) / grid[0] + (k2 * f2 % grid[1]).to(torch.float64) / grid[1]
-    )
+    angle = (k1 * f1 % grid[0]).to(torch.float64) / grid[0] + (k2 * f2 % grid[1]).to(torch.float64) / grid[1]
     return torch.polar(torch.ones_like(angle), -2 * math.pi * angle)
 
 
@@ -270,7 +277,9 @@ def frequency_matrix(weight: torch.Tensor, freq: tuple[int, int], grid: tuple[in
     return (weight.to(torch.float64).to(torch.complex128) * phase).sum((-2, -1))
 
 
-def frequency_adjoint(J: torch.Tensor, freq: tuple[int, int], grid: tuple[int, int], kernel: tuple[int, int]) -> torch.Tensor:
+def frequency_adjoint(
+    J: torch.Tensor, freq: tuple[int, int], grid: tuple[int, int], kernel: tuple[int, int]
+) -> torch.Tensor:
     """Adjoint of the real-linear map W -> W_hat_f for the pairing ``Re <J, W_hat_f>``: the real
     (c_out, c_in, kh, kw) gradient ``Re(conj(J) exp(-2 pi i (f1 k1/N1 + f2 k2/N2)))`` of
     ``W -> Re(sum conj(J) W_hat_f(W))``. With J = u v^H this is the gradient of ||conv|| (complex
@@ -374,6 +383,13 @@ class ConvNormTerms:
     matrix_flagged: bool
     frequency_flagged: bool
 
+    @property
+    def near_tie(self) -> bool:
+        """The frequency gap is below 2 phi (one step's noise std of the norm): the top frequency may
+        switch within a step or two. Not a degeneracy of f*'s branch, but the max then gains drift that
+        Theorem 14 at f* does not see (E max(X, Y) > max(E X, E Y)); reported as a diagnostic."""
+        return self.top.frequency_gap < 2 * self.terms.phi
+
     def as_dict(self) -> dict:
         out = dict(self.terms.as_dict())
         out.update(
@@ -383,6 +399,7 @@ class ConvNormTerms:
             frequency_gap=self.top.frequency_gap,
             matrix_flagged=self.matrix_flagged,
             frequency_flagged=self.frequency_flagged,
+            near_tie=self.near_tie,
         )
         return out
 
@@ -419,10 +436,12 @@ def conv_norm_terms(
         raise LipverifyError(f"{name}: the learning rate must be positive and finite, got {lr}")
     grid = _check_grid(grid)
     _check_kernel(weight, grid, name)
-    if not isinstance(per_sample_grads, torch.Tensor) or tuple(per_sample_grads.shape[1:]) != tuple(weight.shape):
+    if not isinstance(per_sample_grads, torch.Tensor) or tuple(per_sample_grads.shape[1:]) != tuple(
+        weight.shape
+    ):
         shape = tuple(per_sample_grads.shape) if isinstance(per_sample_grads, torch.Tensor) else None
         raise LipverifyError(
-            f"shape mismatch: per_sample_grads has shape {shape}, expected (b, {', '.join(map(str, weight.shape))})"
+            f"shape mismatch: per_sample_grads has shape {shape}, expected (b, *{tuple(weight.shape)})"
         )
     b = per_sample_grads.shape[0]
     scale = estimator_scale(b, population_size)  # refuses b = 1 (Proposition 5)
@@ -468,9 +487,14 @@ def conv_norm_terms(
         if frequency_flagged:
             why.append(
                 f"frequency {top.runner_up_frequency} ties with {top.frequency} (relative frequency gap "
-                f"{top.relative_frequency_gap:.3g}): the norm is a max with a kink, the terms are one branch's"
+                f"{top.relative_frequency_gap:.3g}): the norm is a max with a kink, "
+                "the terms are one branch's"
             )
-        warnings.warn(f"{name}: " + "; ".join(why) + f" (below {tol:.3g}); flagged degenerate", SpectralGapWarning, stacklevel=2)
+        warnings.warn(
+            f"{name}: " + "; ".join(why) + f" (below {tol:.3g}); flagged degenerate",
+            SpectralGapWarning,
+            stacklevel=2,
+        )
     return ConvNormTerms(
         terms=terms,
         top=top,

@@ -124,7 +124,7 @@ def test_kernels_match_lambdified_sympy_derivation(shape):
     m, n = shape
     derived = cn.lambdified_derivatives(m, n)
     rng = np.random.default_rng(11)
-    for trial in range(5):
+    for _ in range(5):
         A = rng.standard_normal((m, n)) + 1j * rng.standard_normal((m, n))
         s = np.linalg.svd(A, compute_uv=False)
         assert (s[0] - s[1]) / s[0] > 0.05  # the fixed seed draws well-separated tops
@@ -174,7 +174,9 @@ def test_degenerate_complex_top_refused_and_small_gap_warned():
 def circular_dense_matrix(weight: torch.Tensor, grid) -> torch.Tensor:
     """Dense matrix of the stride-1 circular Conv2d (padding (kh-1)/2, padding_mode="circular")."""
     c_out, c_in, kh, kw = weight.shape
-    conv = torch.nn.Conv2d(c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2), padding_mode="circular", bias=False)
+    conv = torch.nn.Conv2d(
+        c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2), padding_mode="circular", bias=False
+    )
     conv = conv.double()
     with torch.no_grad():
         conv.weight.copy_(weight)
@@ -212,7 +214,10 @@ def test_conjugate_pair_moves_identically_and_gradient_matches_fd():
     D = torch.randn(W.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
     assert not top.self_conjugate and top.conjugate_mismatch <= 1e-13 * top.norm
     for t in (1e-3, 0.1, 1.0):  # identically, not only to first order
-        sig = [float(torch.linalg.svdvals(cd.frequency_matrix(W + t * D, f, grid))[0]) for f in (top.frequency, top.conjugate)]
+        sig = [
+            float(torch.linalg.svdvals(cd.frequency_matrix(W + t * D, f, grid))[0])
+            for f in (top.frequency, top.conjugate)
+        ]
         assert abs(sig[0] - sig[1]) <= 1e-13 * sig[0]
     grad = cd.conv_norm_gradient(W, grid)
     dec = cd.complex_decompose(cd.frequency_matrix(W, top.conjugate, grid))
