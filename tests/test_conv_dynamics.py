@@ -364,3 +364,81 @@ def test_bad_inputs_are_refused_with_clear_errors():
     bad[0, 0, 0, 0, 0] = float("inf")
     with pytest.raises(LipverifyError, match="non-finite"):
         cd.conv_norm_terms(W, bad, 0.1, (5, 5))
+
+
+def one_step_monte_carlo(draws: int = 4000, hessian_variant: str = "complex"):
+    """SGD steps W - eta g_B (b = 4 draws with replacement from a fixed population of N = 40 per-sample
+    gradients) on a tiny conv; returns the observed changes of ||conv|| and the predictions."""
+    grid, b, N = (5, 5), 4, 40
+    W, top = generic_kernel((2, 3, 3, 3), grid, min_relative_frequency_gap=0.1)
+    gen = torch.Generator().manual_seed(21)
+    population = 0.5 * torch.randn(1, *W.shape, dtype=torch.float64, generator=gen) + torch.randn(
+        N, *W.shape, dtype=torch.float64, generator=gen
+    )
+    A = cd.frequency_matrix(W, top.frequency, grid)
+    d = float(cd.complex_decompose(A).gap)
+    spread = float(
+        torch.linalg.matrix_norm(torch.fft.fft2(population, s=grid).permute(0, 3, 4, 1, 2), 2).max()
+    )
+    eta = min(0.01 * d, 0.25 * top.frequency_gap) / spread  # ||W_hat_g(g_B)|| <= spread for every draw
+    # Proposition 5 on the whole population estimates C / (N - 1)... with scale 1 / (N (N - 1)); the
+    # batch noise of b draws with replacement is Sigma = C / b, C = (1/N) sum (g_i - g)(g_i - g)^T, so
+    # psi and phi^2 of Sigma are the population estimate's times (N - 1) / b
+    out = cd.conv_norm_terms(W, population, eta, grid)
+    factor = (N - 1) / b
+    E_mean = cd.frequency_matrix(population.mean(0), top.frequency, grid)
+    centred = cd.frequency_matrix(population - population.mean(0), top.frequency, grid)
+    q_noise = cd.complex_hessian_quadratic_form(A, centred, variant=hessian_variant)
+    psi = 0.5 * eta**2 * float(q_noise.sum()) / (b * N)
+    deterministic = (
+        0.5 * eta**2 * float(cd.complex_hessian_quadratic_form(A, E_mean, variant=hessian_variant))
+    )
+    idx = torch.randint(0, N, (draws, b), generator=torch.Generator().manual_seed(22))
+    g_B = population[idx].mean(1)  # (draws, c_out, c_in, kh, kw)
+    n0 = cd.circular_conv_norm(W, grid)
+    norms = torch.linalg.svdvals(torch.fft.fft2(W - eta * g_B, s=grid).permute(0, 3, 4, 1, 2))[..., 0]
+    change = norms.flatten(1).max(1).values - n0
+    grad = cd.conv_norm_gradient(W, grid)
+    linear = -eta * (g_B * grad).sum((1, 2, 3, 4))
+    E_B = cd.frequency_matrix(g_B, top.frequency, grid)
+    x = 2 * eta * torch.linalg.matrix_norm(E_B, 2) / d
+    cubic_bound = float(((d / 2) * x**3 / (1 - x)).mean())  # Cauchy bound of the module doc, per draw
+    return dict(
+        change=change,
+        linear=linear,
+        mu=out.terms.mu,
+        psi=psi,
+        psi_kernel=out.terms.psi * factor,
+        phi_sq=out.terms.phi**2 * factor,
+        deterministic=deterministic,
+        cubic_bound=cubic_bound,
+    )
+
+
+def test_one_step_monte_carlo_mean_and_variance_of_the_exact_norm():
+    """E[Delta||conv||] = mu + psi + eta^2/2 q(grad L) + O(eta^3) and Var[Delta||conv||] = phi^2 + O(eta^3)
+    over 4000 mini-batches. The mean is tested on the control variate Delta - (linear term), whose
+    expectation is exactly Delta's minus mu (E g_B = grad L); tolerance 4 standard errors plus the
+    cubic Taylor bound. The variance: 4 standard errors of the sample variance (from the sample's
+    fourth moment) plus twice the cubic bound times the change's scale."""
+    mc = one_step_monte_carlo()
+    draws = mc["change"].numel()
+    assert math.isclose(mc["psi_kernel"], mc["psi"], rel_tol=1e-10)  # the kernel's 1/b convention
+    residual = mc["change"] - mc["linear"]
+    assert abs(float(mc["linear"].mean()) - mc["mu"]) <= 4 * float(mc["linear"].std()) / math.sqrt(draws)
+    stderr = float(residual.std()) / math.sqrt(draws)
+    predicted = mc["psi"] + mc["deterministic"]
+    assert abs(float(residual.mean()) - predicted) <= 4 * stderr + mc["cubic_bound"]
+    assert mc["psi"] > 5 * (4 * stderr + mc["cubic_bound"])  # psi itself is resolved
+    centred = mc["change"] - mc["change"].mean()
+    var, m4 = float((centred**2).mean()), float((centred**4).mean())
+    scale = float(mc["change"].abs().max())
+    assert abs(var - mc["phi_sq"]) <= 4 * math.sqrt((m4 - var**2) / draws) + 2 * mc["cubic_bound"] * scale
+    # wrong variants rejected by the same checks: the real-formula Hessian in psi, a 1/b^2 noise scale
+    wrong = one_step_monte_carlo(hessian_variant="real_formula")
+    wrong_residual = wrong["change"] - wrong["linear"]
+    assert (
+        abs(float(wrong_residual.mean()) - (wrong["psi"] + wrong["deterministic"]))
+        > 4 * stderr + mc["cubic_bound"]
+    )
+    assert abs(var - mc["phi_sq"] / 4) > 4 * math.sqrt((m4 - var**2) / draws) + 2 * mc["cubic_bound"] * scale
