@@ -70,7 +70,7 @@ def run(
     batch_size: int = 32,
     lr: float = 0.05,
     n_train: int = 512,
-    size: int = 8,
+    size: int = 7,
     channels: int = 4,
     seed: int = 0,
 ) -> dict:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--n-train", type=int, default=512)
-    parser.add_argument("--size", type=int, default=8)
+    parser.add_argument("--size", type=int, default=7, help="odd: only f = 0 is self-conjugate")
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")

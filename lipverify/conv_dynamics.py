@@ -453,6 +453,8 @@ def conv_norm_terms(
         mean_grad = G_bar
     elif not isinstance(mean_grad, torch.Tensor) or tuple(mean_grad.shape) != tuple(weight.shape):
         raise LipverifyError(f"shape mismatch: mean_grad must have the weight's shape {tuple(weight.shape)}")
+    elif mean_grad.dtype not in SUPPORTED_DTYPES or not all_finite(mean_grad):
+        raise LipverifyError(f"{name}: mean_grad must be a finite real floating tensor ({mean_grad.dtype})")
 
     top = top_frequency(weight, grid)
     A = frequency_matrix(weight, top.frequency, grid)

@@ -360,6 +360,8 @@ def test_bad_inputs_are_refused_with_clear_errors():
         cd.conv_norm_terms(W, G, 0.1, (5,))
     with pytest.raises(LipverifyError, match="identically zero"):
         cd.conv_norm_terms(torch.zeros_like(W), G, 0.1, (5, 5))
+    with pytest.raises(LipverifyError, match="mean_grad"):
+        cd.conv_norm_terms(W, G, 0.1, (5, 5), mean_grad=torch.full_like(W, float("nan")))
     bad = G.clone()
     bad[0, 0, 0, 0, 0] = float("inf")
     with pytest.raises(LipverifyError, match="non-finite"):
