@@ -242,6 +242,10 @@ def run_sweep(
             resolve = ray_backend.resolve_for_cluster
     run_fn = train_run if run_fn is None else run_fn
     resolve = resolve_train_config if resolve is None else resolve
+    if log is None and progress:
+        from tqdm import tqdm
+
+        log = lambda msg: tqdm.write(msg, file=sys.stderr)  # above the progress bar
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     sweep_dir = Path(sweep_dir)
     specs = config.expand(smoke)
