@@ -43,7 +43,7 @@ started on one finishes on the other. ``[resources]`` is not part of the stored 
 does not change results.
 
 Submodules: :mod:`lipverify.sweep.grid` (config, grid), :mod:`lipverify.sweep.local` (sweep.json,
-one run, the pool), :mod:`lipverify.sweep.ray_backend`. Every name is re-exported here.
+one run, the pool), :mod:`lipverify.sweep.ray_backend`. Every public name is re-exported here.
 """
 
 from lipverify.records import atomic_write_text
