@@ -586,3 +586,21 @@ def test_ray_resolves_a_cuda_run_without_a_gpu_on_the_driver_and_refuses_cuda_in
             resolve_train_config({"device": "cuda"})
     with pytest.raises(LipverifyError, match="use device = 'cuda'"):
         resolve_for_cluster({"device": "cuda:1"})
+
+
+def test_unreachable_ray_address_is_a_quick_clear_error():
+    """A HOST:PORT nobody listens on is refused at once (ray.init would retry for minutes)."""
+    import socket
+
+    from lipverify.sweep.ray_backend import check_reachable
+
+    with socket.socket() as sock:  # a port that was free a moment ago: closed now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(LipverifyError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}", timeout=5)
+    with socket.socket() as sock:  # a listening port passes
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        check_reachable(f"127.0.0.1:{sock.getsockname()[1]}", timeout=5)
+    check_reachable("auto")  # other forms are Ray's to resolve

@@ -28,6 +28,7 @@ KeyboardInterrupt in the task, which ``train`` turns into a checkpoint at the st
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -178,11 +179,33 @@ def check_shared_storage(ray: Any, sweep_dir: Path) -> int:
         path.unlink(missing_ok=True)
 
 
+#: Seconds to wait for a TCP connection to ``--address`` before giving up (Ray itself waits minutes).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A ``HOST:PORT`` address must accept a TCP connection within ``timeout`` seconds, else
+    :class:`LipverifyError` (``ray.init`` would retry for minutes). Other forms (``auto``,
+    ``ray://...``) are left to Ray."""
+    match = re.fullmatch(r"([^:/\s]+):(\d+)", address)
+    if match is None:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout).close()
+    except OSError as exc:
+        raise LipverifyError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or type(exc).__name__}): "
+            "is `ray start --head` running there, and is the port open from this machine?"
+        ) from exc
+
+
 def connect(ray: Any, address: str | None, jobs: int) -> bool:
     """Start a local Ray instance with ``jobs`` CPUs (``address`` None) or join the cluster at
     ``address``; reuse an already initialised Ray (returns False: then it is not shut down)."""
     if ray.is_initialized():
         return False
+    if address is not None:
+        check_reachable(address)
     try:
         if address is None:
             ray.init(address="local", num_cpus=jobs, include_dashboard=False, logging_level="warning")
