@@ -523,3 +523,84 @@ def test_two_real_sweeps_on_one_directory(tmp_path, capsys):
         assert "resumed_from_step" not in json.loads((out / r["dir"] / "meta.json").read_text())
     third = run_sweep(load_sweep_config(toml), out, log=lambda m: None)
     assert all(r["skipped"] for r in third.runs)
+
+
+# ------------------------------------------------------------------------- Ray backend (issue 17)
+
+
+def test_ray_backend_without_ray_is_a_clear_error_before_anything_is_written(tmp_path, monkeypatch):
+    """No Ray installed: --backend ray names the extra to install and writes nothing; the package,
+    the backend module and the CLI still import (rejects a top-level ``import ray``)."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(LipverifyError, match=r'pip install "lipverify\[ray\]"'):
+        run_sweep(config(), tmp_path / "s", backend="ray", run_fn=fake_run, resolve=fake_resolve)
+    assert not (tmp_path / "s").exists()
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "import lipverify.sweep, lipverify.sweep.ray_backend, lipverify.commands.sweep\n"
+        "from lipverify.cli import build_parser\n"
+        "a = build_parser().parse_args(['sweep', 'x.toml', '--backend', 'ray', '--address', 'h:6379'])\n"
+        "assert (a.backend, a.address, a.max_retries) == ('ray', 'h:6379', 2)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_backend_options_and_resources_are_checked(tmp_path):
+    with pytest.raises(LipverifyError, match="unknown sweep backend 'dask'"):
+        run_sweep(config(), tmp_path, backend="dask", run_fn=fake_run, resolve=fake_resolve)
+    with pytest.raises(LipverifyError, match="max-retries"):
+        run_sweep(config(), tmp_path, backend="ray", max_retries=-1, run_fn=fake_run, resolve=fake_resolve)
+    with pytest.raises(LipverifyError, match="--address is only used with --backend ray"):
+        run_sweep(config(), tmp_path, address="h:6379", run_fn=fake_run, resolve=fake_resolve)
+    assert not (tmp_path / "sweep.json").exists()
+    ok = config(resources={"num_cpus": 2, "num_gpus": 0.5})
+    assert ok.resources == {"num_cpus": 2, "num_gpus": 0.5}
+    assert ok.as_dict() == config().as_dict()  # resources do not change results: same sweep.json
+    for bad, match in [
+        ({"num_cpus": 0}, "num_cpus must be an integer >= 1"),
+        ({"num_cpus": 1.5}, "num_cpus must be an integer >= 1"),
+        ({"num_gpus": 1.5}, r"num_gpus must be in \(0, 1\]"),
+        ({"num_gpus": 0}, r"num_gpus must be in \(0, 1\]"),
+        ({"gpus": 1}, "unknown key"),
+    ]:
+        with pytest.raises(LipverifyError, match=match):
+            config(resources=bad)
+
+
+def test_ray_resolves_a_cuda_run_without_a_gpu_on_the_driver_and_refuses_cuda_index():
+    """On a cluster the GPUs are on the nodes: device 'cuda' resolves on a CPU-only driver (the
+    local resolver refuses it there); 'cuda:1' is refused (Ray shows each task one GPU, cuda:0)."""
+    pytest.importorskip("lipverify.training")
+    import torch
+
+    from lipverify.sweep import resolve_train_config
+    from lipverify.sweep.ray_backend import resolve_for_cluster, task_resources
+
+    full = resolve_for_cluster({"device": "cuda", "steps": 2})
+    assert full["device"] == "cuda" and full["steps"] == 2
+    assert task_resources(full, {}) == {"num_cpus": 1, "num_gpus": 1}
+    assert task_resources(resolve_for_cluster({}), {"num_cpus": 3, "num_gpus": 0.5}) == {"num_cpus": 3}
+    if not torch.cuda.is_available():
+        with pytest.raises(LipverifyError, match="CUDA is not available"):
+            resolve_train_config({"device": "cuda"})
+    with pytest.raises(LipverifyError, match="use device = 'cuda'"):
+        resolve_for_cluster({"device": "cuda:1"})
+
+
+def test_unreachable_ray_address_is_a_quick_clear_error():
+    """A HOST:PORT nobody listens on is refused at once (ray.init would retry for minutes)."""
+    import socket
+
+    from lipverify.sweep.ray_backend import check_reachable
+
+    with socket.socket() as sock:  # a port that was free a moment ago: closed now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(LipverifyError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}", timeout=5)
+    with socket.socket() as sock:  # a listening port passes
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        check_reachable(f"127.0.0.1:{sock.getsockname()[1]}", timeout=5)
+    check_reachable("auto")  # other forms are Ray's to resolve

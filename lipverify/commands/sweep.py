@@ -17,7 +17,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="sweep directory (default: runs/sweeps/<config name>[-smoke])"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="parallel runs (processes), default 1")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="parallel runs (processes of the local pool, or the CPUs of a local Ray instance), default 1",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine's process pool (default); ray: one Ray task per run "
+        '(pip install "lipverify[ray]"); --out must then be on storage every node sees',
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="--backend ray: join the running Ray cluster at this address (e.g. HEAD_IP:6379) "
+        "instead of starting a local instance with --jobs CPUs",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="--backend ray: retries of a run whose worker died (each resumes from its checkpoint); "
+        "default 2",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="shrink every run (few steps, tiny subsets) for a quick check"
     )
@@ -34,7 +59,16 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / "sweeps" / (config.name + ("-smoke" if args.smoke else "")))
     ensure_writable_dir(out)
     try:
-        result = run_sweep(config, out, jobs=args.jobs, smoke=args.smoke)
+        result = run_sweep(
+            config,
+            out,
+            jobs=args.jobs,
+            smoke=args.smoke,
+            backend=args.backend,
+            address=args.address,
+            max_retries=args.max_retries,
+            progress=args.backend == "ray" and sys.stderr.isatty(),
+        )
     except KeyboardInterrupt:
         print(
             f"lipverify sweep: interrupted; rerun the same command to resume the unfinished runs in {out}",
