@@ -561,7 +561,7 @@ def test_resolvent_spectrum_gives_up_on_degenerate_or_unconverged_input(monkeypa
 
 
 def test_resolvent_mode_falls_back_to_the_full_decomposition(monkeypatch):
-    import lipverify.probe as probe_mod
+    import lipverify.probe.dynamics_probe as probe_mod
 
     model = _small()
     probe = _warm_probe(model, (30,), steps=2, b=5, lr=0.1, classes=5)
@@ -765,7 +765,7 @@ def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, 
     # time W_{t+1}'s is computed, or the probe holds two of each at its peak
     import weakref
 
-    import lipverify.probe as probe_module
+    import lipverify.probe.dynamics_probe as probe_module
 
     model = _small()
     probe = _warm_probe(model, (30,), decomposition=decomposition, steps=2, b=5, lr=0.1, classes=5)
