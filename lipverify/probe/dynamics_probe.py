@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -14,15 +15,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipverify._validation import LipverifyError, check_batch_size
-from lipverify.dynamics import LayerTerms, layer_terms_from_projections
+from lipverify.dynamics import (
+    DegenerateSpectrumError,
+    LayerTerms,
+    NonFiniteTermError,
+    estimator_scale,
+    layer_terms_from_projections,
+)
+from lipverify.probe.deferred import DeferredResults
 from lipverify.probe.layers import _conv_padding, find_layers, weight_matrix
 from lipverify.probe.resolvent import (
+    DEVICE_SECOND_ITER,
+    DEVICE_TOP_ITER,
     RESOLVENT_BLOCK,
     ResolventSpectrum,
     fast_decompose,
     resolvent_spectrum,
+    resolvent_spectrum_device,
 )
-from lipverify.spectral import SpectralDecomposition, decompose
+from lipverify.spectral import SpectralDecomposition, decompose, gap_tolerance_for
+
+#: Routes of :class:`DynamicsProbe` (``route=`` or the environment variable ``LIPVERIFY_PROBE_ROUTE``).
+ROUTES = ("auto", "device", "host")
+ROUTE_ENV = "LIPVERIFY_PROBE_ROUTE"
+#: Columns of the packed per-step rows of the device route.
+TERM_COLUMNS = ("sigma", "mu", "phi", "psi", "gap", "ok")
+TRUTH_COLUMNS = (
+    "dsigma_observed",
+    "dsigma_first",
+    "dsigma_second",
+    "dropped_drift_term",
+    "update_exceeds_gap",
+    "ok",
+)
 
 #: Quantities a :class:`ProbeSchedule` can schedule.
 QUANTITIES = ("terms", "full_gradient", "discrete")
@@ -115,7 +140,17 @@ class DynamicsProbe:
         population_size: int | None = None,
         gap_tolerance: float | None = None,
         schedule: ProbeSchedule | None = None,
+        route: str | None = None,
     ) -> None:
+        if route is None:  # the environment's choice applies to the "resolvent" decomposition only
+            route = os.environ.get(ROUTE_ENV) or "auto"
+            route = route if decomposition == "resolvent" or route not in ROUTES else "auto"
+        if route not in ROUTES:
+            raise LipverifyError(
+                f"route must be one of {', '.join(ROUTES)} (argument or ${ROUTE_ENV}), got {route!r}"
+            )
+        if route == "device" and decomposition != "resolvent":
+            raise LipverifyError(f"route='device' needs decomposition='resolvent', got {decomposition!r}")
         if decomposition not in ("gram", "svd", "resolvent"):
             raise LipverifyError(f"decomposition must be 'gram', 'svd' or 'resolvent', got {decomposition!r}")
         if conv_method not in ("conv", "unfold"):
@@ -129,6 +164,9 @@ class DynamicsProbe:
         self.population_size = population_size
         self.gap_tolerance = gap_tolerance
         self.schedule = schedule or ProbeSchedule()
+        self.route = route
+        # device route: name -> 0-d bool, the weight differs from the snapshot of its cached spectrum
+        self._stale: dict[str, torch.Tensor | None] = {}
         self._layers = {
             name: _Layer(name, module, kind) for name, (module, kind) in find_layers(model, skip).items()
         }
@@ -148,11 +186,26 @@ class DynamicsProbe:
     def layer_names(self) -> list[str]:
         return list(self._layers)
 
+    def on_device_route(self) -> bool:
+        """Whether the next step runs the device route: ``route="device"``, or ``"auto"`` with the
+        probed weights on CUDA (``"resolvent"`` decomposition only). The device route is torch
+        operations only (no scipy/LAPACK, no threadpoolctl), issues no host synchronisation after a
+        layer's first (cold) step, and returns :class:`~lipverify.probe.deferred.DeferredResults`."""
+        if self.decomposition != "resolvent" or self.route == "host":
+            return False
+        return self.route == "device" or next(iter(self._layers.values())).module.weight.is_cuda
+
     # ----------------------------------------------------------------- spectral parts
     def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
-        weight matrix, cached until the weight changes."""
-        dec = self._cached(name)
+        weight matrix, cached until the weight changes (the cache check compares W with its snapshot on
+        the host: use it between steps, not inside the device route's steady state)."""
+        return self._decomposition(name, in_step=False)
+
+    def _decomposition(self, name: str, in_step: bool) -> SpectralDecomposition | ResolventSpectrum:
+        """:meth:`decomposition_of`; ``in_step`` on the device route: the cache check stays on the
+        device (:meth:`_cached`)."""
+        dec = self._cached(name, in_step)
         if dec is not None:
             return dec
         # a stale one is dropped before the new one is computed (peak memory)
@@ -172,14 +225,15 @@ class DynamicsProbe:
         self._dec_cache[name] = (*key, dec.W if own else W.clone(), dec)
         return dec
 
-    def _cached(self, name: str) -> SpectralDecomposition | ResolventSpectrum | None:
+    def _cached(self, name: str, in_step: bool = False) -> SpectralDecomposition | ResolventSpectrum | None:
         """The cached decomposition of layer ``name`` if it is of the weight's current values, else None.
 
         The version counter alone is not enough: writes through ``.data`` and the fused optimiser
         kernels (``SGD(fused=True)``) change a weight without bumping it. So a cache hit also
         compares the weight with the snapshot it was decomposed from (one pass over W, at every hit:
         skipping it on the strength of an earlier comparison left stale spectra after an aborted
-        step)."""
+        step). Inside a device-route step (``in_step``) the comparison is a device flag folded into the
+        step's results (a changed weight flags them ``converged=False``) instead of a host branch."""
         cached = self._dec_cache.get(name)
         if cached is None:
             return None
@@ -187,6 +241,10 @@ class DynamicsProbe:
         if cached[:2] != (w.data_ptr(), w._version):
             return None
         W, snapshot = weight_matrix(self._layers[name].module), cached[2]
+        if in_step and self.on_device_route():
+            # compared on the device; a changed weight flags the step's results instead of a host branch
+            self._stale[name] = (W.to(snapshot.dtype) != snapshot).any()
+            return cached[3]
         return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
 
     def _resolvent_decomposition(
@@ -196,6 +254,14 @@ class DynamicsProbe:
         basis = self._warm.get(name)
         k = min(W.shape)
         self._warm_in[name] = basis
+        self._stale[name] = None
+        device = self.on_device_route()
+        if basis is not None and device:
+            spec = resolvent_spectrum_device(W, self.compute_dtype, basis)
+            stats["iterative"] += 1
+            stats["iterations"] += 2 * DEVICE_TOP_ITER + DEVICE_SECOND_ITER
+            self._warm[name] = spec.basis
+            return spec
         if basis is not None and k >= 2:  # non-finite W: NaN Ritz values, fallback raises
             spec, iters = resolvent_spectrum(W, self.compute_dtype, basis)
             stats["iterations"] += iters
@@ -208,9 +274,26 @@ class DynamicsProbe:
             stats["cold"] += 1
         dec = fast_decompose(W, self.compute_dtype, name)
         small = dec.V if W.shape[0] > W.shape[1] else dec.U
-        if k >= 2:
+        if k >= 2 or device:
             self._warm[name] = small[:, : min(RESOLVENT_BLOCK, k)].clone()
         return dec
+
+    def _ok(self, name: str, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
+        """Device route: 0-d bool, ``dec`` converged and the weight still holds its snapshot."""
+        ok = getattr(dec, "ok", None)
+        if ok is None:
+            ok = torch.ones((), dtype=torch.bool, device=dec.u.device)
+        stale = self._stale.get(name)
+        return ok if stale is None else ok & ~stale
+
+    def _not_converged(self, name: str, dec) -> None:
+        """Device route, when a step's packed results are read: a layer whose spectrum did not converge
+        (or went stale) restarts cold, and its cached spectrum is dropped if it is still that one."""
+        self.resolvent_stats["fallback"] += 1
+        self._warm.pop(name, None)
+        cached = self._dec_cache.get(name)
+        if cached is not None and cached[3] is dec:
+            self._dec_cache.pop(name)
 
     def warm_state(self) -> dict[str, torch.Tensor | None]:
         """``"resolvent"`` mode: per layer, the warm-start basis (k, p) the next decomposition of
@@ -420,7 +503,17 @@ class DynamicsProbe:
         ``grad_L`` is the batch mean ``G_bar`` unless ``mean_grads`` (name -> (m, n), e.g. from
         :meth:`full_gradient`) is given. ``noise_projections`` covers the gradient noise only (the
         injected noise is independent across layers).
+
+        On the device route (:meth:`on_device_route`) the result is a
+        :class:`~lipverify.probe.deferred.DeferredResults` with the same keys and values, computed from
+        one packed tensor read on the host at the first access (the call itself does not synchronise);
+        the errors this method raises on the host route (non-finite term, sigma_1 = sigma_2) are raised
+        at that access. A layer whose resolvent iteration did not converge (or whose weight changed
+        without a version bump since its spectrum was cached) comes out with ``converged=False`` and
+        ``degenerate=True``, and restarts cold at its next decomposition.
         """
+        if self.on_device_route():
+            return self._compute_device(lr, reduction, mean_grads, grad_scale, grad_noise_var, weight_decay)
         out: dict[str, LayerTerms] = {}
         for name, layer in self._layers.items():
             if layer.inputs is None:
@@ -452,6 +545,83 @@ class DynamicsProbe:
                 )
             out[name] = terms
         return out
+
+    def _compute_device(
+        self,
+        lr: float,
+        reduction: str,
+        mean_grads: Mapping[str, torch.Tensor] | None,
+        grad_scale: float,
+        grad_noise_var: float,
+        weight_decay: float,
+    ) -> DeferredResults:
+        """:meth:`compute` without a host synchronisation: the same formulas on tensors, one packed
+        (L, 6) row per layer (:data:`TERM_COLUMNS`)."""
+        rows, noise, decs = [], {}, {}
+        for name, layer in self._layers.items():
+            if layer.inputs is None:
+                raise LipverifyError(
+                    f"nothing captured for layer {name}: run the forward pass inside capture()"
+                )
+            b = check_batch_size(layer.inputs.shape[0])
+            lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
+            if not (math.isfinite(lr_eff) and lr_eff > 0):
+                raise LipverifyError(f"{name}: the learning rate must be positive and finite, got {lr_eff}")
+            dec = decs[name] = self._decomposition(name, in_step=True)
+            y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
+            if mean_grads is not None and name in mean_grads:
+                drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
+            else:
+                drift = (x @ dec.u).mean()
+            yc, xc = self._centre(y, x)
+            if wy is not None:
+                q = dec.quadratic_form(yc, xc, weight_times_y=wy - wy.mean(0, keepdim=True))
+            else:
+                q = dec.quadratic_form(yc, xc)
+            scale = estimator_scale(b, self.population_size)
+            proj = xc @ dec.u  # u^T E_i v
+            sigma = dec.sigma1
+            mu = -lr_eff * drift
+            phi = lr_eff * ((proj * proj).sum() * scale).clamp(min=0).sqrt()
+            psi = 0.5 * lr_eff * lr_eff * (q.sum() * scale)
+            if weight_decay or grad_noise_var:
+                mu = mu - lr * weight_decay * sigma
+                phi = (phi * phi + lr * lr * grad_noise_var).sqrt()
+                psi = psi + 0.5 * lr * lr * grad_noise_var * dec.hessian_trace()
+            ok = self._ok(name, dec).to(sigma.dtype)
+            rows.append(torch.stack([sigma, mu.to(sigma.dtype), phi, psi, dec.gap, ok]))
+            noise[name] = lr_eff * math.sqrt(scale) * proj
+        tolerance = self.gap_tolerance or gap_tolerance_for(self.compute_dtype)
+
+        def build(packed: list[list[float]]) -> dict[str, LayerTerms]:
+            out = {}
+            for name, (sigma, mu, phi, psi, gap, ok) in zip(decs, packed, strict=True):
+                converged = ok > 0.5
+                if not converged:
+                    self._not_converged(name, decs[name])
+                elif not gap > 0:
+                    raise DegenerateSpectrumError(
+                        f"{name}: sigma_1 = sigma_2 = {sigma:.6g}; psi (Theorem 14) is undefined"
+                    )
+                for key, value in (("mu", mu), ("phi", phi), ("psi", psi)):
+                    if not math.isfinite(value):
+                        why = "" if converged else "; the resolvent iteration did not converge at this step"
+                        raise NonFiniteTermError(
+                            f"{name}: {key} is not finite (gap {gap:.3g}){why}; check the inputs"
+                        )
+                out[name] = LayerTerms(
+                    sigma=sigma,
+                    mu=mu,
+                    phi=phi,
+                    psi=psi,
+                    gap=gap,
+                    degenerate=not converged or gap / sigma < tolerance,
+                    noise_projections=noise[name],
+                    converged=converged,
+                )
+            return out
+
+        return DeferredResults(list(decs), torch.stack(rows), build)
 
     def drift(
         self,
@@ -584,7 +754,7 @@ class DynamicsProbe:
         decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
         between this call and the optimiser step."""
         for name, layer in self._layers.items():
-            layer.dec_before = self.decomposition_of(name)
+            layer.dec_before = self._decomposition(name, in_step=True)
             layer.weight_before = self._dec_cache[name][2]
 
     def after_backward(self) -> None:
@@ -622,14 +792,27 @@ class DynamicsProbe:
         otherwise ``torch.linalg.matrix_norm(Delta W, 2)`` is computed. ``reduction`` (of the training
         loss, as in :meth:`compute`) matters only with ``mean_grads``: with ``"sum"`` the step moves by
         ``eta alpha b grad_L``.
+
+        On the device route (:meth:`on_device_route`) the result is a
+        :class:`~lipverify.probe.deferred.DeferredResults` (same keys and values, read on the host at
+        the first access); W_{t+1}'s spectrum is always recomputed (fused optimiser kernels do not bump
+        the version counter), and ``update_exceeds_gap`` is decided by the Frobenius bound alone
+        (``|Delta W|_F >= gap / 2``: conservative, it flags the band ``|Delta W|_2 < gap / 2 <=
+        |Delta W|_F`` that the host route resolves with power steps or an SVD) or a not-converged spectrum
+        at W_t or W_{t+1} (the truth of that layer is then not to be used).
         """
+        device = self.on_device_route()
         mean_grad_scale = (
             grad_scale * self._mean_gradient_factor(reduction) if mean_grads is not None else 1.0
         )
         out = {}
+        rows, decs = [], {}
         for name, layer in self._layers.items():
             if layer.dec_before is None:
                 raise LipverifyError("after_step needs before_step() before the optimiser step")
+            if device:
+                rows.append(self._truth_row(name, layer, lr, mean_grads, grad_scale, mean_grad_scale, decs))
+                continue
             dec = layer.dec_before
             dt = dec.sigma.dtype
             buf = layer.update_buffer
@@ -669,7 +852,65 @@ class DynamicsProbe:
                 "dropped_drift_term": dropped,
                 "update_exceeds_gap": exceeds,
             }
-        return out
+        if not device:
+            return out
+
+        def build(packed: list[list[float]]) -> dict[str, dict[str, float]]:
+            for name, (_, _, _, _, _, ok) in zip(decs, packed, strict=True):
+                if ok < 0.5:
+                    for dec in decs[name]:
+                        self._not_converged(name, dec)
+            return {
+                name: {
+                    "dsigma_observed": observed,
+                    "dsigma_first": first,
+                    "dsigma_second": second,
+                    "dropped_drift_term": dropped,
+                    "update_exceeds_gap": exceeds > 0.5 or ok < 0.5,
+                }
+                for name, (observed, first, second, dropped, exceeds, ok) in zip(decs, packed, strict=True)
+            }
+
+        return DeferredResults(list(decs), torch.stack(rows), build)
+
+    def _truth_row(self, name, layer, lr, mean_grads, grad_scale, mean_grad_scale, decs) -> torch.Tensor:
+        """Device route of :meth:`after_step` for one layer: the packed row of :data:`TRUTH_COLUMNS`."""
+        dec = layer.dec_before
+        dt = dec.sigma.dtype
+        buf = layer.update_buffer
+        if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
+            buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+        W1, W0 = weight_matrix(layer.module), layer.weight_before
+        if torch.promote_types(W1.dtype, W0.dtype) == dt:
+            dW = torch.sub(W1, W0, out=buf)
+        else:
+            dW = W1.to(dt) - W0.to(dt)
+        y, x = _top_pair_projections(dec, dW)
+        first = x @ dec.u
+        q = dec.quadratic_form(y, x)
+        scale = grad_scale
+        if mean_grads is not None and name in mean_grads:
+            projections = _top_pair_projections(dec, mean_grads[name])
+            scale = mean_grad_scale
+        elif layer.batch_grad is not None:
+            projections = _top_pair_projections(dec, layer.batch_grad)
+        else:
+            projections = layer.batch_grad_projections
+        if projections is not None:
+            dropped = 0.5 * (lr * scale) ** 2 * dec.quadratic_form(*projections)
+        else:
+            dropped = torch.full((), math.nan, dtype=dt, device=dW.device)
+        exceeds = (torch.linalg.matrix_norm(dW) >= 0.5 * dec.gap).to(dt)
+        ok_before, sigma_before = self._ok(name, dec), dec.sigma1
+        # W_t's spectrum is released before W_{t+1}'s is computed (peak memory)
+        dec = dW = W0 = None
+        layer.dec_before = layer.weight_before = None
+        layer.batch_grad_projections = layer.batch_grad = None
+        self._dec_cache.pop(name, None)
+        new = self._decomposition(name, in_step=True)
+        decs[name] = (new,)  # not W_t's spectrum: it is released here (peak memory)
+        ok = (ok_before & self._ok(name, new)).to(dt)
+        return torch.stack([new.sigma1 - sigma_before, first, first + 0.5 * q, dropped, exceeds, ok])
 
 
 def _top_pair_projections(dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor):

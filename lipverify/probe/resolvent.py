@@ -65,6 +65,8 @@ class ResolventSpectrum:
     s2: torch.Tensor
     factor: torch.Tensor = field(repr=False)
     basis: torch.Tensor = field(repr=False)
+    #: device route only: 0-d bool tensor, the convergence verdict (None: decided on the host)
+    ok: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def L(self) -> torch.Tensor:
@@ -333,3 +335,136 @@ def _assemble(Wc, top, lam2, L, X) -> ResolventSpectrum:
     s2 = lam2.clamp(min=0).sqrt()
     basis_next = torch.cat([w.unsqueeze(1), X], 1).contiguous()
     return ResolventSpectrum(W=Wc, u=u, v=v, s1=s1, s2=s2, factor=L, basis=basis_next)
+
+
+#: Device route (:func:`resolvent_spectrum_device`): fixed inverse-iteration counts of phase 1 (top
+#: pair) and phase 2 (sigma_2), and the block width (warm vectors per phase).
+DEVICE_TOP_ITER = 4
+DEVICE_SECOND_ITER = 12
+DEVICE_BLOCK = 2
+
+
+def _rayleigh_ritz_2(Q: torch.Tensor, GQ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rayleigh-Ritz on a 2-column orthonormal block without ``eigh`` (which checks its LAPACK info on
+    the host): the 2x2 ``T = Q^T G Q = [[a, b], [b, c]]`` is diagonalised by the Jacobi rotation of
+    angle ``phi = atan2(2b, a - c) / 2`` (backward stable). Returns the rotated block and ``G`` times
+    it, the larger Ritz value's vector first."""
+    T = Q.mT @ GQ
+    a, b, c = T[0, 0], 0.5 * (T[0, 1] + T[1, 0]), T[1, 1]
+    phi = 0.5 * torch.atan2(2 * b, a - c)
+    cs, sn = torch.cos(phi), torch.sin(phi)
+    R = torch.stack([torch.stack([cs, -sn]), torch.stack([sn, cs])])
+    return Q @ R, GQ @ R
+
+
+def _inverse_solve(L: torch.Tensor, LT: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^{-1} B`` by two triangular solves (no LAPACK info, so no host check on any device)."""
+    return torch.linalg.solve_triangular(LT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
+def resolvent_spectrum_device(
+    W: torch.Tensor,
+    dtype: torch.dtype,
+    basis: torch.Tensor,
+    top_iter: int = DEVICE_TOP_ITER,
+    second_iter: int = DEVICE_SECOND_ITER,
+) -> ResolventSpectrum:
+    """:func:`resolvent_spectrum` without a host synchronisation (the device route; CUDA's route, and
+    CPU's under ``route="device"``): torch operations only, fixed iteration counts, no data-dependent
+    branch, and the convergence verdict kept on the device in :attr:`ResolventSpectrum.ok` (0-d
+    bool), to be read with the step's packed results.
+
+    ``W`` (m, n); ``basis`` (k, p), p >= 1 (three columns used): warm vectors of the smaller Gram
+    matrix G (k, k), k = min(m, n) (k = 1: sigma_2 := 0). Phase 1: block inverse iteration (2
+    columns, QR) with the Cholesky factor of ``s I - G``, in two stages (the shift is refined from the
+    first stage's Rayleigh-Ritz pair),
+    ``s = theta_1 + max(2 r, 1e-2 |theta_1 - theta_2|, 64 eps theta_1)`` from the Rayleigh quotients
+    ``theta`` and residual r of the warm vectors, ``top_iter`` times per stage, then a 2x2 Rayleigh-Ritz
+    (:func:`_rayleigh_ritz_2`): the top vector converges like ``((s - lambda_1) / (s - lambda_3))^top_iter``.
+    Phase 2: the same with the deflated ``A = s1^2 I - G + s1^2 w w^T`` on the complement of w,
+    ``second_iter`` times: the second vector converges like
+    ``((lambda_1 - lambda_2) / (lambda_1 - lambda_4))^second_iter``.
+
+    ``ok`` is True iff both factorisations succeeded (``info == 0``), the residuals meet the host
+    route's bounds (``r_1 <= 16 sqrt(k) eps theta_1``, ``r_2 <= 1e-8 theta_1 sqrt(eps / eps_64)``),
+    ``s1^2 - lambda_2 > 2 separation_tolerance(k) s1^2`` and everything is finite. A spectrum with
+    ``ok`` False must not be used (the probe flags its step and restarts the layer cold).
+    """
+    Wc = W.to(dtype)
+    if Wc.data_ptr() == W.data_ptr():
+        Wc = Wc.clone()  # the spectrum keeps W_t; the optimiser updates the parameter in place
+    m, n = Wc.shape
+    G = Wc @ Wc.mT if m <= n else Wc.mT @ Wc
+    k = G.shape[0]
+    eps = torch.finfo(dtype).eps
+    eye = torch.eye(k, dtype=dtype, device=G.device)
+    basis = basis.to(dtype)
+    # phase 1: a shift above lambda_1 from the block's Rayleigh quotients and residual, refined once
+    Z, _ = torch.linalg.qr(basis[:, : min(DEVICE_BLOCK, k)])
+    GZ = G @ Z
+    info1 = torch.zeros((), dtype=torch.int32, device=G.device)
+    for _stage in range(2):
+        if Z.shape[1] == 2:
+            Z, GZ = _rayleigh_ritz_2(Z, GZ)
+        theta = (Z * GZ).sum(0)
+        r = torch.linalg.vector_norm(GZ[:, 0] - theta[0] * Z[:, 0])
+        spread = (theta[0] - theta[-1]).abs()  # 0 for k = 1
+        margin = torch.maximum(torch.maximum(2 * r, 1e-2 * spread), 64 * eps * theta[0].abs())
+        L1, info = torch.linalg.cholesky_ex((theta[0] + margin) * eye - G)
+        info1 = info1 | info
+        L1T = L1.mT
+        for _ in range(top_iter):
+            Z, _ = torch.linalg.qr(_inverse_solve(L1, L1T, Z))
+        GZ = G @ Z
+    if Z.shape[1] == 2:
+        Z, GZ = _rayleigh_ritz_2(Z, GZ)
+    z1 = Z[:, 0]
+    lam1 = z1 @ GZ[:, 0]
+    r1 = torch.linalg.vector_norm(GZ[:, 0] - lam1 * z1)
+    u, v, s1, w = _top_pair_device(Wc, z1)
+    s1sq = s1 * s1
+    # phase 2: the deflated A (also the factor the resolvent form needs) on the complement of w
+    L, info2 = torch.linalg.cholesky_ex(s1sq * eye - G + s1sq * torch.outer(w, w))
+    LT = L.mT
+    q = min(DEVICE_BLOCK, k - 1, basis.shape[1] - 1)  # the complement of w holds k - 1 columns
+    if q >= 1:
+        X = basis[:, 1 : 1 + q]
+        for _ in range(second_iter):
+            X = X - torch.outer(w, w @ X)
+            X, _ = torch.linalg.qr(_inverse_solve(L, LT, X))
+        X = X - torch.outer(w, w @ X)
+        X, _ = torch.linalg.qr(X)
+        GX = G @ X
+        if q == 2:
+            X, GX = _rayleigh_ritz_2(X, GX)
+        lam2 = X[:, 0] @ GX[:, 0]
+        r2 = torch.linalg.vector_norm(GX[:, 0] - lam2 * X[:, 0])
+    else:  # k = 1: no second singular value
+        X = basis[:, :0]
+        lam2 = r2 = torch.zeros((), dtype=dtype, device=G.device)
+    tol2 = 1e-8 * math.sqrt(eps / torch.finfo(torch.float64).eps)
+    ok = (
+        (info1 == 0)
+        & (info2 == 0)
+        & (r1 <= 16 * math.sqrt(k) * eps * lam1)
+        & (r2 <= tol2 * lam1)
+        & (s1sq - lam2 > 2 * separation_tolerance(k, dtype) * s1sq)
+        & torch.isfinite(lam2)
+        & torch.isfinite(s1)
+    )
+    s2 = lam2.clamp(min=0).sqrt()
+    basis_next = torch.cat([w.unsqueeze(1), X], 1).contiguous()
+    return ResolventSpectrum(W=Wc, u=u, v=v, s1=s1, s2=s2, factor=L, basis=basis_next, ok=ok)
+
+
+def _top_pair_device(Wc: torch.Tensor, z1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_top_pair` with the sign read by ``gather`` (indexing with a 0-d tensor reads it on the
+    host)."""
+    tall = Wc.shape[0] > Wc.shape[1]
+    other = Wc @ z1 if tall else Wc.mT @ z1
+    s1 = torch.linalg.vector_norm(other)
+    other = other / s1
+    u, v = (other, z1) if tall else (z1, other)
+    sign = torch.sign(v.gather(0, torch.argmax(v.abs()).reshape(1)))
+    u, v = u * sign, v * sign
+    return u, v, s1, (v if tall else u)
