@@ -42,6 +42,7 @@ def _max_rel(probe_terms, ref_terms) -> float:
     worst = 0.0
     for name, ref in ref_terms.items():
         got = probe_terms[name]
+        assert got.converged  # a not-converged device-route step is flagged, never compared as valid
         for f in FIELDS:
             a, b = getattr(got, f), getattr(ref, f)
             worst = max(worst, abs(a - b) / max(abs(b), 1e-300))

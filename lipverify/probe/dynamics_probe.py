@@ -25,8 +25,8 @@ from lipverify.dynamics import (
 from lipverify.probe.deferred import DeferredResults
 from lipverify.probe.layers import _conv_padding, find_layers, weight_matrix
 from lipverify.probe.resolvent import (
-    DEVICE_SECOND_ITER,
-    DEVICE_TOP_ITER,
+    DEVICE_SECOND_SQUARINGS,
+    DEVICE_TOP_SQUARINGS,
     RESOLVENT_BLOCK,
     ResolventSpectrum,
     fast_decompose,
@@ -167,6 +167,7 @@ class DynamicsProbe:
         self.route = route
         # device route: name -> 0-d bool, the weight differs from the snapshot of its cached spectrum
         self._stale: dict[str, torch.Tensor | None] = {}
+        self._stale_checked: dict[str, tuple[int, int]] = {}  # the (data_ptr, version) checked this step
         self._layers = {
             name: _Layer(name, module, kind) for name, (module, kind) in find_layers(model, skip).items()
         }
@@ -243,7 +244,10 @@ class DynamicsProbe:
         W, snapshot = weight_matrix(self._layers[name].module), cached[2]
         if in_step and self.on_device_route():
             # compared on the device; a changed weight flags the step's results instead of a host branch
-            self._stale[name] = (W.to(snapshot.dtype) != snapshot).any()
+            # once per step (before_step and capture start one): W must not change within a step
+            if self._stale_checked.get(name) != cached[:2]:
+                self._stale[name] = (W.to(snapshot.dtype) != snapshot).any()
+                self._stale_checked[name] = cached[:2]
             return cached[3]
         return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
 
@@ -259,7 +263,7 @@ class DynamicsProbe:
         if basis is not None and device:
             spec = resolvent_spectrum_device(W, self.compute_dtype, basis)
             stats["iterative"] += 1
-            stats["iterations"] += 2 * DEVICE_TOP_ITER + DEVICE_SECOND_ITER
+            stats["iterations"] += 2**DEVICE_TOP_SQUARINGS + 2**DEVICE_SECOND_SQUARINGS
             self._warm[name] = spec.basis
             return spec
         if basis is not None and k >= 2:  # non-finite W: NaN Ritz values, fallback raises
@@ -338,6 +342,8 @@ class DynamicsProbe:
         """Install forward hooks (inputs) and output-tensor hooks (output gradients) for one
         forward/backward pass; removed on exit, the captured tensors are kept for :meth:`compute`."""
         handles = []
+        if not any(layer.dec_before is not None for layer in self._layers.values()):
+            self._stale_checked.clear()  # a step without before_step starts here
         for layer in self._layers.values():
             layer.inputs = layer.grad_out = layer.outputs = None
             layer.calls = 0
@@ -753,6 +759,7 @@ class DynamicsProbe:
         The snapshot is the one the decomposition cache keeps (in ``"resolvent"`` mode the
         decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
         between this call and the optimiser step."""
+        self._stale_checked.clear()
         for name, layer in self._layers.items():
             layer.dec_before = self._decomposition(name, in_step=True)
             layer.weight_before = self._dec_cache[name][2]
@@ -887,7 +894,6 @@ class DynamicsProbe:
             dW = W1.to(dt) - W0.to(dt)
         y, x = _top_pair_projections(dec, dW)
         first = x @ dec.u
-        q = dec.quadratic_form(y, x)
         scale = grad_scale
         if mean_grads is not None and name in mean_grads:
             projections = _top_pair_projections(dec, mean_grads[name])
@@ -896,9 +902,11 @@ class DynamicsProbe:
             projections = _top_pair_projections(dec, layer.batch_grad)
         else:
             projections = layer.batch_grad_projections
-        if projections is not None:
-            dropped = 0.5 * (lr * scale) ** 2 * dec.quadratic_form(*projections)
+        if projections is not None:  # both quadratic forms in one call (one triangular solve)
+            q, qg = dec.quadratic_form(torch.stack([y, projections[0]]), torch.stack([x, projections[1]]))
+            dropped = 0.5 * (lr * scale) ** 2 * qg
         else:
+            q = dec.quadratic_form(y, x)
             dropped = torch.full((), math.nan, dtype=dt, device=dW.device)
         exceeds = (torch.linalg.matrix_norm(dW) >= 0.5 * dec.gap).to(dt)
         ok_before, sigma_before = self._ok(name, dec), dec.sigma1

@@ -337,11 +337,10 @@ def _assemble(Wc, top, lam2, L, X) -> ResolventSpectrum:
     return ResolventSpectrum(W=Wc, u=u, v=v, s1=s1, s2=s2, factor=L, basis=basis_next)
 
 
-#: Device route (:func:`resolvent_spectrum_device`): fixed inverse-iteration counts of phase 1 (top
-#: pair) and phase 2 (sigma_2), and the block width (warm vectors per phase).
-DEVICE_TOP_ITER = 4
-DEVICE_SECOND_ITER = 12
-DEVICE_BLOCK = 2
+#: Device route (:func:`resolvent_spectrum_device`): squarings of the inverse in phase 1 (top pair)
+#: and phase 2 (sigma_2): 2^s inverse-iteration steps in s matrix products each.
+DEVICE_TOP_SQUARINGS = 6
+DEVICE_SECOND_SQUARINGS = 6
 
 
 def _rayleigh_ritz_2(Q: torch.Tensor, GQ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,11 +348,10 @@ def _rayleigh_ritz_2(Q: torch.Tensor, GQ: torch.Tensor) -> tuple[torch.Tensor, t
     the host): the 2x2 ``T = Q^T G Q = [[a, b], [b, c]]`` is diagonalised by the Jacobi rotation of
     angle ``phi = atan2(2b, a - c) / 2`` (backward stable). Returns the rotated block and ``G`` times
     it, the larger Ritz value's vector first."""
-    T = Q.mT @ GQ
-    a, b, c = T[0, 0], 0.5 * (T[0, 1] + T[1, 0]), T[1, 1]
-    phi = 0.5 * torch.atan2(2 * b, a - c)
+    t = (Q.mT @ GQ).reshape(4)  # a, b, b', c
+    phi = 0.5 * torch.atan2(t[1] + t[2], t[0] - t[3])
     cs, sn = torch.cos(phi), torch.sin(phi)
-    R = torch.stack([torch.stack([cs, -sn]), torch.stack([sn, cs])])
+    R = torch.stack([cs, -sn, sn, cs]).reshape(2, 2)
     return Q @ R, GQ @ R
 
 
@@ -362,12 +360,28 @@ def _inverse_solve(L: torch.Tensor, LT: torch.Tensor, B: torch.Tensor) -> torch.
     return torch.linalg.solve_triangular(LT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
+def _inverse_power(L: torch.Tensor, eye: torch.Tensor, squarings: int) -> torch.Tensor:
+    """``(L L^T)^{-2^s}`` up to a positive factor, for a lower Cholesky factor ``L`` (k, k): the
+    inverse ``P = L^{-T} L^{-1}`` (one triangular solve with the identity ``eye``, no LAPACK info),
+    divided by its Frobenius norm (so its eigenvalues are at most 1 and the largest at least
+    ``1/sqrt(k)``), squared ``s`` times, renormalised every third squaring (the largest eigenvalue
+    then stays above ``k^-4`` in between: no underflow in float32). Applied to a block it is 2^s steps
+    of inverse iteration in s + 1 dense products (few launches, no host branch)."""
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    P = Linv.mT @ Linv
+    for i in range(squarings):
+        if i % 3 == 0:
+            P = P / torch.linalg.matrix_norm(P)
+        P = P @ P
+    return P
+
+
 def resolvent_spectrum_device(
     W: torch.Tensor,
     dtype: torch.dtype,
     basis: torch.Tensor,
-    top_iter: int = DEVICE_TOP_ITER,
-    second_iter: int = DEVICE_SECOND_ITER,
+    top_squarings: int | None = None,
+    second_squarings: int | None = None,
 ) -> ResolventSpectrum:
     """:func:`resolvent_spectrum` without a host synchronisation (the device route; CUDA's route, and
     CPU's under ``route="device"``): torch operations only, fixed iteration counts, no data-dependent
@@ -375,21 +389,23 @@ def resolvent_spectrum_device(
     bool), to be read with the step's packed results.
 
     ``W`` (m, n); ``basis`` (k, p), p >= 1 (three columns used): warm vectors of the smaller Gram
-    matrix G (k, k), k = min(m, n) (k = 1: sigma_2 := 0). Phase 1: block inverse iteration (2
-    columns, QR) with the Cholesky factor of ``s I - G``, in two stages (the shift is refined from the
-    first stage's Rayleigh-Ritz pair),
+    matrix G (k, k), k = min(m, n) (k = 1: sigma_2 := 0). Phase 1: the shift
     ``s = theta_1 + max(2 r, 1e-2 |theta_1 - theta_2|, 64 eps theta_1)`` from the Rayleigh quotients
-    ``theta`` and residual r of the warm vectors, ``top_iter`` times per stage, then a 2x2 Rayleigh-Ritz
-    (:func:`_rayleigh_ritz_2`): the top vector converges like ``((s - lambda_1) / (s - lambda_3))^top_iter``.
-    Phase 2: the same with the deflated ``A = s1^2 I - G + s1^2 w w^T`` on the complement of w,
-    ``second_iter`` times: the second vector converges like
-    ``((lambda_1 - lambda_2) / (lambda_1 - lambda_4))^second_iter``.
+    ``theta`` and residual r of the first two warm vectors is above lambda_1 when the Cholesky
+    factorisation of ``s I - G`` succeeds; ``2^top_squarings`` steps of inverse iteration
+    (:func:`_inverse_power`) take the first warm vector to z_1 at the rate
+    ``((s - lambda_1) / (s - lambda_2))^(2^top_squarings)``. Phase 2: the same with the deflated
+    ``A = s1^2 I - G + s1^2 w w^T`` (also the factor of the resolvent form) on a 2-column block in the
+    complement of w, then a 2x2 Rayleigh-Ritz (:func:`_rayleigh_ritz_2`): the second vector converges
+    like ``((lambda_1 - lambda_2) / (lambda_1 - lambda_4))^(2^second_squarings)``.
 
     ``ok`` is True iff both factorisations succeeded (``info == 0``), the residuals meet the host
     route's bounds (``r_1 <= 16 sqrt(k) eps theta_1``, ``r_2 <= 1e-8 theta_1 sqrt(eps / eps_64)``),
     ``s1^2 - lambda_2 > 2 separation_tolerance(k) s1^2`` and everything is finite. A spectrum with
     ``ok`` False must not be used (the probe flags its step and restarts the layer cold).
     """
+    top_squarings = DEVICE_TOP_SQUARINGS if top_squarings is None else top_squarings
+    second_squarings = DEVICE_SECOND_SQUARINGS if second_squarings is None else second_squarings
     Wc = W.to(dtype)
     if Wc.data_ptr() == W.data_ptr():
         Wc = Wc.clone()  # the spectrum keeps W_t; the optimiser updates the parameter in place
@@ -399,41 +415,33 @@ def resolvent_spectrum_device(
     eps = torch.finfo(dtype).eps
     eye = torch.eye(k, dtype=dtype, device=G.device)
     basis = basis.to(dtype)
-    # phase 1: a shift above lambda_1 from the block's Rayleigh quotients and residual, refined once
-    Z, _ = torch.linalg.qr(basis[:, : min(DEVICE_BLOCK, k)])
+    # phase 1: a shift above lambda_1 from the warm vectors' Rayleigh quotients and residual
+    Z, _ = torch.linalg.qr(basis[:, :2])
     GZ = G @ Z
-    info1 = torch.zeros((), dtype=torch.int32, device=G.device)
-    for _stage in range(2):
-        if Z.shape[1] == 2:
-            Z, GZ = _rayleigh_ritz_2(Z, GZ)
-        theta = (Z * GZ).sum(0)
-        r = torch.linalg.vector_norm(GZ[:, 0] - theta[0] * Z[:, 0])
-        spread = (theta[0] - theta[-1]).abs()  # 0 for k = 1
-        margin = torch.maximum(torch.maximum(2 * r, 1e-2 * spread), 64 * eps * theta[0].abs())
-        L1, info = torch.linalg.cholesky_ex((theta[0] + margin) * eye - G)
-        info1 = info1 | info
-        L1T = L1.mT
-        for _ in range(top_iter):
-            Z, _ = torch.linalg.qr(_inverse_solve(L1, L1T, Z))
-        GZ = G @ Z
-    if Z.shape[1] == 2:
-        Z, GZ = _rayleigh_ritz_2(Z, GZ)
-    z1 = Z[:, 0]
-    lam1 = z1 @ GZ[:, 0]
-    r1 = torch.linalg.vector_norm(GZ[:, 0] - lam1 * z1)
+    theta = (Z * GZ).sum(0)
+    r = torch.linalg.vector_norm(GZ[:, 0] - theta[0] * Z[:, 0])
+    spread = (theta[0] - theta[-1]).abs()  # 0 for k = 1
+    margin = torch.maximum(torch.maximum(2 * r, 1e-2 * spread), 64 * eps * theta[0].abs())
+    L1, info1 = torch.linalg.cholesky_ex((theta[0] + margin) * eye - G)
+    z1 = _inverse_power(L1, eye, top_squarings) @ Z[:, :1]
+    # one backward-stable step with the factor itself: the explicit inverse's rounding is not left in z_1
+    z1 = _inverse_solve(L1, L1.mT, z1)[:, 0]
+    z1 = z1 / torch.linalg.vector_norm(z1)
+    Gz1 = G @ z1
+    lam1 = z1 @ Gz1
+    r1 = torch.linalg.vector_norm(Gz1 - lam1 * z1)
     u, v, s1, w = _top_pair_device(Wc, z1)
     s1sq = s1 * s1
     # phase 2: the deflated A (also the factor the resolvent form needs) on the complement of w
     L, info2 = torch.linalg.cholesky_ex(s1sq * eye - G + s1sq * torch.outer(w, w))
-    LT = L.mT
-    q = min(DEVICE_BLOCK, k - 1, basis.shape[1] - 1)  # the complement of w holds k - 1 columns
+    q = min(2, k - 1, basis.shape[1] - 1)  # the complement of w holds k - 1 columns
     if q >= 1:
         X = basis[:, 1 : 1 + q]
-        for _ in range(second_iter):
-            X = X - torch.outer(w, w @ X)
-            X, _ = torch.linalg.qr(_inverse_solve(L, LT, X))
         X = X - torch.outer(w, w @ X)
-        X, _ = torch.linalg.qr(X)
+        X = _inverse_power(L, eye, second_squarings) @ X
+        X, _ = torch.linalg.qr(X - torch.outer(w, w @ X))
+        X = _inverse_solve(L, L.mT, X)  # one backward-stable step with the factor (as in phase 1)
+        X, _ = torch.linalg.qr(X - torch.outer(w, w @ X))
         GX = G @ X
         if q == 2:
             X, GX = _rayleigh_ritz_2(X, GX)
