@@ -137,3 +137,30 @@ def test_probe_step_op_count(model_name):
     assert probe_ops <= OP_BUDGET[model_name]
     if model_name == "mlp":
         assert host_ops > OP_BUDGET[model_name]  # the wrong variant this budget rejects
+
+
+def test_route_is_validated():
+    model = build_model("mlp", seed=0)
+    with pytest.raises(Exception, match="route must be one of auto, device, host"):
+        DynamicsProbe(model, route="gpu")
+    with pytest.raises(Exception, match="route='device' needs decomposition='resolvent'"):
+        DynamicsProbe(model, route="device", decomposition="gram")
+    assert DynamicsProbe(model, route="device").on_device_route()
+    assert not DynamicsProbe(model).on_device_route()  # auto on CPU: the host route
+
+
+@pytest.mark.parametrize("shape", [(20, 50), (50, 20), (1, 7)])
+def test_update_exceeds_gap_on_device_agrees_with_the_host_decision(shape):
+    # |dW|_2 just below and just above gap / 2 (1e-6 relative: far above rounding); the Frobenius bound
+    # alone (the wrong variant) says True for both when |dW|_F > |dW|_2
+    from lipverify.probe import update_exceeds_gap
+    from lipverify.probe.dynamics_probe import _exceeds_gap_on_device
+
+    dW = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    norm2 = float(torch.linalg.matrix_norm(dW, 2))
+    for factor, expected in ((1 + 1e-6, False), (1 - 1e-6, True)):
+        gap = 2 * norm2 * factor
+        assert bool(_exceeds_gap_on_device(dW, torch.tensor(gap, dtype=torch.float64))) is expected
+        assert update_exceeds_gap(dW, gap) is expected
+    if min(shape) > 1:
+        assert float(torch.linalg.matrix_norm(dW)) > norm2 * (1 + 1e-6)  # the Frobenius bound is not enough

@@ -68,13 +68,22 @@ Decompositions are cached per layer and reused while the weight holds the values
 from: the version counter and a comparison with a snapshot of W (writes through ``.data`` and fused
 optimiser kernels do not bump the counter).
 
+Routes (``DynamicsProbe(route=...)`` or ``LIPVERIFY_PROBE_ROUTE``): the host route above (CPU's
+default: scipy kernels, converged-or-fallback decided on the host) and the device route (CUDA's
+default, ``route="device"`` on CPU: torch only, fixed work per step, no host synchronisation after a
+layer's first step, results as :class:`~lipverify.probe.deferred.DeferredResults` read later;
+:func:`~lipverify.probe.resolvent.resolvent_spectrum_device`). :mod:`lipverify.probe.interpose`
+counts ATen operations and host synchronisations (the proof on CPU).
+
 Layout: :mod:`lipverify.probe.layers` (layer discovery, matrix view, per-sample weight copies),
 :mod:`lipverify.probe.resolvent` (the spectrum kernels), :mod:`lipverify.probe.dynamics_probe` (the
 :class:`DynamicsProbe` orchestration), :mod:`lipverify.probe.reference` (the slow references).
 """
 
+from lipverify.probe.deferred import DeferredResults
 from lipverify.probe.dynamics_probe import (
     QUANTITIES,
+    ROUTES,
     DynamicsProbe,
     ProbeSchedule,
     cross_layer_diffusion,
@@ -90,6 +99,7 @@ from lipverify.probe.resolvent import (
     ResolventSpectrum,
     fast_decompose,
     resolvent_spectrum,
+    resolvent_spectrum_device,
 )
 
 __all__ = [
@@ -98,6 +108,8 @@ __all__ = [
     "RESOLVENT_DIRECT_K",
     "RESOLVENT_MAX_DIM",
     "RESOLVENT_MAX_ITER",
+    "ROUTES",
+    "DeferredResults",
     "DynamicsProbe",
     "ProbeSchedule",
     "ResolventSpectrum",
@@ -107,6 +119,7 @@ __all__ = [
     "reference_layer_terms",
     "reference_per_sample_gradients",
     "resolvent_spectrum",
+    "resolvent_spectrum_device",
     "update_exceeds_gap",
     "weight_matrix",
 ]

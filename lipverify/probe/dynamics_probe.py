@@ -114,7 +114,19 @@ class DynamicsProbe:
     ``population_size``: N
     for the without-replacement factor ``(1 - b/N)`` of Proposition 5 (None: with replacement);
     ``gap_tolerance``: relative gap below which a layer is flagged ``degenerate`` (None:
-    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype).
+    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype); ``route``: ``"auto"`` (default,
+    or the environment variable ``LIPVERIFY_PROBE_ROUTE``): the device route for CUDA weights, the
+    host route for CPU ones; ``"device"``: the device route everywhere (CPU then runs exactly CUDA's
+    code: torch only, no scipy/LAPACK, no threadpoolctl); ``"host"``: the host route everywhere.
+
+    The device route (``"resolvent"`` only; :meth:`on_device_route`) issues no host synchronisation
+    in ``before_step``, ``capture``, ``after_backward``, ``compute`` and ``after_step`` once every layer
+    has had its first (cold, full) decomposition: the spectrum is
+    :func:`~lipverify.probe.resolvent.resolvent_spectrum_device` (fixed work, convergence verdict on
+    the device), the cache check compares W with its snapshot on the device, and ``compute`` /
+    ``after_step`` return :class:`~lipverify.probe.deferred.DeferredResults`: the same mapping, built
+    from one packed tensor per call when first read (read it a step later to keep the device busy).
+    A not-converged (or stale) layer comes out ``converged=False, degenerate=True`` and restarts cold.
 
     Two ways to use it: :meth:`measure` (one batch, the model is not updated, the parameters'
     ``.grad`` are restored), or inside a training loop::
@@ -803,10 +815,9 @@ class DynamicsProbe:
         On the device route (:meth:`on_device_route`) the result is a
         :class:`~lipverify.probe.deferred.DeferredResults` (same keys and values, read on the host at
         the first access); W_{t+1}'s spectrum is always recomputed (fused optimiser kernels do not bump
-        the version counter), and ``update_exceeds_gap`` is decided by the Frobenius bound alone
-        (``|Delta W|_F >= gap / 2``: conservative, it flags the band ``|Delta W|_2 < gap / 2 <=
-        |Delta W|_F`` that the host route resolves with power steps or an SVD) or a not-converged spectrum
-        at W_t or W_{t+1} (the truth of that layer is then not to be used).
+        the version counter), ``update_exceeds_gap`` is decided by whether ``(gap/2)^2 I - Delta W Delta W^T``
+        (smaller side) has a Cholesky factor (:func:`_exceeds_gap_on_device`), and it is also True for a
+        not-converged spectrum at W_t or W_{t+1} (the truth of that layer is then not to be used).
         """
         device = self.on_device_route()
         mean_grad_scale = (
@@ -908,7 +919,7 @@ class DynamicsProbe:
         else:
             q = dec.quadratic_form(y, x)
             dropped = torch.full((), math.nan, dtype=dt, device=dW.device)
-        exceeds = (torch.linalg.matrix_norm(dW) >= 0.5 * dec.gap).to(dt)
+        exceeds = _exceeds_gap_on_device(dW, dec.gap).to(dt)
         ok_before, sigma_before = self._ok(name, dec), dec.sigma1
         # W_t's spectrum is released before W_{t+1}'s is computed (peak memory)
         dec = dW = W0 = None
@@ -925,6 +936,19 @@ def _top_pair_projections(dec: SpectralDecomposition | ResolventSpectrum, M: tor
     """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``."""
     M = M.to(dec.u.dtype).reshape(dec.shape)
     return M.T @ dec.u, M @ dec.v
+
+
+def _exceeds_gap_on_device(dW: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """:func:`update_exceeds_gap` without a host read: ``|dW|_2 >= gap / 2`` iff
+    ``(gap / 2)^2 I - D`` is not positive definite, D the smaller Gram matrix of dW (k, k); decided
+    by the ``info`` of its Cholesky factorisation, kept on the device (0-d bool). At the boundary
+    (``|dW|_2 = gap / 2`` to rounding) either answer may come out, as for the host route's norm."""
+    m, n = dW.shape
+    D = dW @ dW.mT if m <= n else dW.mT @ dW
+    half = 0.5 * gap
+    eye = torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
+    _, info = torch.linalg.cholesky_ex((half * half) * eye - D)
+    return info != 0
 
 
 def _exactly_representable(src: torch.dtype, dst: torch.dtype) -> bool:
