@@ -15,6 +15,9 @@ factor instead of a full decomposition per step, its fallback counts are printed
 gradient is a separate pass over the data and not included); ``probe-f32`` (spectral parts in
 float32); ``probe-gram`` and ``probe-gram-f32`` (the same with ``decomposition="gram"``, a full
 decomposition of every weight per step); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``);
+``probe-device`` (``route="device"``: the code CUDA runs, torch only, no host synchronisation in the
+steady state; on CUDA ``probe`` already takes it); every probe variant reads a step's results one step
+later (as a training loop that logs them would);
 ``floor-f64`` and ``floor-f32`` (a plain step plus only the dense kernels the resolvent route cannot
 avoid: per layer one Gram product, two Cholesky factorisations and one b-column triangular solve; the
 lower bound of ``probe`` / ``probe-f32`` on this machine; its ratio is against the plain step timed
@@ -22,7 +25,11 @@ in the same subprocess, no memory figure); ``reference`` (torch.func
 ``vmap(grad)`` per-sample gradients, ``layer_terms`` with full SVDs, then the step).
 
     python benchmarks/bench_probe.py                     # MLP and ConvNet, b = 128, CPU
-    python benchmarks/bench_probe.py --device cuda --model convnet --batch-size 256
+    python benchmarks/bench_probe.py --device cuda --model convnet --batch-size 256 --json out.json
+
+Besides time and memory every row reports ``ops``, the ATen operations of one steady-state step
+and ``syncs``, the host synchronisations among them (:class:`lipverify.probe.interpose.SyncCounter`,
+counted on one extra step after the timed ones).
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ def _worker(args: argparse.Namespace) -> dict:
     if variant.startswith("probe"):
         probe = DynamicsProbe(
             model,
+            route="device" if variant == "probe-device" else "auto",
             compute_dtype=torch.float32 if variant.endswith("-f32") else torch.float64,
             conv_method="unfold" if variant == "probe-unfold" else "conv",
             decomposition="gram" if variant.startswith("probe-gram") else "resolvent",
@@ -86,6 +94,8 @@ def _worker(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    pending = []  # the previous step's results, read one step later
+
     def step():
         if probe is not None:
             probe.before_step()
@@ -93,9 +103,12 @@ def _worker(args: argparse.Namespace) -> dict:
             with probe.capture():
                 F.cross_entropy(model(x), y).backward()
             probe.after_backward()
-            network_terms(probe.compute(lr))
+            terms = probe.compute(lr)
             opt.step()
-            probe.after_step(lr)
+            truth = probe.after_step(lr)
+            for t, d in pending:
+                network_terms(t), dict(d)
+            pending[:] = [(terms, truth)]
             return
         if variant == "reference":
             reference_layer_terms(model, x, y, F.cross_entropy, lr, mode="vmap", dtype=torch.float64)
@@ -115,9 +128,20 @@ def _worker(args: argparse.Namespace) -> dict:
     else:
         mem = _peak_rss_bytes() - base_rss
     out = {"median_s": statistics.median(times), "min_s": min(times), "peak_mem_bytes": mem}
+    out.update(_op_counts(step, sync))
     if probe is not None and probe.decomposition == "resolvent":
         out["resolvent_stats"] = probe.resolvent_stats
     return out
+
+
+def _op_counts(step, sync) -> dict:
+    """ATen operations and host synchronisations of one more (steady-state) step."""
+    from lipverify.probe.interpose import counting
+
+    with counting() as c:
+        step()
+    sync()
+    return {"aten_ops": c.op_count, "host_syncs": c.sync_count}
 
 
 def _step_times(fn, sync, warmup: int, repeats: int) -> list[float]:
@@ -209,6 +233,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) torch.func reference")
+    p.add_argument("--variants", default="", help="comma-separated variants to run (default: all)")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -220,15 +246,23 @@ def main() -> None:
     threads = args.threads or "default"
     print(f"device={args.device} batch={args.batch_size} threads={threads} repeats={args.repeats}")
     head = ("model", "variant", "median ms", "x plain", "peak MB", "x plain mem")
-    print(f"{head[0]:8s} {head[1]:14s} {head[2]:>10s} {head[3]:>8s} {head[4]:>9s} {head[5]:>11s}")
+    print(
+        f"{head[0]:8s} {head[1]:14s} {head[2]:>10s} {head[3]:>8s} {head[4]:>9s} {head[5]:>11s}"
+        f" {'ops':>6s} {'x plain':>7s} {'syncs':>5s}"
+    )
+    everything = {"device": args.device, "batch_size": args.batch_size, "threads": threads, "models": {}}
     for model in models:
-        variants = ["plain", "probe", "probe-f32", "probe-gram", "probe-gram-f32"]
+        variants = ["plain", "probe", "probe-device", "probe-f32", "probe-gram", "probe-gram-f32"]
         if model == "convnet":
             variants.append("probe-unfold")
         variants += ["floor-f64", "floor-f32"]
         if not args.no_reference:
             variants.append("reference")
+        if args.variants:
+            wanted = set(args.variants.split(",")) | {"plain"}
+            variants = [v for v in variants if v in wanted]
         results = {v: _run_variant(args, model, v) for v in variants}
+        everything["models"][model] = results
         plain = results["plain"]
         for v, r in results.items():
             base = r.get("plain_s", plain["median_s"])  # a floor row: its own plain step
@@ -237,11 +271,20 @@ def main() -> None:
                 if plain["peak_mem_bytes"] <= 0 or r["peak_mem_bytes"] <= 0
                 else f"{r['peak_mem_bytes'] / plain['peak_mem_bytes']:.2f}"
             )
+            ops = r.get("aten_ops")
+            op_cols = (
+                f" {ops:6d} {ops / plain['aten_ops']:7.1f} {r['host_syncs']:5d}"
+                if ops is not None
+                else f" {'n/a':>6s} {'n/a':>7s} {'n/a':>5s}"
+            )
             print(
                 f"{model:8s} {v:14s} {1e3 * r['median_s']:10.2f} {r['median_s'] / base:8.2f} "
                 f"{r['peak_mem_bytes'] / 2**20:9.1f} {mem_ratio:>11s}"
+                + op_cols
                 + (f"  {r['resolvent_stats']}" if "resolvent_stats" in r else "")
             )
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=2))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ class LayerTerms:
     gap: float
     degenerate: bool = False
     noise_projections: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: False: the probe's device-route spectrum of this step did not converge (then also
+    #: ``degenerate=True``); the step's terms are not to be used
+    converged: bool = True
 
     @property
     def relative_gap(self) -> float:

@@ -611,12 +611,14 @@ class _Run:
                 )
         # before the probe divides by a gap or squares a projection of an overflowed gradient
         _check_diverged(row, step, c.lr)
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                raise LipverifyError(
-                    f"training diverged at step {step}: the gradient of {name} is not finite; "
-                    f"try a smaller lr (lr = {c.lr})"
-                )
+        grads = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+        # one fused check (one host read per step); the offending name is looked up only on failure
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            name = next(name for name, g in grads if not bool(torch.isfinite(g).all()))
+            raise LipverifyError(
+                f"training diverged at step {step}: the gradient of {name} is not finite; "
+                f"try a smaller lr (lr = {c.lr})"
+            )
         full = probe.full_gradient(self.full_batches(), self.loss_fn) if due_full else None
         full_clean = None
         if due_full and c.full_gradient_clean:
@@ -629,13 +631,13 @@ class _Run:
                 terms = probe.compute(
                     c.lr, grad_scale=c.grad_scale, grad_noise_var=noise_var, weight_decay=c.weight_decay
                 )
+                net = network_terms(terms)  # the device route's deferred results are read (and checked) here
             except NonFiniteTermError as exc:
                 # e.g. psi = lr^2/2 tr(H Sigma) overflows at a huge lr before any weight does
                 raise LipverifyError(
                     f"training diverged at step {step}: {str(exc).removesuffix('; check the inputs')}; "
                     f"try a smaller lr (lr = {c.lr})"
                 ) from exc
-            net = network_terms(terms)
             row.update(
                 log_bound=net.log_bound,
                 net_mu=net.mu,

@@ -29,10 +29,20 @@ RTOL = 1e-8
 FIELDS = ("sigma", "gap", "mu", "phi", "psi")
 
 
+@pytest.fixture(autouse=True, params=["host", "device"])
+def probe_route(request, monkeypatch):
+    """Every test runs on both routes of the "resolvent" probe: "host" (CPU's own: scipy LAPACK,
+    converged-or-fallback on the host) and "device" (CUDA's: torch only, fixed iterations, results
+    read from one packed tensor), against the same float64 references."""
+    monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", request.param)
+    return request.param
+
+
 def _max_rel(probe_terms, ref_terms) -> float:
     worst = 0.0
     for name, ref in ref_terms.items():
         got = probe_terms[name]
+        assert got.converged  # a not-converged device-route step is flagged, never compared as valid
         for f in FIELDS:
             a, b = getattr(got, f), getattr(ref, f)
             worst = max(worst, abs(a - b) / max(abs(b), 1e-300))
@@ -560,12 +570,15 @@ def test_resolvent_spectrum_gives_up_on_degenerate_or_unconverged_input(monkeypa
     assert spec is None and iters == 1
 
 
-def test_resolvent_mode_falls_back_to_the_full_decomposition(monkeypatch):
-    import lipverify.probe as probe_mod
+def test_resolvent_mode_falls_back_to_the_full_decomposition(monkeypatch, probe_route):
+    import lipverify.probe.dynamics_probe as probe_mod
 
     model = _small()
     probe = _warm_probe(model, (30,), steps=2, b=5, lr=0.1, classes=5)
     assert probe.resolvent_stats["fallback"] == 0
+    if probe_route == "device":
+        _device_non_convergence_is_flagged_and_restarts_cold(model, probe, probe_mod, monkeypatch)
+        return
     monkeypatch.setattr(probe_mod, "resolvent_spectrum", lambda W, dtype, basis: (None, 25))
     with torch.no_grad():  # a new weight: the next decomposition is not the cached one
         for p in model.parameters():
@@ -575,6 +588,34 @@ def test_resolvent_mode_falls_back_to_the_full_decomposition(monkeypatch):
     assert probe.resolvent_stats["fallback"] == 3 and probe.resolvent_stats["iterations"] >= 75
     ref = reference_layer_terms(model, x, y, LOSS, lr=0.1)
     assert _max_rel(got, ref) < RTOL
+
+
+def _device_non_convergence_is_flagged_and_restarts_cold(model, probe, probe_mod, monkeypatch):
+    # the device route cannot fall back within the step (that is a host branch): a spectrum whose
+    # on-device verdict is False must come out flagged (converged=False, degenerate=True) and the layer
+    # restarts cold at its next decomposition
+    from dataclasses import replace
+
+    real = probe_mod.resolvent_spectrum_device
+    monkeypatch.setattr(
+        probe_mod, "resolvent_spectrum_device", lambda *a: replace(real(*a), ok=torch.tensor(False))
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.001)
+    x, y = _batch((30,), classes=5)
+    cold = probe.resolvent_stats["cold"]
+    got = probe.measure(x, y, LOSS, lr=0.1)
+    assert all(not t.converged and t.degenerate for t in got.values())
+    assert probe.resolvent_stats["fallback"] == 3
+    monkeypatch.setattr(probe_mod, "resolvent_spectrum_device", real)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.001)
+    got = probe.measure(x, y, LOSS, lr=0.1)
+    assert probe.resolvent_stats["cold"] == cold + 3
+    assert all(t.converged and not t.degenerate for t in got.values())
+    assert _max_rel(got, reference_layer_terms(model, x, y, LOSS, lr=0.1)) < RTOL
 
 
 def test_resolvent_mode_weight_decay_noise_and_discrete_truth():
@@ -765,7 +806,7 @@ def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, 
     # time W_{t+1}'s is computed, or the probe holds two of each at its peak
     import weakref
 
-    import lipverify.probe as probe_module
+    import lipverify.probe.dynamics_probe as probe_module
 
     model = _small()
     probe = _warm_probe(model, (30,), decomposition=decomposition, steps=2, b=5, lr=0.1, classes=5)
@@ -787,7 +828,7 @@ def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, 
 
         return wrapped
 
-    for fn in ("resolvent_spectrum", "fast_decompose"):
+    for fn in ("resolvent_spectrum", "resolvent_spectrum_device", "fast_decompose"):
         monkeypatch.setattr(probe_module, fn, spy(getattr(probe_module, fn)))
     probe.after_step(0.1)
     # layer l's new spectrum is computed once layers 0..l have released their old ones
@@ -795,7 +836,7 @@ def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, 
 
 
 @pytest.mark.parametrize("write", ["data", "fused-sgd"])
-def test_cached_spectrum_follows_writes_that_do_not_bump_the_version(write):
+def test_cached_spectrum_follows_writes_that_do_not_bump_the_version(write, probe_route):
     # a write through .data and a fused optimiser kernel change W without its version counter; a
     # cache keyed on (data_ptr, version) alone keeps serving W_t's spectrum (sigma, mu, psi of W_t,
     # dsigma_observed = 0)
@@ -836,7 +877,13 @@ def test_cached_spectrum_follows_writes_that_do_not_bump_the_version(write):
         probe.after_backward()
         terms = probe.compute(lr)
         for name, sigma in exact.items():
-            assert math.isclose(terms[name].sigma, 0.5 * sigma, rel_tol=1e-12)
+            got = terms[name]
+            if probe_route == "device" and not got.converged:
+                # the device-side cache check flagged the stale spectrum (no host branch); never used
+                assert got.degenerate
+                assert math.isclose(probe.sigmas()[name], 0.5 * sigma, rel_tol=1e-12)
+            else:
+                assert math.isclose(got.sigma, 0.5 * sigma, rel_tol=1e-12)
     for name, truth in results[write].items():
         if write == "data":  # every sigma_1 scales by 1.5
             sigma_before = exact[name] / 1.5

@@ -1,78 +1,12 @@
-"""Dynamics probe: Theorem 14/15 terms of a real ``nn.Module`` from one backward pass.
-
-For every ``nn.Linear`` and ``nn.Conv2d`` (weight in the matrix view of MATH section 0: a Conv2d
-weight ``(out, in, kh, kw)`` is the ``(out, in*kh*kw)`` matrix) the probe records, per step,
-``sigma_1``, the gap, the degenerate flag, ``mu``, ``phi``, ``psi`` (Theorem 14 with the
-Proposition 5 estimator), and for the network the Theorem 15 terms plus the cross-layer noise
-diagnostic of MATH section 4; on request the full-data drift ``mu_full`` and the one-step discrete
-truth of MATH section 3.
-
-Per-sample structure (MATH section 2, end). Hooks capture each layer's input ``a`` and the gradient
-``delta`` of the loss with respect to the layer's output. For a Linear layer ``G_i = delta_i a_i^T``
-(summed over extra positions if the input has more than two dimensions), for a Conv2d
-``G_i = sum_p delta_{i,p} a_{i,p}^T`` over output positions p with the unfolded patches
-``a_{i,p}``. The probe only forms the projections
-
-* ``y_i = G_i^T u = sum_p a_{i,p} (delta_{i,p}^T u)``  (n,)
-* ``x_i = G_i v   = sum_p delta_{i,p} (a_{i,p}^T v)``  (m,)
-
-never a per-sample gradient. For a Conv2d, ``a_{i,p}^T v`` is a convolution of the input with
-``v`` reshaped as a one-output-channel kernel, and ``y_i`` is the per-sample weight gradient of a
-single output channel with output gradient ``delta^T u`` (one grouped ``conv2d_weight`` call with
-``groups = b``); ``conv_method="unfold"`` uses ``F.unfold`` instead (same numbers, more memory).
-The projections are linear in ``G_i``, so centring ``E_i = G_i - G_bar`` is ``y_i - y_bar``,
-``x_i - x_bar``. The contractions with the activations run in ``projection_dtype`` (default: the
-activations' own dtype, so float32 training keeps torch's fast float32 convolution kernels; a
-float64 model gets float64 throughout); the projections are then cast to ``compute_dtype``
-(float64 by default) before centring and everything after (decomposition, Lemma 13 forms,
-Theorem 14 sums) runs in ``compute_dtype``.
-
-Spectral parts per step (``decomposition=``). ``"gram"`` and ``"svd"`` take a full thin
-SVD of every weight and evaluate Lemma 13 over all r singular pairs. ``"resolvent"`` (default) never does
-after a layer's first step: it keeps the top pair, sigma_2 and the Cholesky factor of the deflated
-``s1^2 I - W W^T + s1^2 u u^T`` on the smaller Gram side, warm-started from the previous step
-(:func:`resolvent_spectrum`), and evaluates the resolvent form of MATH section 2 with one
-triangular solve (:meth:`ResolventSpectrum.quadratic_form`). Not-converged steps fall back to the
-full decomposition and are counted in ``DynamicsProbe.resolvent_stats``; for bitwise-identical
-resumed runs the warm-start state must travel with the checkpoint (:meth:`DynamicsProbe.warm_state`).
-
-Per-sample loss. The probe uses ``G_i = grad of l_i`` with the per-sample loss defined by
-``L = (1/b) sum_i l_i``. The hooked output gradient of a ``reduction="mean"`` loss is
-``(1/b) grad l_i``, so the probe multiplies ``delta`` by b. A ``reduction="sum"`` loss
-``sum_i l_i = b L`` is SGD on L with learning rate ``b eta``: the hooked gradient is already
-``grad l_i`` and the terms are computed with ``b eta`` (so mu and phi scale by b, psi by b^2). The
-reduction is read from ``loss_fn.reduction`` when present, else ``"mean"`` (the default of torch's
-functional losses); pass ``reduction=`` explicitly for anything else. A loss function returning
-per-sample losses (shape (b,)) is averaged (``reduction="mean"``).
-
-Definition of the per-sample gradient (also with batch norm and dropout). ``G_i`` is b times the
-gradient of the batch loss with respect to a private copy ``W_i`` of the weight that only sample i
-uses in the forward pass (evaluated at ``W_i = W``). Without interactions between samples this is
-exactly ``grad l_i``. With batch norm in training mode (batch statistics) the samples interact:
-``G_i`` then contains the interaction terms through the batch mean and variance (it is what the
-hooks capture: the output gradient of sample i under the full batch loss), and
-``(1/b) sum_i G_i`` is still exactly the batch gradient. With dropout each sample uses its own mask
-of the single forward pass. :func:`reference_per_sample_gradients` implements this definition
-independently of hooks (``mode="copy"``: per-sample weight copies, one autograd pass) and also the
-``torch.func`` ``vmap(grad(l_i))`` definition (``mode="vmap"``) for models without interactions.
-
-Parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm) are not part of the bound
-``K = prod sigma_1(W_l)`` and are ignored. Any other module with its own parameters (Conv1d,
-Conv3d, ConvTranspose, Bilinear, Embedding, ...), a grouped Conv2d, a non-zero padding mode,
-parametrised weights, computed weights (the hooks of ``torch.nn.utils.weight_norm`` /
-``spectral_norm``), frozen weights (``requires_grad=False``: a constant factor of K), a Linear/Conv2d
-subclass that overrides ``forward`` (or ``_conv_forward``), weights shared between modules or a layer
-called twice in one forward raise a :class:`LipverifyError` listing them, unless named in ``skip=``.
-
-Decompositions are cached per layer and reused while the weight holds the values they were computed
-from: the version counter and a comparison with a snapshot of W (writes through ``.data`` and fused
-optimiser kernels do not bump the counter).
-"""
+"""``DynamicsProbe``: the orchestration of the probe (hooks, projections, caches, Theorem 14/15
+terms, discrete truth); the kernels live in :mod:`lipverify.probe.layers` and
+:mod:`lipverify.probe.resolvent` (see :mod:`lipverify.probe` for the whole description)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -80,20 +14,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipverify import _linalg
 from lipverify._validation import LipverifyError, check_batch_size
-from lipverify.dynamics import LayerTerms, layer_terms, layer_terms_from_projections
-from lipverify.spectral import (
-    SpectralDecomposition,
-    decompose,
-    separation_tolerance,
-    with_canonical_sign,
+from lipverify.dynamics import (
+    DegenerateSpectrumError,
+    LayerTerms,
+    NonFiniteTermError,
+    estimator_scale,
+    layer_terms_from_projections,
+)
+from lipverify.probe.deferred import DeferredResults
+from lipverify.probe.layers import _conv_padding, find_layers, weight_matrix
+from lipverify.probe.resolvent import (
+    DEVICE_SECOND_SQUARINGS,
+    DEVICE_TOP_SQUARINGS,
+    RESOLVENT_BLOCK,
+    ResolventSpectrum,
+    fast_decompose,
+    resolvent_spectrum,
+    resolvent_spectrum_device,
+)
+from lipverify.spectral import SpectralDecomposition, decompose, gap_tolerance_for
+
+#: Routes of :class:`DynamicsProbe` (``route=`` or the environment variable ``LIPVERIFY_PROBE_ROUTE``).
+ROUTES = ("auto", "device", "host")
+ROUTE_ENV = "LIPVERIFY_PROBE_ROUTE"
+#: Columns of the packed per-step rows of the device route.
+TERM_COLUMNS = ("sigma", "mu", "phi", "psi", "gap", "ok")
+TRUTH_COLUMNS = (
+    "dsigma_observed",
+    "dsigma_first",
+    "dsigma_second",
+    "dropped_drift_term",
+    "update_exceeds_gap",
+    "ok",
 )
 
 #: Quantities a :class:`ProbeSchedule` can schedule.
 QUANTITIES = ("terms", "full_gradient", "discrete")
-
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 @dataclass
@@ -141,420 +98,6 @@ class _Layer:
     dec_before: SpectralDecomposition | None = None
 
 
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return (0, 0)
-        pads = []
-        for k, d in zip(module.kernel_size, module.dilation, strict=True):
-            total = d * (k - 1)
-            if total % 2:
-                return None
-            pads.append(total // 2)
-        return (pads[0], pads[1])
-    return tuple(module.padding)
-
-
-def find_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[nn.Module, str]]:
-    """The probed layers ``name -> (module, kind)``; raises listing every unsupported module.
-    ``skip``: module names left out together with everything inside them; a name that is not a
-    module of ``model`` is an error."""
-    from torch.nn.utils import parametrize
-
-    skip = set(skip)
-    # a skipped module's descendants are skipped too ("block" covers "block.0", "block.1.fc")
-    skipped_prefixes = tuple(f"{s}." for s in skip if s)
-    layers: dict[str, tuple[nn.Module, str]] = {}
-    problems: list[str] = []
-    owners: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if name in skip or name.startswith(skipped_prefixes):
-            continue
-        own = [p for p in module.parameters(recurse=False)]
-        if parametrize.is_parametrized(module):
-            problems.append(f"{name} ({type(module).__name__}: parametrised weights)")
-            continue
-        if isinstance(module, nn.Linear):
-            kind = "linear"
-        elif isinstance(module, nn.Conv2d):
-            kind = "conv"
-            if module.groups != 1:
-                problems.append(f"{name} (Conv2d with groups={module.groups})")
-                continue
-            if module.padding_mode != "zeros":
-                problems.append(f"{name} (Conv2d with padding_mode={module.padding_mode!r})")
-                continue
-            if _conv_padding(module) is None:
-                problems.append(f"{name} (Conv2d with asymmetric 'same' padding)")
-                continue
-        elif isinstance(module, _NORM_TYPES) or not own:
-            continue
-        else:
-            problems.append(f"{name} ({type(module).__name__})")
-            continue
-        base = nn.Linear if kind == "linear" else nn.Conv2d
-        overridden = [
-            f
-            for f in ("forward", "_conv_forward")
-            if getattr(type(module), f, None) is not getattr(base, f, None)
-        ]
-        if overridden:  # G_i = delta_i a_i^T holds only for the stock forward
-            problems.append(f"{name} ({type(module).__name__} overrides {', '.join(overridden)})")
-            continue
-        if not isinstance(module.weight, nn.Parameter):
-            problems.append(
-                f"{name} ({type(module).__name__}: weight is computed, not a Parameter, e.g. by the hooks of "
-                "torch.nn.utils.weight_norm/spectral_norm)"
-            )
-            continue
-        if not module.weight.requires_grad:
-            problems.append(f"{name} ({type(module).__name__}: frozen weight, requires_grad=False)")
-            continue
-        key = id(module.weight)
-        if key in owners:
-            problems.append(f"{name} (weight shared with {owners[key]})")
-            continue
-        owners[key] = name
-        layers[name] = (module, kind)
-    unknown = skip - {n for n, _ in model.named_modules()}
-    if unknown:
-        raise LipverifyError(f"skip names unknown modules: {', '.join(sorted(unknown))}")
-    if problems:
-        raise LipverifyError(
-            "unsupported layers for the dynamics probe (supported: nn.Linear, nn.Conv2d with groups=1 and "
-            "zero padding, with their own forward and unshared, unparametrised, trainable weights): "
-            + "; ".join(problems)
-            + ". Pass their names in skip=[...] to leave them out of the bound (a frozen layer's sigma_1 is "
-            "a constant factor of K)."
-        )
-    if not layers:
-        raise LipverifyError("the model has no nn.Linear or nn.Conv2d layer to probe")
-    return layers
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight in the matrix view of MATH section 0: (out, in) or (out, in*kh*kw), detached."""
-    w = module.weight.detach()
-    return w.reshape(w.shape[0], -1)
-
-
-def fast_decompose(W: torch.Tensor, dtype: torch.dtype, name: str = "W") -> SpectralDecomposition:
-    """Thin SVD of ``W`` (m, n) in ``dtype`` via the eigendecomposition of the smaller Gram matrix.
-
-    ``W W^T = U diag(s^2) U^T`` (m <= n) and ``V = W^T U / s`` (or the transpose). 3-5x faster than
-    ``torch.linalg.svd`` on CPU; falls back to :func:`lipverify.spectral.decompose` when the smallest
-    singular value is below ``1e-4 sigma_1`` (where ``W^T U / s`` loses digits). Same sign
-    convention as ``decompose``.
-    """
-    Wc = W.to(dtype)
-    m, n = Wc.shape
-    if not bool(torch.isfinite(Wc).all()):
-        return decompose(Wc, name)  # raises the named error
-    tall = m > n
-    gram = Wc.T @ Wc if tall else Wc @ Wc.T
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    if not bool(evals[-1] > (1e-4**2) * evals[0]):
-        return decompose(Wc, name)
-    s = evals.sqrt()
-    other = (Wc @ evecs if tall else Wc.T @ evecs) / s
-    U, V = (other, evecs) if tall else (evecs, other)
-    return with_canonical_sign(U, s, V)
-
-
-@dataclass(frozen=True)
-class ResolventSpectrum:
-    """What the resolvent form of Lemma 13 needs (MATH section 2), without a full decomposition.
-
-    With ``k = min(m, n)`` (the smaller Gram side) and ``w = u`` (m <= n, ``G = W W^T``) or
-    ``w = v`` (m > n, ``G = W^T W``): ``L`` (k, k) is the lower Cholesky factor of the deflated
-    matrix ``A = s1^2 I_k - G + s1^2 w w^T``. A's eigenvalues are ``s1^2`` (on w) and
-    ``s1^2 - s_j^2`` (j = 2..k), so A is SPD iff ``s1 > s2``, and on the complement of w
-    ``A^{-1}`` is the pseudo-inverse ``R_U = (s1^2 I - W W^T)^+`` (resp. ``R_V``).
-
-    ``W``: (m, n) snapshot in the compute dtype; ``u`` (m,), ``v`` (n,), ``s1``, ``s2``: 0-d
-    tensors, same dtype; ``basis``: (k, p) Ritz vectors of G for the top p eigenvalues (the warm
-    start of the next step). Duck-types the parts of :class:`SpectralDecomposition` the probe uses
-    (``sigma1``, ``u``, ``v``, ``gap``, ``shape``).
-    """
-
-    W: torch.Tensor
-    u: torch.Tensor
-    v: torch.Tensor
-    s1: torch.Tensor
-    s2: torch.Tensor
-    factor: torch.Tensor = field(repr=False)
-    basis: torch.Tensor = field(repr=False)
-
-    @property
-    def L(self) -> torch.Tensor:
-        """The lower Cholesky factor (``factor`` holds it in its lower triangle; its upper triangle is
-        LAPACK workspace, never read)."""
-        return torch.tril(self.factor)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.W.shape)
-
-    @property
-    def sigma1(self) -> torch.Tensor:
-        return self.s1
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        """``(sigma_1, sigma_2)`` only (the rest of the spectrum is not computed)."""
-        return torch.stack([self.s1, self.s2])
-
-    @property
-    def gap(self) -> torch.Tensor:
-        return self.s1 - self.s2
-
-    @property
-    def relative_gap(self) -> torch.Tensor:
-        return self.gap / self.s1
-
-    @property
-    def tall(self) -> bool:
-        return self.W.shape[0] > self.W.shape[1]
-
-    def quadratic_form(
-        self, y: torch.Tensor, x: torch.Tensor, weight_times_y: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Lemma 13 ``q_H(E)`` from ``y = E^T u`` (..., n) and ``x = E v`` (..., m) -> (...,).
-
-        MATH section 2: ``q = s1 (y_perp^T R_V y_perp + x_perp^T R_U x_perp) + 2 y_perp^T R_V W^T x_perp``
-        with ``y_perp = y - (v^T y) v``, ``x_perp = x - (u^T x) u``. For m <= n the push-through
-        identity ``R_V y_perp = s1^{-2} (y_perp + W^T A^{-1} W y_perp)`` (``W y_perp`` is orthogonal to u
-        since ``u^T W y_perp = s1 v^T y_perp = 0``) and ``W R_V y_perp = A^{-1} W y_perp`` turn it into
-
-        ``q = (|y_perp|^2 + |L^{-1} (W y_perp + s1 x_perp)|^2) / s1``
-
-        (one triangular solve, a sum of squares: no cancellation, q >= 0 as H is PSD). For m > n
-        the mirror image ``q = (|x_perp|^2 + |L^{-1} (W^T x_perp + s1 y_perp)|^2) / s1``.
-
-        ``weight_times_y`` (m <= n only): ``W y`` (..., m) when the caller has it (the probe takes it
-        from a Linear layer's forward output); then ``W y_perp = W y - s1 (v^T y) u`` costs no product
-        with W.
-        """
-        u, v, s1 = self.u, self.v, self.s1
-        yv = y @ v
-        yp = y - yv.unsqueeze(-1) * v
-        xp = x - (x @ u).unsqueeze(-1) * u
-        if self.tall:
-            rhs = xp @ self.W + s1 * yp  # (..., n)
-            outside = (xp * xp).sum(-1)
-        else:
-            if weight_times_y is None:
-                rhs = yp @ self.W.T + s1 * xp  # (..., m)
-            else:
-                rhs = weight_times_y - (s1 * yv).unsqueeze(-1) * u + s1 * xp
-            outside = (yp * yp).sum(-1)
-        k = rhs.shape[-1]
-        z = _linalg.solve_lower(self.factor, rhs.reshape(-1, k).T)  # (k, N)
-        return (outside + (z * z).sum(0).reshape(rhs.shape[:-1])) / s1
-
-    def hessian_trace(self) -> torch.Tensor:
-        """``tr H = s1 (tr R_U + tr R_V) = 2 s1 tr R_k + (m + n - 2k) / s1`` with
-        ``tr R_k = tr A^{-1} - 1/s1^2 = |L^{-1}|_F^2 - 1/s1^2`` (MATH section 2, k = min(m, n))."""
-        m, n = self.shape
-        k = min(m, n)
-        eye = torch.eye(k, dtype=self.factor.dtype, device=self.factor.device)
-        Linv = _linalg.solve_lower(self.factor, eye)
-        tr_r = (Linv * Linv).sum() - 1.0 / (self.s1 * self.s1)
-        return 2 * self.s1 * tr_r + (m + n - 2 * k) / self.s1
-
-
-#: Block size (Ritz vectors carried between steps) and iteration cap of :func:`resolvent_spectrum`.
-RESOLVENT_BLOCK = 4
-RESOLVENT_MAX_ITER = 25
-#: Thick restart of the shift-invert block Krylov subspace at this many blocks.
-RESOLVENT_MAX_DIM = 10
-#: Smaller sides up to this size take G's full eigendecomposition instead of the iteration
-#: (at k <= 64 ``eigh`` costs less than the iteration's fixed per-step work).
-RESOLVENT_DIRECT_K = 64
-
-
-def resolvent_spectrum(
-    W: torch.Tensor,
-    dtype: torch.dtype,
-    basis: torch.Tensor,
-    max_iter: int = RESOLVENT_MAX_ITER,
-    direct_k: int = RESOLVENT_DIRECT_K,
-) -> tuple[ResolventSpectrum | None, int]:
-    """sigma_1, u, v, sigma_2 and the deflated Cholesky factor of W (m, n) from a warm start.
-
-    ``basis`` (k, p), k = min(m, n), p >= 2: approximate top eigenvectors of the smaller Gram matrix
-    G (e.g. the previous step's :attr:`ResolventSpectrum.basis`). All in ``dtype``. G is formed once
-    with ``syrk``; on CPU the dense kernels run through scipy's BLAS/LAPACK (:mod:`lipverify._linalg`).
-
-    ``k <= direct_k``: G's full ``eigh`` gives the top pair and lambda_2 (0 iterations).
-
-    Phase 1 (sigma_1, u, v): block inverse iteration with the Cholesky factor of ``s I - G``, s
-    slightly above lambda_1 (a successful factorisation certifies ``s > lambda_1``; the margin is at
-    least ``1e-2 (theta_1 - theta_2)``, so the top vector converges by ~1e-2 per iteration), with
-    Rayleigh-Ritz on G each iteration. It stops when the residual ``r_1 = |G z_1 - theta_1 z_1|`` is at
-    the rounding floor ``2 eps theta_1``, or below ``16 sqrt(k) eps theta_1`` and no longer decreasing
-    (stagnation at the floor); the eigenvector error is then ``r_1 / (lambda_1 - lambda_2)``, as for a
-    full ``eigh`` of the same G. ``sigma_1 = |W^T u|`` (or ``|W v|``), the other vector by
-    ``W^T u / sigma_1``. Then the deflated ``A`` of :class:`ResolventSpectrum` is factorised.
-
-    Phase 2 (sigma_2): block Krylov subspace of ``A^{-1}`` on the complement of u (its largest
-    eigenvalue is ``1 / (lambda_1 - lambda_2)``), Rayleigh-Ritz on G, until
-    ``r_2 <= 1e-8 theta_1 sqrt(eps / eps_64)``: the Ritz value error is ``<= r_2^2 / sep`` (sep: the
-    distance to the rest of the spectrum), i.e. ``sigma_2`` to ~1e-16 relative for separations down
-    to ~1e-6 theta_1 in float64.
-
-    Returns ``(spectrum, iterations)``, or ``(None, iterations)`` when the iteration did not
-    converge within ``max_iter``, a factorisation failed, or ``s1^2 - lambda_2 <= 2
-    separation_tolerance(k) s1^2`` (s1 = s2 to working precision, whichever way the factorisation of
-    the then singular deflated A rounded); the caller falls back to the full decomposition, which
-    raises :class:`~lipverify.DegenerateSpectrumError` on the same tolerance.
-    """
-    with _linalg.single_threaded_blas():
-        return _resolvent_spectrum(W, dtype, basis, max_iter, direct_k)
-
-
-def _resolvent_spectrum(
-    W: torch.Tensor, dtype: torch.dtype, basis: torch.Tensor, max_iter: int, direct_k: int
-) -> tuple[ResolventSpectrum | None, int]:
-    Wc = W.to(dtype)
-    if Wc.data_ptr() == W.data_ptr():
-        Wc = Wc.clone()  # the spectrum keeps W_t; the optimiser updates the parameter in place
-    G = _linalg.gram(Wc)  # lower triangle
-    k = G.shape[0]
-    p = basis.shape[1]
-    eps = torch.finfo(dtype).eps
-    if k <= direct_k:
-        evals, evecs = torch.linalg.eigh(G)  # reads the lower triangle
-        evals, evecs = evals.flip(0), evecs.flip(1)
-        z1, it = evecs[:, 0], 0
-    else:
-        z1, Z, lam1, it = _top_eigenvector(G, basis.to(dtype), eps, max_iter)
-        if z1 is None:
-            return None, it
-    top = _top_pair(Wc, z1)
-    s1sq = float(top[2]) ** 2
-    L = _linalg.shifted_cholesky(G, s1sq, top[3], s1sq)  # the deflated A
-    if L is None:
-        return None, it
-    if k <= direct_k:
-        lam2, X = evals[1], evecs[:, 1:p]
-    else:
-        lam2, X, it2 = _second_eigenvalue(G, L, top[3], Z[:, 1:], lam1, eps, max_iter)
-        it += it2
-        X = X[:, : p - 1]
-    # sigma_1 = sigma_2 to working precision: decided from the spectrum with the same tolerance as
-    # the full decomposition (2 x relative gap, on squares), not by whether the Cholesky of the
-    # singular deflated A happened to fail (a rounding coin flip of the kernel)
-    if lam2 is None or not bool(s1sq - lam2 > 2 * separation_tolerance(k, dtype) * s1sq):
-        return None, it
-    return _assemble(Wc, top, lam2, L, X), it
-
-
-def _top_eigenvector(
-    G: torch.Tensor, basis: torch.Tensor, eps: float, max_iter: int
-) -> tuple[torch.Tensor | None, torch.Tensor, float, int]:
-    """Phase 1 of :func:`resolvent_spectrum`: block inverse iteration with ``s I - G`` from ``basis``.
-    Returns ``(z_1 or None if not converged, Ritz block (k, p), theta_1, iterations)``."""
-    k = G.shape[0]
-    tol1_rel = 16 * math.sqrt(k) * eps
-    Z, _ = torch.linalg.qr(basis)
-    chol = None
-    it = 0
-    lam1 = math.nan
-    prev = math.inf
-    for it in range(1, max_iter + 1):
-        GZ = _linalg.sym_matmul(G, Z)
-        T = Z.T @ GZ
-        theta, S = torch.linalg.eigh(0.5 * (T + T.T))
-        theta, S = theta.flip(0), S.flip(1)
-        Z, GZ = Z @ S, GZ @ S
-        res = torch.linalg.vector_norm(GZ[:, 0] - Z[:, 0] * theta[0])
-        lam1 = float(theta[0])
-        if not (lam1 > 0 and math.isfinite(float(res))):
-            return None, Z, lam1, it
-        r = float(res)
-        # at the rounding floor, or below the bound and no longer decreasing (stagnation at the floor)
-        if r <= 2 * eps * lam1 or (r <= tol1_rel * lam1 and r > 0.25 * prev):
-            return Z[:, 0], Z, lam1, it
-        prev = r
-        if chol is None:
-            # shift above lambda_1: the Ritz value is a lower bound, the residual bounds the distance
-            margin = max(2 * r, 1e-2 * (lam1 - float(theta[1])), 64 * eps * lam1)
-            for _ in range(8):
-                chol = _linalg.shifted_cholesky(G, lam1 + margin)
-                if chol is not None:
-                    break
-                margin *= 4
-            if chol is None:
-                return None, Z, lam1, it
-        Z, _ = torch.linalg.qr(_linalg.cholesky_solve(chol, Z))
-    return None, Z, lam1, it
-
-
-def _top_pair(Wc: torch.Tensor, z1: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(u, v, sigma_1, w)`` from the top eigenvector ``z1`` of the smaller Gram matrix (w = z1 up to
-    the sign convention of :func:`lipverify.spectral.with_canonical_sign`: largest |v_j| positive)."""
-    tall = Wc.shape[0] > Wc.shape[1]
-    other = Wc @ z1 if tall else Wc.T @ z1  # W v (tall) or W^T u
-    s1 = torch.linalg.vector_norm(other)
-    other = other / s1
-    u, v = (other, z1) if tall else (z1, other)
-    sign = torch.sign(v[torch.argmax(v.abs())])
-    u, v = u * sign, v * sign
-    return u, v, s1, (v if tall else u)
-
-
-def _second_eigenvalue(
-    G: torch.Tensor, L: torch.Tensor, w: torch.Tensor, X: torch.Tensor, lam1: float, eps: float, max_iter: int
-) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-    """Phase 2 of :func:`resolvent_spectrum`: lambda_2 of G (and its Ritz block) by block Krylov with
-    ``A^{-1} = (L L^T)^{-1}`` on the complement of w, Rayleigh-Ritz on G, thick restart at
-    RESOLVENT_MAX_DIM blocks. Returns ``(lambda_2 or None, Ritz vectors (k, q), iterations)``."""
-    k = G.shape[0]
-    tol2 = 1e-8 * math.sqrt(eps / torch.finfo(torch.float64).eps) * lam1
-    X = X - torch.outer(w, w @ X)
-    Q, _ = torch.linalg.qr(X)
-    GQ = _linalg.sym_matmul(G, Q)
-    q = Q.shape[1]
-    max_dim = min(k - 1, RESOLVENT_MAX_DIM * q)
-    it = 0
-    while it < max_iter:
-        it += 1
-        T = Q.T @ GQ
-        theta, S = torch.linalg.eigh(0.5 * (T + T.T))
-        theta, S = theta.flip(0)[:q], S.flip(1)[:, :q]
-        X = Q @ S
-        z2 = X[:, 0]
-        res2 = torch.linalg.vector_norm(GQ @ S[:, 0] - theta[0] * z2)
-        if float(res2) <= tol2 or Q.shape[1] >= k - 1:
-            return theta[0], X, it
-        if Q.shape[1] + q > max_dim:
-            Q, GQ = X, GQ @ S
-        new = _linalg.cholesky_solve(L, X)
-        new = new / torch.linalg.vector_norm(new, dim=0)
-        for _ in range(2):  # classical Gram-Schmidt against w and Q, twice
-            new = new - torch.outer(w, w @ new)
-            new = new - Q @ (Q.T @ new)
-        # at most k - 1 orthonormal columns fit in the complement of w
-        keep = torch.nonzero(torch.linalg.vector_norm(new, dim=0) > 1e-8)[:, 0][: k - 1 - Q.shape[1]]
-        if keep.numel() == 0:
-            return theta[0], X, it
-        new, _ = torch.linalg.qr(new[:, keep])
-        new = new - Q @ (Q.T @ new)
-        new = new / torch.linalg.vector_norm(new, dim=0)
-        Q = torch.cat([Q, new], 1)
-        GQ = torch.cat([GQ, _linalg.sym_matmul(G, new)], 1)
-    return None, X, it
-
-
-def _assemble(Wc, top, lam2, L, X) -> ResolventSpectrum:
-    u, v, s1, w = top
-    s2 = lam2.clamp(min=0).sqrt()
-    basis_next = torch.cat([w.unsqueeze(1), X], 1).contiguous()
-    return ResolventSpectrum(W=Wc, u=u, v=v, s1=s1, s2=s2, factor=L, basis=basis_next)
-
-
 class DynamicsProbe:
     """Theorem 14/15 terms of every Linear/Conv2d layer of ``model`` from hooked activations.
 
@@ -571,7 +114,19 @@ class DynamicsProbe:
     ``population_size``: N
     for the without-replacement factor ``(1 - b/N)`` of Proposition 5 (None: with replacement);
     ``gap_tolerance``: relative gap below which a layer is flagged ``degenerate`` (None:
-    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype).
+    :func:`lipverify.spectral.gap_tolerance_for` the compute dtype); ``route``: ``"auto"`` (default,
+    or the environment variable ``LIPVERIFY_PROBE_ROUTE``): the device route for CUDA weights, the
+    host route for CPU ones; ``"device"``: the device route everywhere (CPU then runs exactly CUDA's
+    code: torch only, no scipy/LAPACK, no threadpoolctl); ``"host"``: the host route everywhere.
+
+    The device route (``"resolvent"`` only; :meth:`on_device_route`) issues no host synchronisation
+    in ``before_step``, ``capture``, ``after_backward``, ``compute`` and ``after_step`` once every layer
+    has had its first (cold, full) decomposition: the spectrum is
+    :func:`~lipverify.probe.resolvent.resolvent_spectrum_device` (fixed work, convergence verdict on
+    the device), the cache check compares W with its snapshot on the device, and ``compute`` /
+    ``after_step`` return :class:`~lipverify.probe.deferred.DeferredResults`: the same mapping, built
+    from one packed tensor per call when first read (read it a step later to keep the device busy).
+    A not-converged (or stale) layer comes out ``converged=False, degenerate=True`` and restarts cold.
 
     Two ways to use it: :meth:`measure` (one batch, the model is not updated, the parameters'
     ``.grad`` are restored), or inside a training loop::
@@ -597,7 +152,17 @@ class DynamicsProbe:
         population_size: int | None = None,
         gap_tolerance: float | None = None,
         schedule: ProbeSchedule | None = None,
+        route: str | None = None,
     ) -> None:
+        if route is None:  # the environment's choice applies to the "resolvent" decomposition only
+            route = os.environ.get(ROUTE_ENV) or "auto"
+            route = route if decomposition == "resolvent" or route not in ROUTES else "auto"
+        if route not in ROUTES:
+            raise LipverifyError(
+                f"route must be one of {', '.join(ROUTES)} (argument or ${ROUTE_ENV}), got {route!r}"
+            )
+        if route == "device" and decomposition != "resolvent":
+            raise LipverifyError(f"route='device' needs decomposition='resolvent', got {decomposition!r}")
         if decomposition not in ("gram", "svd", "resolvent"):
             raise LipverifyError(f"decomposition must be 'gram', 'svd' or 'resolvent', got {decomposition!r}")
         if conv_method not in ("conv", "unfold"):
@@ -611,6 +176,10 @@ class DynamicsProbe:
         self.population_size = population_size
         self.gap_tolerance = gap_tolerance
         self.schedule = schedule or ProbeSchedule()
+        self.route = route
+        # device route: name -> 0-d bool, the weight differs from the snapshot of its cached spectrum
+        self._stale: dict[str, torch.Tensor | None] = {}
+        self._stale_checked: dict[str, tuple[int, int]] = {}  # the (data_ptr, version) checked this step
         self._layers = {
             name: _Layer(name, module, kind) for name, (module, kind) in find_layers(model, skip).items()
         }
@@ -630,11 +199,26 @@ class DynamicsProbe:
     def layer_names(self) -> list[str]:
         return list(self._layers)
 
+    def on_device_route(self) -> bool:
+        """Whether the next step runs the device route: ``route="device"``, or ``"auto"`` with the
+        probed weights on CUDA (``"resolvent"`` decomposition only). The device route is torch
+        operations only (no scipy/LAPACK, no threadpoolctl), issues no host synchronisation after a
+        layer's first (cold) step, and returns :class:`~lipverify.probe.deferred.DeferredResults`."""
+        if self.decomposition != "resolvent" or self.route == "host":
+            return False
+        return self.route == "device" or next(iter(self._layers.values())).module.weight.is_cuda
+
     # ----------------------------------------------------------------- spectral parts
     def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
-        weight matrix, cached until the weight changes."""
-        dec = self._cached(name)
+        weight matrix, cached until the weight changes (the cache check compares W with its snapshot on
+        the host: use it between steps, not inside the device route's steady state)."""
+        return self._decomposition(name, in_step=False)
+
+    def _decomposition(self, name: str, in_step: bool) -> SpectralDecomposition | ResolventSpectrum:
+        """:meth:`decomposition_of`; ``in_step`` on the device route: the cache check stays on the
+        device (:meth:`_cached`)."""
+        dec = self._cached(name, in_step)
         if dec is not None:
             return dec
         # a stale one is dropped before the new one is computed (peak memory)
@@ -654,14 +238,15 @@ class DynamicsProbe:
         self._dec_cache[name] = (*key, dec.W if own else W.clone(), dec)
         return dec
 
-    def _cached(self, name: str) -> SpectralDecomposition | ResolventSpectrum | None:
+    def _cached(self, name: str, in_step: bool = False) -> SpectralDecomposition | ResolventSpectrum | None:
         """The cached decomposition of layer ``name`` if it is of the weight's current values, else None.
 
         The version counter alone is not enough: writes through ``.data`` and the fused optimiser
         kernels (``SGD(fused=True)``) change a weight without bumping it. So a cache hit also
         compares the weight with the snapshot it was decomposed from (one pass over W, at every hit:
         skipping it on the strength of an earlier comparison left stale spectra after an aborted
-        step)."""
+        step). Inside a device-route step (``in_step``) the comparison is a device flag folded into the
+        step's results (a changed weight flags them ``converged=False``) instead of a host branch."""
         cached = self._dec_cache.get(name)
         if cached is None:
             return None
@@ -669,6 +254,13 @@ class DynamicsProbe:
         if cached[:2] != (w.data_ptr(), w._version):
             return None
         W, snapshot = weight_matrix(self._layers[name].module), cached[2]
+        if in_step and self.on_device_route():
+            # compared on the device; a changed weight flags the step's results instead of a host branch
+            # once per step (before_step and capture start one): W must not change within a step
+            if self._stale_checked.get(name) != cached[:2]:
+                self._stale[name] = (W.to(snapshot.dtype) != snapshot).any()
+                self._stale_checked[name] = cached[:2]
+            return cached[3]
         return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
 
     def _resolvent_decomposition(
@@ -678,6 +270,14 @@ class DynamicsProbe:
         basis = self._warm.get(name)
         k = min(W.shape)
         self._warm_in[name] = basis
+        self._stale[name] = None
+        device = self.on_device_route()
+        if basis is not None and device:
+            spec = resolvent_spectrum_device(W, self.compute_dtype, basis)
+            stats["iterative"] += 1
+            stats["iterations"] += 2**DEVICE_TOP_SQUARINGS + 2**DEVICE_SECOND_SQUARINGS
+            self._warm[name] = spec.basis
+            return spec
         if basis is not None and k >= 2:  # non-finite W: NaN Ritz values, fallback raises
             spec, iters = resolvent_spectrum(W, self.compute_dtype, basis)
             stats["iterations"] += iters
@@ -690,9 +290,26 @@ class DynamicsProbe:
             stats["cold"] += 1
         dec = fast_decompose(W, self.compute_dtype, name)
         small = dec.V if W.shape[0] > W.shape[1] else dec.U
-        if k >= 2:
+        if k >= 2 or device:
             self._warm[name] = small[:, : min(RESOLVENT_BLOCK, k)].clone()
         return dec
+
+    def _ok(self, name: str, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
+        """Device route: 0-d bool, ``dec`` converged and the weight still holds its snapshot."""
+        ok = getattr(dec, "ok", None)
+        if ok is None:
+            ok = torch.ones((), dtype=torch.bool, device=dec.u.device)
+        stale = self._stale.get(name)
+        return ok if stale is None else ok & ~stale
+
+    def _not_converged(self, name: str, dec) -> None:
+        """Device route, when a step's packed results are read: a layer whose spectrum did not converge
+        (or went stale) restarts cold, and its cached spectrum is dropped if it is still that one."""
+        self.resolvent_stats["fallback"] += 1
+        self._warm.pop(name, None)
+        cached = self._dec_cache.get(name)
+        if cached is not None and cached[3] is dec:
+            self._dec_cache.pop(name)
 
     def warm_state(self) -> dict[str, torch.Tensor | None]:
         """``"resolvent"`` mode: per layer, the warm-start basis (k, p) the next decomposition of
@@ -737,6 +354,8 @@ class DynamicsProbe:
         """Install forward hooks (inputs) and output-tensor hooks (output gradients) for one
         forward/backward pass; removed on exit, the captured tensors are kept for :meth:`compute`."""
         handles = []
+        if not any(layer.dec_before is not None for layer in self._layers.values()):
+            self._stale_checked.clear()  # a step without before_step starts here
         for layer in self._layers.values():
             layer.inputs = layer.grad_out = layer.outputs = None
             layer.calls = 0
@@ -902,7 +521,17 @@ class DynamicsProbe:
         ``grad_L`` is the batch mean ``G_bar`` unless ``mean_grads`` (name -> (m, n), e.g. from
         :meth:`full_gradient`) is given. ``noise_projections`` covers the gradient noise only (the
         injected noise is independent across layers).
+
+        On the device route (:meth:`on_device_route`) the result is a
+        :class:`~lipverify.probe.deferred.DeferredResults` with the same keys and values, computed from
+        one packed tensor read on the host at the first access (the call itself does not synchronise);
+        the errors this method raises on the host route (non-finite term, sigma_1 = sigma_2) are raised
+        at that access. A layer whose resolvent iteration did not converge (or whose weight changed
+        without a version bump since its spectrum was cached) comes out with ``converged=False`` and
+        ``degenerate=True``, and restarts cold at its next decomposition.
         """
+        if self.on_device_route():
+            return self._compute_device(lr, reduction, mean_grads, grad_scale, grad_noise_var, weight_decay)
         out: dict[str, LayerTerms] = {}
         for name, layer in self._layers.items():
             if layer.inputs is None:
@@ -934,6 +563,83 @@ class DynamicsProbe:
                 )
             out[name] = terms
         return out
+
+    def _compute_device(
+        self,
+        lr: float,
+        reduction: str,
+        mean_grads: Mapping[str, torch.Tensor] | None,
+        grad_scale: float,
+        grad_noise_var: float,
+        weight_decay: float,
+    ) -> DeferredResults:
+        """:meth:`compute` without a host synchronisation: the same formulas on tensors, one packed
+        (L, 6) row per layer (:data:`TERM_COLUMNS`)."""
+        rows, noise, decs = [], {}, {}
+        for name, layer in self._layers.items():
+            if layer.inputs is None:
+                raise LipverifyError(
+                    f"nothing captured for layer {name}: run the forward pass inside capture()"
+                )
+            b = check_batch_size(layer.inputs.shape[0])
+            lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
+            if not (math.isfinite(lr_eff) and lr_eff > 0):
+                raise LipverifyError(f"{name}: the learning rate must be positive and finite, got {lr_eff}")
+            dec = decs[name] = self._decomposition(name, in_step=True)
+            y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
+            if mean_grads is not None and name in mean_grads:
+                drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
+            else:
+                drift = (x @ dec.u).mean()
+            yc, xc = self._centre(y, x)
+            if wy is not None:
+                q = dec.quadratic_form(yc, xc, weight_times_y=wy - wy.mean(0, keepdim=True))
+            else:
+                q = dec.quadratic_form(yc, xc)
+            scale = estimator_scale(b, self.population_size)
+            proj = xc @ dec.u  # u^T E_i v
+            sigma = dec.sigma1
+            mu = -lr_eff * drift
+            phi = lr_eff * ((proj * proj).sum() * scale).clamp(min=0).sqrt()
+            psi = 0.5 * lr_eff * lr_eff * (q.sum() * scale)
+            if weight_decay or grad_noise_var:
+                mu = mu - lr * weight_decay * sigma
+                phi = (phi * phi + lr * lr * grad_noise_var).sqrt()
+                psi = psi + 0.5 * lr * lr * grad_noise_var * dec.hessian_trace()
+            ok = self._ok(name, dec).to(sigma.dtype)
+            rows.append(torch.stack([sigma, mu.to(sigma.dtype), phi, psi, dec.gap, ok]))
+            noise[name] = lr_eff * math.sqrt(scale) * proj
+        tolerance = self.gap_tolerance or gap_tolerance_for(self.compute_dtype)
+
+        def build(packed: list[list[float]]) -> dict[str, LayerTerms]:
+            out = {}
+            for name, (sigma, mu, phi, psi, gap, ok) in zip(decs, packed, strict=True):
+                converged = ok > 0.5
+                if not converged:
+                    self._not_converged(name, decs[name])
+                elif not gap > 0:
+                    raise DegenerateSpectrumError(
+                        f"{name}: sigma_1 = sigma_2 = {sigma:.6g}; psi (Theorem 14) is undefined"
+                    )
+                for key, value in (("mu", mu), ("phi", phi), ("psi", psi)):
+                    if not math.isfinite(value):
+                        why = "" if converged else "; the resolvent iteration did not converge at this step"
+                        raise NonFiniteTermError(
+                            f"{name}: {key} is not finite (gap {gap:.3g}){why}; check the inputs"
+                        )
+                out[name] = LayerTerms(
+                    sigma=sigma,
+                    mu=mu,
+                    phi=phi,
+                    psi=psi,
+                    gap=gap,
+                    degenerate=not converged or gap / sigma < tolerance,
+                    noise_projections=noise[name],
+                    converged=converged,
+                )
+            return out
+
+        return DeferredResults(list(decs), torch.stack(rows), build)
 
     def drift(
         self,
@@ -1065,8 +771,9 @@ class DynamicsProbe:
         The snapshot is the one the decomposition cache keeps (in ``"resolvent"`` mode the
         decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
         between this call and the optimiser step."""
+        self._stale_checked.clear()
         for name, layer in self._layers.items():
-            layer.dec_before = self.decomposition_of(name)
+            layer.dec_before = self._decomposition(name, in_step=True)
             layer.weight_before = self._dec_cache[name][2]
 
     def after_backward(self) -> None:
@@ -1104,14 +811,26 @@ class DynamicsProbe:
         otherwise ``torch.linalg.matrix_norm(Delta W, 2)`` is computed. ``reduction`` (of the training
         loss, as in :meth:`compute`) matters only with ``mean_grads``: with ``"sum"`` the step moves by
         ``eta alpha b grad_L``.
+
+        On the device route (:meth:`on_device_route`) the result is a
+        :class:`~lipverify.probe.deferred.DeferredResults` (same keys and values, read on the host at
+        the first access); W_{t+1}'s spectrum is always recomputed (fused optimiser kernels do not bump
+        the version counter), ``update_exceeds_gap`` is decided by whether ``(gap/2)^2 I - Delta W Delta W^T``
+        (smaller side) has a Cholesky factor (:func:`_exceeds_gap_on_device`), and it is also True for a
+        not-converged spectrum at W_t or W_{t+1} (the truth of that layer is then not to be used).
         """
+        device = self.on_device_route()
         mean_grad_scale = (
             grad_scale * self._mean_gradient_factor(reduction) if mean_grads is not None else 1.0
         )
         out = {}
+        rows, decs = [], {}
         for name, layer in self._layers.items():
             if layer.dec_before is None:
                 raise LipverifyError("after_step needs before_step() before the optimiser step")
+            if device:
+                rows.append(self._truth_row(name, layer, lr, mean_grads, grad_scale, mean_grad_scale, decs))
+                continue
             dec = layer.dec_before
             dt = dec.sigma.dtype
             buf = layer.update_buffer
@@ -1151,13 +870,85 @@ class DynamicsProbe:
                 "dropped_drift_term": dropped,
                 "update_exceeds_gap": exceeds,
             }
-        return out
+        if not device:
+            return out
+
+        def build(packed: list[list[float]]) -> dict[str, dict[str, float]]:
+            for name, (_, _, _, _, _, ok) in zip(decs, packed, strict=True):
+                if ok < 0.5:
+                    for dec in decs[name]:
+                        self._not_converged(name, dec)
+            return {
+                name: {
+                    "dsigma_observed": observed,
+                    "dsigma_first": first,
+                    "dsigma_second": second,
+                    "dropped_drift_term": dropped,
+                    "update_exceeds_gap": exceeds > 0.5 or ok < 0.5,
+                }
+                for name, (observed, first, second, dropped, exceeds, ok) in zip(decs, packed, strict=True)
+            }
+
+        return DeferredResults(list(decs), torch.stack(rows), build)
+
+    def _truth_row(self, name, layer, lr, mean_grads, grad_scale, mean_grad_scale, decs) -> torch.Tensor:
+        """Device route of :meth:`after_step` for one layer: the packed row of :data:`TRUTH_COLUMNS`."""
+        dec = layer.dec_before
+        dt = dec.sigma.dtype
+        buf = layer.update_buffer
+        if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
+            buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+        W1, W0 = weight_matrix(layer.module), layer.weight_before
+        if torch.promote_types(W1.dtype, W0.dtype) == dt:
+            dW = torch.sub(W1, W0, out=buf)
+        else:
+            dW = W1.to(dt) - W0.to(dt)
+        y, x = _top_pair_projections(dec, dW)
+        first = x @ dec.u
+        scale = grad_scale
+        if mean_grads is not None and name in mean_grads:
+            projections = _top_pair_projections(dec, mean_grads[name])
+            scale = mean_grad_scale
+        elif layer.batch_grad is not None:
+            projections = _top_pair_projections(dec, layer.batch_grad)
+        else:
+            projections = layer.batch_grad_projections
+        if projections is not None:  # both quadratic forms in one call (one triangular solve)
+            q, qg = dec.quadratic_form(torch.stack([y, projections[0]]), torch.stack([x, projections[1]]))
+            dropped = 0.5 * (lr * scale) ** 2 * qg
+        else:
+            q = dec.quadratic_form(y, x)
+            dropped = torch.full((), math.nan, dtype=dt, device=dW.device)
+        exceeds = _exceeds_gap_on_device(dW, dec.gap).to(dt)
+        ok_before, sigma_before = self._ok(name, dec), dec.sigma1
+        # W_t's spectrum is released before W_{t+1}'s is computed (peak memory)
+        dec = dW = W0 = None
+        layer.dec_before = layer.weight_before = None
+        layer.batch_grad_projections = layer.batch_grad = None
+        self._dec_cache.pop(name, None)
+        new = self._decomposition(name, in_step=True)
+        decs[name] = (new,)  # not W_t's spectrum: it is released here (peak memory)
+        ok = (ok_before & self._ok(name, new)).to(dt)
+        return torch.stack([new.sigma1 - sigma_before, first, first + 0.5 * q, dropped, exceeds, ok])
 
 
 def _top_pair_projections(dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor):
     """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``."""
     M = M.to(dec.u.dtype).reshape(dec.shape)
     return M.T @ dec.u, M @ dec.v
+
+
+def _exceeds_gap_on_device(dW: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """:func:`update_exceeds_gap` without a host read: ``|dW|_2 >= gap / 2`` iff
+    ``(gap / 2)^2 I - D`` is not positive definite, D the smaller Gram matrix of dW (k, k); decided
+    by the ``info`` of its Cholesky factorisation, kept on the device (0-d bool). At the boundary
+    (``|dW|_2 = gap / 2`` to rounding) either answer may come out, as for the host route's norm."""
+    m, n = dW.shape
+    D = dW @ dW.mT if m <= n else dW.mT @ dW
+    half = 0.5 * gap
+    eye = torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
+    _, info = torch.linalg.cholesky_ex((half * half) * eye - D)
+    return info != 0
 
 
 def _exactly_representable(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -1203,112 +994,3 @@ def cross_layer_diffusion(terms: Mapping[str, LayerTerms]) -> float:
     scaled = [t.noise_projections.to(torch.float64) / t.sigma for t in items]
     total = sum(scaled)
     return float((total * total).sum()) - sum(float((p * p).sum()) for p in scaled)
-
-
-# --------------------------------------------------------------------------- references
-@contextlib.contextmanager
-def _per_sample_weights(layers: Mapping[str, tuple[nn.Module, str]], copies: Mapping[str, torch.Tensor]):
-    """Temporarily make each layer use weight ``copies[name][i]`` for sample i."""
-    for name, (module, kind) in layers.items():
-        Wc = copies[name]
-        if kind == "linear":
-
-            def fwd(a, module=module, Wc=Wc):
-                out = torch.einsum("b...n,bmn->b...m", a, Wc)
-                return out if module.bias is None else out + module.bias
-
-        else:
-            padding = _conv_padding(module)
-
-            def fwd(a, module=module, Wc=Wc, padding=padding):
-                def one(ai, wi):
-                    return F.conv2d(ai[None], wi, module.bias, module.stride, padding, module.dilation)[0]
-
-                return torch.func.vmap(one)(a, Wc)
-
-        module.forward = fwd
-    try:
-        yield
-    finally:
-        for module, _ in layers.values():
-            del module.forward  # back to the class method
-
-
-def reference_per_sample_gradients(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    mode: str = "vmap",
-    skip: Iterable[str] = (),
-    reduction: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-sample gradients ``grad l_i`` of every probed layer, (b, m, n) matrices (reference).
-
-    ``mode="vmap"``: ``torch.func.vmap(grad(l_i))`` over ``functional_call`` with one sample at a
-    time (no interactions between samples; dropout must be off). ``mode="copy"``: each layer gets b
-    weight copies ``W_i = W`` that only sample i uses; one autograd pass of the batch loss gives
-    ``G_i = b dL/dW_i`` (mean reduction) - the probe's definition with batch norm, and with dropout
-    when the RNG state is the same as in the probe's forward pass. Costs O(b d) memory.
-    """
-    layers = find_layers(model, skip)
-    b = inputs.shape[0]
-    check_batch_size(b)
-    if mode == "vmap":
-        params = {k: p.detach() for k, p in model.named_parameters()}
-        buffers = dict(model.named_buffers())
-        names = {name: f"{name}.weight" for name in layers}
-
-        def loss_one(p, x, t):
-            out = torch.func.functional_call(model, (p, buffers), (x[None],))
-            return loss_fn(out, t[None])
-
-        try:
-            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0), randomness="error")(
-                params, inputs, targets
-            )
-        except RuntimeError as exc:
-            if "randomness" not in str(exc):
-                raise
-            raise LipverifyError(
-                "mode='vmap' cannot replay random layers (dropout in training mode); use mode='copy' "
-                "with the RNG state of the probe's forward pass"
-            ) from exc
-        return {name: grads[key].reshape(b, grads[key].shape[1], -1) for name, key in names.items()}
-    if mode != "copy":
-        raise LipverifyError(f"mode must be 'vmap' or 'copy', got {mode!r}")
-    copies = {
-        name: module.weight.detach().unsqueeze(0).expand(b, *module.weight.shape).clone().requires_grad_(True)
-        for name, (module, _) in layers.items()
-    }
-    with _per_sample_weights(layers, copies):
-        loss = loss_fn(model(inputs), targets)
-    red = reduction or getattr(loss_fn, "reduction", "mean")
-    if loss.ndim > 0:
-        loss, red = loss.mean(), "mean"
-    grads = torch.autograd.grad(loss, list(copies.values()))
-    factor = b if red == "mean" else 1
-    return {name: (g * factor).reshape(b, g.shape[1], -1) for name, g in zip(copies, grads, strict=True)}
-
-
-def reference_layer_terms(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    lr: float,
-    mode: str = "vmap",
-    skip: Iterable[str] = (),
-    population_size: int | None = None,
-    dtype: torch.dtype = torch.float64,
-) -> dict[str, LayerTerms]:
-    """Theorem 14 terms from materialised per-sample gradients fed to
-    :func:`lipverify.dynamics.layer_terms` (the slow reference of the probe)."""
-    grads = reference_per_sample_gradients(model, inputs, targets, loss_fn, mode, skip)
-    layers = find_layers(model, skip)
-    return {
-        name: layer_terms(
-            weight_matrix(module).to(dtype), grads[name].to(dtype), lr, population_size=population_size
-        )
-        for name, (module, _) in layers.items()
-    }

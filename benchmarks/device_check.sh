@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One prepared GPU check of the probe's device route (issue 15), under 8 minutes on one GPU:
+#   1. install from the repository's own files (tolerant: the machine may have no internet; then
+#      what is installed is used, and the log says so),
+#   2. the CUDA tests (tests/test_probe_cuda.py: set_sync_debug_mode("error") around the steady
+#      state, CUDA against CPU's route) and the CPU proofs (tests/test_probe_sync.py),
+#   3. bench_probe on CUDA: the ConvNet at b = 256 and the MLP at b = 128 (time, memory, ATen ops,
+#      host syncs per step, plain against probe),
+# writing everything (log, junit XML, JSON) into $OUT (default benchmarks/out).
+#
+#   bash benchmarks/device_check.sh            # from the repository root
+#   PYTHON=/path/to/python OUT=/tmp/out bash benchmarks/device_check.sh
+#   DRY_RUN=1 bash benchmarks/device_check.sh  # CPU: no install, every other step on CPU, tiny sizes
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+LOG="$OUT/device_check.log"
+: >"$LOG"
+PY="${PYTHON:-python}"
+DEVICE=cuda
+CONV_B=256
+MLP_B=128
+REPEATS=20
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  DEVICE=cpu
+  CONV_B=16
+  MLP_B=16
+  REPEATS=2
+fi
+say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+run() {  # run a step with a time limit, log its output and exit status, never stop the script
+  local limit=$1
+  shift
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "   rc=$rc: $*" | tee -a "$LOG"
+  return 0
+}
+
+say "environment"
+run 30 nvidia-smi
+run 60 "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+
+say "install (pip install -e '.[test]' -c constraints-cuda.txt; offline: use what is installed)"
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "   dry run: no install (the environment is someone else's)" | tee -a "$LOG"
+elif "$PY" -c "import torch, pytest; assert torch.__version__.split('+')[0] == '2.13.0'" >>"$LOG" 2>&1; then
+  # the pinned torch is already there: install the package without touching torch
+  run 120 "$PY" -m pip install --no-deps -e .
+else
+  run 240 "$PY" -m pip install -e ".[test]" -c constraints-cuda.txt
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree, whether or not the install worked
+run 60 "$PY" -c "import lipverify.probe as p, torch; print('lipverify.probe from', p.__file__, 'torch', torch.__version__)"
+
+say "tests (CUDA tests skip themselves without CUDA)"
+run 200 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider tests/test_probe_cuda.py tests/test_probe_sync.py \
+  --junitxml "$OUT/probe_device_tests.xml" -rs
+
+say "bench_probe: ConvNet b=$CONV_B on $DEVICE"
+run 150 "$PY" benchmarks/bench_probe.py --device "$DEVICE" --model convnet --batch-size "$CONV_B" \
+  --no-reference --variants probe,probe-device,probe-f32,probe-gram --repeats "$REPEATS" --warmup 5 \
+  --json "$OUT/bench_convnet_b${CONV_B}.json"
+say "bench_probe: MLP b=$MLP_B on $DEVICE"
+run 120 "$PY" benchmarks/bench_probe.py --device "$DEVICE" --model mlp --batch-size "$MLP_B" \
+  --no-reference --variants probe,probe-device,probe-f32 --repeats "$REPEATS" --warmup 5 \
+  --json "$OUT/bench_mlp_b${MLP_B}.json"
+
+say "summary"
+grep -E "^(mlp|convnet) |rc=|passed|failed|skipped" "$LOG" | tee "$OUT/summary.txt"
+say "done: $OUT"

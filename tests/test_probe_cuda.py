@@ -1,0 +1,80 @@
+"""CUDA checks of the probe's device route (issue 15); skipped without CUDA (CI is CPU-only).
+
+``benchmarks/device_check.sh`` runs them on a lent GPU machine (``pytest -k cuda``). The CPU proofs
+of the same properties are in tests/test_probe_sync.py (``route="device"`` on CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipverify.models import build_model
+from lipverify.probe import DynamicsProbe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+LR = 0.01
+SHAPES = {"mlp": (784,), "convnet": (3, 32, 32)}
+
+
+def _run(model_name: str, device: str, route: str, steps: int, b: int = 32, sync_check: bool = False):
+    """``steps`` probe steps of a float64 model (results read after each next step); under
+    ``torch.cuda.set_sync_debug_mode("error")`` from the third step on when ``sync_check``."""
+    model = build_model(model_name, seed=0).double().to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(b, *SHAPES[model_name], generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 10, (b,), generator=g).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    probe = DynamicsProbe(model, route=route, population_size=60000)
+    results = []
+    for i in range(steps):
+        checked = sync_check and i >= 2  # step 0: cold full decompositions (eigh reads its info)
+        if checked:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            probe.before_step()
+            opt.zero_grad(set_to_none=True)
+            with probe.capture():
+                F.cross_entropy(model(x), y).backward()
+            probe.after_backward()
+            terms = probe.compute(LR)
+            opt.step()
+            truth = probe.after_step(LR)
+        finally:
+            if checked:
+                torch.cuda.set_sync_debug_mode("default")
+        results.append((terms, truth))
+    return [({n: t for n, t in terms.items()}, dict(truth)) for terms, truth in results], probe
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "convnet"])
+def test_cuda_device_route_steady_state_has_no_sync(model_name):
+    # set_sync_debug_mode("error") raises on any synchronising CUDA call (item, nonzero, a blocking
+    # copy, a LAPACK info read) inside the steady-state steps
+    results, probe = _run(model_name, "cuda", "auto", steps=5, sync_check=True)
+    assert probe.on_device_route()
+    assert all(t.converged for terms, _ in results[2:] for t in terms.values())
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "convnet"])
+def test_cuda_device_route_matches_the_cpu_host_route(model_name):
+    # float64 model on both devices: the same training trajectory up to rounding; every term of every
+    # step agrees with CPU's own (scipy, host-converged) route to 1e-8 relative
+    cuda, _ = _run(model_name, "cuda", "auto", steps=4)
+    cpu, _ = _run(model_name, "cpu", "host", steps=4)
+    for (terms, truth), (ref, ref_truth) in zip(cuda, cpu, strict=True):
+        for name, r in ref.items():
+            t = terms[name]
+            assert t.converged
+            for f in ("sigma", "gap", "mu", "phi", "psi"):
+                assert abs(getattr(t, f) - getattr(r, f)) <= 1e-8 * abs(getattr(r, f)), (name, f)
+            scale = abs(ref_truth[name]["dsigma_first"])
+            for f in ("dsigma_observed", "dsigma_first", "dsigma_second"):
+                assert abs(truth[name][f] - ref_truth[name][f]) <= 1e-6 * scale + 1e-13 * r.sigma, (name, f)
+
+
+def test_cuda_sync_debug_mode_catches_the_host_route():
+    # the wrong variant: the host route's float()/eigh/equal on CUDA tensors must raise under the
+    # same mode, or the test above proves nothing
+    with pytest.raises(RuntimeError):
+        _run("mlp", "cuda", "host", steps=3, sync_check=True)
