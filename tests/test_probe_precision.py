@@ -81,8 +81,9 @@ def _autocast():
 
 
 def _autocast_left_on(monkeypatch):
-    """Wrong variant: the probe no longer switches autocast off inside its work."""
-    monkeypatch.setattr(precision, "_AUTOCAST_DEVICES", ())
+    """Wrong variant: the probe no longer switches autocast off inside its work (no device types;
+    the oneDNN float32 settings it also skips are at their float32 default here)."""
+    monkeypatch.setattr(precision, "_autocast_devices", lambda: [])
 
 
 # --------------------------------------------------------------------------- autocast
@@ -151,7 +152,8 @@ def test_full_precision_switches_off_and_restores_the_callers_settings():
                 assert not torch.is_autocast_enabled("cpu")
                 assert torch.get_float32_matmul_precision() == "highest"
                 assert mkldnn.fp32_precision == "ieee"
-                assert not torch.backends.cudnn.allow_tf32
+                # cuDNN's TF32 (on by default) only matters, and is only switched off, with CUDA
+                assert torch.backends.cudnn.allow_tf32 == (before[1] and not torch.cuda.is_available())
             assert torch.is_autocast_enabled("cpu")
         assert torch.get_float32_matmul_precision() == "medium" and mkldnn.fp32_precision == "bf16"
         assert torch.backends.cudnn.allow_tf32 == before[1]
@@ -165,7 +167,8 @@ S = 2.0**10
 
 def _small(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(30, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    layers = [nn.Linear(30, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5)]
+    return nn.Sequential(*layers).double()
 
 
 def _scaled_step(model, probe, opt, scaler, x, y, lr, poison=False):
@@ -336,7 +339,12 @@ def test_threadpoolctl_and_scipy_only_for_cpu_tensors(monkeypatch):
     # the resolvent route passes the weight's device (the kernels' own calls sit behind _scipy: CPU)
     seen = []
     real = _linalg.single_threaded_blas
-    monkeypatch.setattr(_linalg, "single_threaded_blas", lambda device=None: seen.append(device) or real("meta"))
+
+    def spy(device=None):
+        seen.append(device)
+        return real("meta")
+
+    monkeypatch.setattr(_linalg, "single_threaded_blas", spy)
     from lipverify.probe import resolvent_spectrum
 
     W = torch.randn(12, 8, dtype=torch.float64)

@@ -35,78 +35,92 @@ gradient of the optimiser's parameters). It relies on these ``torch.amp.GradScal
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 
 from lipverify._validation import LipverifyError
 
-#: autocast device types the probe switches off when they are on
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
-#: (backend object, attribute path) of torch's per-operation float32 precision settings (new API)
-_FP32_SETTINGS = (
-    ("cuda", "matmul"),
-    ("cudnn", "conv"),
-    ("mkldnn", "matmul"),
-    ("mkldnn", "conv"),
-)
+#: (backend, operation) of torch's per-operation float32 precision settings (new API, torch 2.9+);
+#: the CUDA ones are touched only where CUDA is available
+_FP32_SETTINGS = {
+    "cpu": (("mkldnn", "matmul"), ("mkldnn", "conv")),
+    "cuda": (("cuda", "matmul"), ("cuda", "conv")),  # cuBLAS, cuDNN convolutions
+}
+_get_fp32 = getattr(torch._C, "_get_fp32_precision_getter", None)
+_set_fp32 = getattr(torch._C, "_set_fp32_precision_setter", None)
+_devices: list[str] = []  # autocast device types of this process: "cpu" (+ "cuda"), found on first use
+_nesting = threading.local()
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except (RuntimeError, TypeError, ValueError):  # device type unknown to this build
-        return False
+def _autocast_devices() -> list[str]:
+    if not _devices:
+        _devices.append("cpu")
+        if torch.cuda.is_available():
+            _devices.append("cuda")
+    return _devices
 
 
-def _fp32_setting(backend: str, op: str):
-    """torch.backends.<backend>.<op> (has ``fp32_precision``), or None on a torch without it."""
-    group = getattr(getattr(torch.backends, backend, None), op, None)
-    try:
-        group.fp32_precision  # noqa: B018 - probe for the attribute
-    except (AttributeError, RuntimeError):
-        return None
-    return group
+def _fp32_settings() -> list[tuple[str, str]]:
+    if _get_fp32 is None or _set_fp32 is None:  # torch before the per-operation API
+        return []
+    return [pair for device in _autocast_devices() for pair in _FP32_SETTINGS[device]]
 
 
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
-    """Autocast off (every enabled device type) and float32 kept in float32 for the block: cuBLAS and
-    cuDNN without TF32, oneDNN without its bf16/TF32 float32 modes. The caller's settings are restored
-    on exit, in both of torch's APIs (``torch.set_float32_matmul_precision`` /
-    ``torch.backends.cudnn.allow_tf32`` and the per-operation ``fp32_precision``: torch 2.9+ refuses
-    to read a state mixed from the two, so both are written consistently and restored verbatim)."""
+    """Autocast off (CPU, and CUDA where available) and float32 kept in float32 for the block: oneDNN
+    without its bf16/TF32 float32 modes and, where CUDA is available, cuBLAS and cuDNN without TF32.
+    The caller's settings are restored on exit, in both of torch's APIs
+    (``torch.set_float32_matmul_precision`` / ``torch.backends.cudnn.allow_tf32`` and the
+    per-operation ``fp32_precision``: torch 2.9+ refuses to read a state mixed from the two, so both
+    are written consistently and restored verbatim). Re-entrant: a nested block (``compute`` calling
+    ``decomposition_of``) costs a counter, not the ~20 us of reading and writing the settings."""
+    depth = getattr(_nesting, "depth", 0)
+    if depth:
+        _nesting.depth = depth + 1
+        try:
+            yield
+        finally:
+            _nesting.depth -= 1
+        return
+    devices = _autocast_devices()
+    cuda = "cuda" in devices
     with contextlib.ExitStack() as stack:
-        for device_type in _AUTOCAST_DEVICES:
-            if _autocast_enabled(device_type):
+        for device_type in devices:
+            if torch.is_autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         try:
             legacy_matmul = torch.get_float32_matmul_precision()
         except RuntimeError:  # the caller mixed the two APIs: only the per-operation one is readable
             legacy_matmul = None
-        try:
-            legacy_cudnn = torch.backends.cudnn.allow_tf32
-        except RuntimeError:
-            legacy_cudnn = None
-        groups = [g for g in (_fp32_setting(b, op) for b, op in _FP32_SETTINGS) if g is not None]
-        saved = [g.fp32_precision for g in groups]
+        legacy_cudnn = None
+        if cuda:
+            try:
+                legacy_cudnn = torch.backends.cudnn.allow_tf32
+            except RuntimeError:
+                pass
+        settings = _fp32_settings()
+        saved = [_get_fp32(*pair) for pair in settings]
+        _nesting.depth = 1
         try:
             if legacy_matmul not in (None, "highest"):
                 torch.set_float32_matmul_precision("highest")
             if legacy_cudnn:
                 torch.backends.cudnn.allow_tf32 = False
-            for g in groups:
-                if g.fp32_precision not in ("ieee", "none"):
-                    g.fp32_precision = "ieee"
+            for pair, value in zip(settings, saved, strict=True):
+                if value not in ("ieee", "none"):
+                    _set_fp32(*pair, "ieee")
             yield
         finally:
+            _nesting.depth = 0
             if legacy_matmul not in (None, "highest"):
                 torch.set_float32_matmul_precision(legacy_matmul)
             if legacy_cudnn:
                 torch.backends.cudnn.allow_tf32 = True
-            for g, value in zip(groups, saved, strict=True):
-                if g.fp32_precision != value:
-                    g.fp32_precision = value
+            for pair, value in zip(settings, saved, strict=True):
+                _set_fp32(*pair, value)  # verbatim: the legacy setters above may have rewritten it
 
 
 def current_scale(scaler) -> torch.Tensor | None:
@@ -184,7 +198,8 @@ class GradScalerLink:
         if flags:
             device = flags[0].device
             return torch.stack([f.to(device) > 0 for f in flags]).any()
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return torch.zeros((), dtype=torch.bool)
         device = grads[0].device
