@@ -387,3 +387,22 @@ def test_cuda_autocast_and_grad_scaler_match_the_reference(amp_dtype):
     truth = probe.after_step(lr)
     assert probe.step_skipped or all(math.isfinite(getattr(t, f)) for t in terms.values() for f in FIELDS)
     assert probe.step_skipped == (truth == {})
+
+
+def test_measure_with_a_grad_scaler_attached_is_not_unscaled():
+    # measure() runs its own, unscaled backward: the scaler's S must not divide it
+    lr = 0.05
+    model = _small()
+    x, y = _batch((30,), classes=5, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=S)
+    probe = DynamicsProbe(model)
+    probe.use_grad_scaler(scaler, opt)
+    with probe.capture():  # a scaled training backward first: the scaler's S is now live
+        scaler.scale(LOSS(model(x), y)).backward()
+    training = probe.compute(lr)
+    measured = probe.measure(x, y, LOSS, lr)
+    ref = reference_layer_terms(copy.deepcopy(model), x, y, LOSS, lr=lr)
+    assert _max_rel(measured, ref) < 1e-8 and _max_rel(training, ref) < 1e-8
+    # the training capture (and its S) survives measure()
+    assert _max_rel(probe.compute(lr), training) <= SAME_KERNELS

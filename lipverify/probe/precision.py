@@ -109,9 +109,8 @@ def full_precision() -> Iterator[None]:
                 torch.set_float32_matmul_precision("highest")
             if legacy_cudnn:
                 torch.backends.cudnn.allow_tf32 = False
-            for pair, value in zip(settings, saved, strict=True):
-                if value not in ("ieee", "none"):
-                    _set_fp32(*pair, "ieee")
+            for pair in settings:  # also over "none", which inherits a backend-wide setting
+                _set_fp32(*pair, "ieee")
             yield
         finally:
             _nesting.depth = 0
