@@ -27,10 +27,15 @@ _openblas = None  # threadpoolctl selection of the loaded OpenBLAS libraries (cr
 
 
 @contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
+def single_threaded_blas(device: torch.device | str | None = None) -> Iterator[None]:
     """Hold the OpenBLAS libraries scipy/numpy loaded to one thread (re-entrant; the previous limits
-    are restored on exit). Costs ~15 us, so callers wrap a whole decomposition, not each kernel."""
+    are restored on exit). Costs ~15 us, so callers wrap a whole decomposition, not each kernel.
+    ``device``: of the tensors the block works on; anything but CPU never reaches scipy, so the
+    block runs without threadpoolctl."""
     global _openblas
+    if not uses_cpu_blas(device):
+        yield
+        return
     depth = getattr(_state, "depth", 0)
     if depth:
         _state.depth = depth + 1
@@ -51,9 +56,14 @@ def single_threaded_blas() -> Iterator[None]:
         _state.depth = 0
 
 
+def uses_cpu_blas(device: torch.device | str | None) -> bool:
+    """Whether work on ``device`` may go through scipy/OpenBLAS (None: unknown, assume CPU)."""
+    return device is None or torch.device(device).type == "cpu"
+
+
 def _scipy(t: torch.Tensor) -> str | None:
     """BLAS prefix when ``t`` goes through scipy (CPU, float32/float64, torch on one thread)."""
-    if t.device.type == "cpu" and t.dtype in _PREFIX and torch.get_num_threads() == 1:
+    if uses_cpu_blas(t.device) and t.dtype in _PREFIX and torch.get_num_threads() == 1:
         return _PREFIX[t.dtype]
     return None
 

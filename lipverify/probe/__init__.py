@@ -75,9 +75,16 @@ layer's first step, results as :class:`~lipverify.probe.deferred.DeferredResults
 :func:`~lipverify.probe.resolvent.resolvent_spectrum_device`). :mod:`lipverify.probe.interpose`
 counts ATen operations and host synchronisations (the proof on CPU).
 
+Mixed precision. The probe's own work (decompositions, projections, terms, discrete truth) runs with
+autocast off and float32 kept in float32 (no TF32, no oneDNN bf16), whatever region the caller is in;
+hooked bfloat16/float16 activations and output gradients are cast up to the projection dtype. With a
+``torch.amp.GradScaler``, :meth:`DynamicsProbe.use_grad_scaler` divides the hooked gradients by the
+scale of the captured backward and skips the steps the scaler skips (:mod:`lipverify.probe.precision`).
+
 Layout: :mod:`lipverify.probe.layers` (layer discovery, matrix view, per-sample weight copies),
 :mod:`lipverify.probe.resolvent` (the spectrum kernels), :mod:`lipverify.probe.dynamics_probe` (the
-:class:`DynamicsProbe` orchestration), :mod:`lipverify.probe.reference` (the slow references).
+:class:`DynamicsProbe` orchestration), :mod:`lipverify.probe.reference` (the slow references),
+:mod:`lipverify.probe.precision` (autocast/TF32 off, GradScaler).
 """
 
 from lipverify.probe.deferred import DeferredResults

@@ -24,6 +24,7 @@ from lipverify.dynamics import (
 )
 from lipverify.probe.deferred import DeferredResults
 from lipverify.probe.layers import _conv_padding, find_layers, weight_matrix
+from lipverify.probe.precision import GradScalerLink, full_precision
 from lipverify.probe.resolvent import (
     DEVICE_SECOND_SQUARINGS,
     DEVICE_TOP_SQUARINGS,
@@ -194,6 +195,31 @@ class DynamicsProbe:
         #: (warm start did not converge or a factorisation failed: full decomposition instead).
         self.resolvent_stats = {"iterative": 0, "iterations": 0, "cold": 0, "fallback": 0}
         self._capturing = False
+        # mixed precision (lipverify.probe.precision): the GradScaler of use_grad_scaler, and whether
+        # the scaler skips the current step (then compute() and after_step() return {})
+        self._scaler: GradScalerLink | None = None
+        self.step_skipped = False
+
+    def use_grad_scaler(self, scaler, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Train with ``torch.amp.GradScaler`` ``scaler`` stepping ``optimizer`` (None: stop).
+
+        The hooked output gradients and the ``.grad`` of a ``scaler.scale(loss).backward()`` carry
+        the scale S; the probe divides them by the S of the captured backward, so the terms are those
+        of the unscaled loss (no ``grad_scale=1/S``). A step the scaler skips (an inf/NaN gradient of
+        the optimiser's parameters) is skipped here too: :meth:`compute` and :meth:`after_step`
+        return ``{}``, :attr:`step_skipped` is True, the spectral cache stays valid (the weights did
+        not move). Order: ``before_step``, ``capture`` around ``scaler.scale(loss).backward()``,
+        ``after_backward``, ``compute``, ``scaler.step``, ``scaler.update``, ``after_step``
+        (``scaler.unscale_`` for clipping may come anywhere before ``scaler.step``).
+        See :mod:`lipverify.probe.precision` for the scaler internals this reads."""
+        if self._scaler is not None:
+            self._scaler.close()
+        self._scaler = None if scaler is None else GradScalerLink(scaler, optimizer)
+
+    def _skip_step(self) -> bool:
+        """Whether the GradScaler skips this step (one host synchronisation when a scaler is used)."""
+        self.step_skipped = self._scaler is not None and bool(self._scaler.found_inf())
+        return self.step_skipped
 
     @property
     def layer_names(self) -> list[str]:
@@ -209,6 +235,7 @@ class DynamicsProbe:
         return self.route == "device" or next(iter(self._layers.values())).module.weight.is_cuda
 
     # ----------------------------------------------------------------- spectral parts
+    @full_precision()
     def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
         weight matrix, cached until the weight changes (the cache check compares W with its snapshot on
@@ -367,6 +394,8 @@ class DynamicsProbe:
             self._capturing = False
             for h in handles:
                 h.remove()
+            if self._scaler is not None:  # the scale S of the backward just captured
+                self._scaler.record_scale()
 
     @staticmethod
     def _make_hook(layer: _Layer) -> Callable:
@@ -501,6 +530,7 @@ class DynamicsProbe:
         return torch.cat(ys), x, None
 
     # ----------------------------------------------------------------- terms
+    @full_precision()
     def compute(
         self,
         lr: float,
@@ -530,9 +560,11 @@ class DynamicsProbe:
         without a version bump since its spectrum was cached) comes out with ``converged=False`` and
         ``degenerate=True``, and restarts cold at its next decomposition.
         """
+        out: dict[str, LayerTerms] = {}
+        if self._skip_step():  # the GradScaler skips this step: no terms (one host read of found_inf)
+            return out
         if self.on_device_route():
             return self._compute_device(lr, reduction, mean_grads, grad_scale, grad_noise_var, weight_decay)
-        out: dict[str, LayerTerms] = {}
         for name, layer in self._layers.items():
             if layer.inputs is None:
                 raise LipverifyError(
@@ -542,6 +574,8 @@ class DynamicsProbe:
             lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
             dec = self.decomposition_of(name)
             y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
+            if self._scaler is not None:  # hooked gradients of scaler.scale(loss): divide by S
+                y, x, wy = (self._scaler.unscale(t) for t in (y, x, wy))
             if mean_grads is not None and name in mean_grads:
                 drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
             else:
@@ -587,6 +621,8 @@ class DynamicsProbe:
                 raise LipverifyError(f"{name}: the learning rate must be positive and finite, got {lr_eff}")
             dec = decs[name] = self._decomposition(name, in_step=True)
             y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
+            if self._scaler is not None:  # hooked gradients of scaler.scale(loss): divide by S
+                y, x, wy = (self._scaler.unscale(t) for t in (y, x, wy))
             if mean_grads is not None and name in mean_grads:
                 drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
             else:
@@ -641,6 +677,7 @@ class DynamicsProbe:
 
         return DeferredResults(list(decs), torch.stack(rows), build)
 
+    @full_precision()
     def drift(
         self,
         mean_grads: Mapping[str, torch.Tensor],
@@ -704,6 +741,7 @@ class DynamicsProbe:
         ]
         for p in params:
             p.grad = None
+        scaler, self._scaler = self._scaler, None  # measure's own backward is not scaled
         try:
             with self._side_effects_undone(), self.capture():
                 loss = loss_fn(self.model(inputs), targets)
@@ -717,6 +755,7 @@ class DynamicsProbe:
                 p.grad = g
             for layer, state in zip(self._layers.values(), captured, strict=True):
                 layer.inputs, layer.grad_out, layer.outputs, layer.outputs_version, layer.calls = state
+            self._scaler = scaler
 
     def full_gradient(
         self,
@@ -765,6 +804,7 @@ class DynamicsProbe:
                     b.copy_(old)
 
     # ----------------------------------------------------------------- discrete truth
+    @full_precision()
     def before_step(self) -> None:
         """Snapshot every weight (and its decomposition) before the optimiser step.
 
@@ -775,7 +815,10 @@ class DynamicsProbe:
         for name, layer in self._layers.items():
             layer.dec_before = self._decomposition(name, in_step=True)
             layer.weight_before = self._dec_cache[name][2]
+        if self._scaler is not None:
+            self._scaler.begin_step()
 
+    @full_precision()
     def after_backward(self) -> None:
         """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term): its projections
         ``(G_bar^T u, G_bar v)`` on the top pair of W_t after :meth:`before_step`, else a copy."""
@@ -785,11 +828,14 @@ class DynamicsProbe:
             if g is None:
                 continue
             g = g.detach().reshape(g.shape[0], -1)
+            if self._scaler is not None and not self._scaler.grads_unscaled():
+                g = self._scaler.unscale(g)  # .grad of scaler.scale(loss) before scaler.unscale_
             if layer.dec_before is not None:
                 layer.batch_grad_projections = _top_pair_projections(layer.dec_before, g)
             else:  # after_backward before before_step: u, v of W_t are not known yet
                 layer.batch_grad = g.clone()
 
+    @full_precision()
     def after_step(
         self,
         lr: float,
@@ -824,6 +870,14 @@ class DynamicsProbe:
             grad_scale * self._mean_gradient_factor(reduction) if mean_grads is not None else 1.0
         )
         out = {}
+        self.step_skipped = self._scaler is not None and not self._scaler.optimizer_stepped
+        if self.step_skipped:
+            # the GradScaler skipped optimizer.step(): W_{t+1} = W_t, W_t's spectrum stays cached
+            self._scaler.skipped_steps += 1
+            for layer in self._layers.values():
+                layer.dec_before = layer.weight_before = None
+                layer.batch_grad_projections = layer.batch_grad = None
+            return out
         rows, decs = [], {}
         for name, layer in self._layers.items():
             if layer.dec_before is None:

@@ -192,7 +192,7 @@ def resolvent_spectrum(
     the then singular deflated A rounded); the caller falls back to the full decomposition, which
     raises :class:`~lipverify.DegenerateSpectrumError` on the same tolerance.
     """
-    with _linalg.single_threaded_blas():
+    with _linalg.single_threaded_blas(W.device):  # threadpoolctl only for CPU tensors
         return _resolvent_spectrum(W, dtype, basis, max_iter, direct_k)
 
 
