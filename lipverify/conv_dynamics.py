@@ -32,6 +32,7 @@ matrices (lipverify.conv, built separately, has the full operator-norm toolkit).
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -641,8 +642,13 @@ def conv_norm_record(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpectralGapWarning)  # recorded as flags
             out = conv_norm_terms(
-                W, G, eta, grid, mean_grad=G.to(torch.float64).mean(0) + decay,
-                population_size=population_size, name=name,
+                W,
+                G,
+                eta,
+                grid,
+                mean_grad=G.to(torch.float64).mean(0) + decay,
+                population_size=population_size,
+                name=name,
             )
             mu_full = None
             if full_grads is not None and full_grads.get(name) is not None:
@@ -669,7 +675,10 @@ def conv_norm_record(
 def conv_norm_final_row(model: torch.nn.Module, grids: dict[str, tuple[int, int]], step: int) -> dict:
     """The closing row of ``conv_norm.csv``: the observed norm of each layer at W_T, no terms."""
     params = dict(model.named_parameters())
-    return {"step": step, **{f"{n}.norm": circular_conv_norm(params[f"{n}.weight"].detach(), g) for n, g in grids.items()}}
+    return {
+        "step": step,
+        **{f"{n}.norm": circular_conv_norm(params[f"{n}.weight"].detach(), g) for n, g in grids.items()},
+    }
 
 
 def conv_norm_prediction(rows) -> dict:
@@ -678,7 +687,7 @@ def conv_norm_prediction(rows) -> dict:
 
     The terms are evaluated at the record steps and held constant until the next one (``k_j =
     t_{j+1} - t_j`` steps), accumulated by :func:`lipverify.prediction.log_bound_forecast` (Theorem
-    15 for one factor): ``m_{t_{j+1}} = m_{t_j} + k_j (mu + psi - phi^2 / 2) / norm`` and
+    15 for one factor): ``m_{t_{j+1}} = m_{t_j} + k_j ((mu + psi) / norm - phi^2 / (2 norm^2))`` and
     ``v_{t_{j+1}} = v_{t_j} + k_j phi^2 / norm^2`` from ``m_0 = ln norm_0``. The drift is the
     full-data ``mu_full`` when every term row has it (a forecast), else the batch ``mu`` (the
     realised batch drift: a one-step decomposition, not a forecast; ``drift`` says which).
@@ -698,7 +707,7 @@ def conv_norm_prediction(rows) -> dict:
         full = all(r.get(f"{name}.mu_full") is not None for r in term_rows)
         drift_key = f"{name}.mu_full" if full else f"{name}.mu"
         series, k_steps = [], []
-        for r, nxt in zip(rows[:-1], rows[1:], strict=True):
+        for r, nxt in itertools.pairwise(rows):
             if r.get(f"{name}.mu") is None:
                 raise LipverifyError(f"conv_norm.csv: row at step {int(r['step'])} has no terms for {name}")
             term = LayerTerms(
@@ -727,7 +736,12 @@ def conv_norm_prediction(rows) -> dict:
             "calibration": cal["verdict"],
             "flagged_steps": sum(bool(r[f"{name}.frequency_flagged"]) for r in term_rows),
             "near_tie_steps": sum(bool(r[f"{name}.near_tie"]) for r in term_rows),
-            "series": {"step": [int(r["step"]) for r in rows], "observed_log": log_obs_all, "mean": m, "var": v},
+            "series": {
+                "step": [int(r["step"]) for r in rows],
+                "observed_log": log_obs_all,
+                "mean": m,
+                "var": v,
+            },
         }
     return out
 
@@ -748,8 +762,14 @@ def plot_conv_norm(rows, path):
         std = [math.sqrt(x) for x in p["series"]["var"]]
         ax.plot(s, p["series"]["observed_log"], "k-", lw=1, label="observed ln ||conv||")
         ax.plot(s, mean, "C3-", lw=1, label=f"predicted mean ({p['drift'].split(' (')[0]})")
-        ax.fill_between(s, [a - 2 * b for a, b in zip(mean, std)], [a + 2 * b for a, b in zip(mean, std)],
-                        color="C3", alpha=0.2, label="+/- 2 std")
+        ax.fill_between(
+            s,
+            [a - 2 * b for a, b in zip(mean, std, strict=True)],
+            [a + 2 * b for a, b in zip(mean, std, strict=True)],
+            color="C3",
+            alpha=0.2,
+            label="+/- 2 std",
+        )
         ax.set_xlabel("step")
         ax.set_title(f"{name}: circular-model norm, Theorem 14", fontsize=9)
         ax.legend(fontsize=7)

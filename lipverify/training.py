@@ -158,7 +158,9 @@ class TrainConfig:
     sharpness_every: int = 25  # lambda_max of the loss Hessian every k steps; 0 = off
     lipschitz_every: int = 0  # certified/empirical Lipschitz bounds into lipschitz.csv every k steps; 0 = off
     lipschitz_samples: int = 32  # training samples of the empirical lower bound (Jacobian, secant)
-    conv_norm_every: int = 0  # Theorem 14 terms of each Conv2d's circular-model norm into conv_norm.csv; 0 = off
+    conv_norm_every: int = (
+        0  # Theorem 14 terms of each Conv2d's circular-model norm into conv_norm.csv; 0 = off
+    )
     checkpoint_every: int = 50
     device: str = "cpu"
     dtype: str = "float32"
@@ -602,9 +604,17 @@ class _Run:
         c = self.config
         try:
             row = conv_norm_record(
-                self.model, self.loss_fn, x, y, c.lr, self.conv_grids(), self.step,
-                population_size=len(self.data), full_grads=full,
-                weight_decay=c.weight_decay, grad_scale=c.grad_scale,
+                self.model,
+                self.loss_fn,
+                x,
+                y,
+                c.lr,
+                self.conv_grids(),
+                self.step,
+                population_size=len(self.data),
+                full_grads=full,
+                weight_decay=c.weight_decay,
+                grad_scale=c.grad_scale,
             )
         except NonFiniteTermError as exc:
             raise LipverifyError(f"training diverged at step {self.step}: {exc}; try a smaller lr") from exc

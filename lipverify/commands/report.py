@@ -134,9 +134,14 @@ def _report_conv_norm(run_dir: Path, summary: dict) -> None:
 
     _, rows = read_steps(run_dir / "conv_norm.csv")
     pred = conv_norm_prediction(rows)
-    summary["conv_norm_dynamics"] = {n: {k: v for k, v in p.items() if k != "series"} for n, p in pred.items()}
+    summary["conv_norm_dynamics"] = {
+        n: {k: v for k, v in p.items() if k != "series"} for n, p in pred.items()
+    }
     write_json(run_dir / "summary.json", summary)
-    print("conv norm dynamics: Theorem 14 for max_f sigma_1(W_hat_f) (circular model), terms held between records")
+    print(
+        "conv norm dynamics: Theorem 14 for max_f sigma_1(W_hat_f) (circular model), "
+        "terms held between records"
+    )
     print(
         f"  {'layer':8s} {'norm0':>9s} {'normT':>9s} {'obs dln':>9s} {'pred dln':>9s} {'pred std':>9s} "
         f"{'z_T':>7s} {'in 2std':>7s} {'flagged':>7s} {'ties':>5s}  drift"
