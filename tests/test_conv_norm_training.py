@@ -213,3 +213,37 @@ def test_config_checks():
     with pytest.raises(LipverifyError, match="conv_norm_every must be >= 0"):
         TrainConfig(model="convnet", conv_norm_every=-1).validate()
     TrainConfig(model="convnet", conv_norm_every=3).validate()
+
+
+def test_record_folds_grad_scale_and_weight_decay_into_the_terms():
+    """The step ``W -= lr (alpha G_B + wd W)`` is SGD at rate ``lr alpha`` on ``G + (wd / alpha) W``:
+    the record equals conv_norm_terms with those; forgetting the decay (the wrong variant) changes mu.
+    Also: a circular-padded layer's grid is its input grid, a zero-padded one's the padded grid."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(3, 2, 3, padding=1, padding_mode="circular"),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 6 * 6, 2),
+    ).double()
+    x, y = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    grids = cd.conv_layer_grids(model, x[:1])
+    assert grids == {"0": (8, 8), "2": (6, 6)}
+    lr, alpha, wd = 0.1, 2.0, 0.01
+    row = cd.conv_norm_record(model, F.cross_entropy, x, y, lr, grids, 0, weight_decay=wd, grad_scale=alpha)
+    for name, grid in grids.items():
+        G = _loop_reference_grads(model, x, y, name)
+        W = dict(model.named_parameters())[f"{name}.weight"].detach()
+        ref = cd.conv_norm_terms(W, G, lr * alpha, grid, mean_grad=G.mean(0) + (wd / alpha) * W)
+        assert row[f"{name}.mu"] == pytest.approx(ref.terms.mu, rel=1e-9)
+        assert row[f"{name}.psi"] == pytest.approx(ref.terms.psi, rel=1e-9)
+        assert row[f"{name}.phi"] == pytest.approx(ref.terms.phi, rel=1e-9)
+        no_decay = cd.conv_norm_terms(W, G, lr * alpha, grid)
+        assert row[f"{name}.mu"] != pytest.approx(no_decay.terms.mu, rel=1e-6)
+
+
+def test_dilated_conv_is_refused():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, dilation=2))
+    with pytest.raises(LipverifyError, match="dilation"):
+        cd.conv_layer_grids(model, torch.zeros(1, 1, 8, 8))
