@@ -32,6 +32,7 @@ matrices (lipverify.conv, built separately, has the full operator-norm toolkit).
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -523,3 +524,256 @@ def conv_norm_gradient(weight: torch.Tensor, grid: tuple[int, int], variant: str
     else:
         raise LipverifyError(f"unknown variant {variant!r}; expected 'complex' or 'unconjugated'")
     return frequency_adjoint(J, top.frequency, grid, tuple(weight.shape[-2:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Along a training run (``conv_norm_every``): records, prediction, figure
+# ---------------------------------------------------------------------------------------------
+
+#: per-layer fields of ``conv_norm.csv``: ``norm`` = max_f sigma_1(W_hat_f) of the circular model on
+#: the layer's padded input grid; Theorem 14 terms with the batch-mean drift (``mu``) and, at steps
+#: where the run computes the full-data gradient, the full-data drift (``mu_full``)
+CONV_NORM_FIELDS = ("norm", "mu", "mu_full", "psi", "phi", "frequency_gap", "frequency_flagged", "near_tie")
+CONV_NORM_FILE = "conv_norm.csv"
+
+
+def conv_norm_columns(names) -> list[str]:
+    """Header of ``conv_norm.csv``: step, then ``<layer>.<field>`` for :data:`CONV_NORM_FIELDS`."""
+    return ["step", *(f"{n}.{f}" for n in names for f in CONV_NORM_FIELDS)]
+
+
+def conv_layer_grids(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Name -> grid (N1, N2) of the circular model of every Conv2d (``conv_spec(...).circular_grid``:
+    the zero-padded input size, or the input size for circular padding), found from the input shapes
+    of one eval-mode, no-grad forward of ``sample`` (1, ...). Eval mode draws no random numbers; the
+    mode is restored. A Conv2d with dilation != 1 is refused (the phases here assume taps 1 apart).
+    A strided Conv2d gets the stride-1 circular model of its kernel on that grid: an upper bound of
+    the layer's norm (subsampling has norm <= 1), looser than lipverify.conv's polyphase bound."""
+    from lipverify.conv import conv_spec
+
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    for n, m in convs.items():
+        if tuple(m.dilation) != (1, 1) or m.groups != 1:
+            raise LipverifyError(
+                f"conv_norm_every: layer {n} has dilation {tuple(m.dilation)}, groups {m.groups}; "
+                "only dilation 1 and groups 1 are supported"
+            )
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def keep_shape(name: str):
+        def hook(module, args) -> None:  # returns None: the input is not replaced
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep_shape(n)) for n, m in convs.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {n: tuple(conv_spec(m, shapes[n]).circular_grid) for n, m in convs.items()}
+
+
+def per_sample_conv_gradients(
+    model: torch.nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor, names
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients ``G_i = grad_W l(f(x_i), y_i)`` of each named Conv2d weight, by
+    ``torch.func`` (``functional_call`` + ``vmap(grad)``), in the model's current mode (dropout masks
+    drawn independently per sample, ``randomness="different"``). Returns name -> (b, *weight.shape)
+    in the weight's dtype. Leaves no trace: the global random streams are forked and the buffers
+    restored, so a training run is bitwise the same with or without this call. ``loss_fn(out, y)``
+    must be mean-reduced; a model whose sample loss depends on the batch (batch norm in training
+    mode) has no per-sample gradient and must not be passed."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    wanted = {f"{n}.weight": params[f"{n}.weight"] for n in names}
+    rest = {k: v for k, v in params.items() if k not in wanted}
+
+    def sample_loss(weights, xi, yi):
+        out = functional_call(model, ({**rest, **weights}, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0))
+
+    saved = [b.clone() for b in buffers.values()]
+    devices = sorted({p.device.index or 0 for p in params.values() if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            g = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(wanted, inputs, targets)
+    finally:
+        with torch.no_grad():
+            for b, old in zip(buffers.values(), saved, strict=True):
+                b.copy_(old)
+    return {n: g[f"{n}.weight"] for n in names}
+
+
+def conv_norm_record(
+    model: torch.nn.Module,
+    loss_fn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    lr: float,
+    grids: dict[str, tuple[int, int]],
+    step: int,
+    population_size: int | None = None,
+    full_grads: dict[str, torch.Tensor] | None = None,
+    weight_decay: float = 0.0,
+    grad_scale: float = 1.0,
+) -> dict:
+    """One row of ``conv_norm.csv`` at W_t on the training batch (inputs (b, ...), targets (b,)):
+    per Conv2d in ``grids``, :func:`conv_norm_terms` with the per-sample gradients of
+    :func:`per_sample_conv_gradients`. The SGD step is ``W -= lr (grad_scale G_B + weight_decay W)``,
+    so the terms are those of the effective rate ``lr * grad_scale`` with drift gradient
+    ``G + (weight_decay / grad_scale) W``; ``mu`` uses the batch mean G_B, ``mu_full`` the full-data
+    gradient ``full_grads[name]`` (any shape with the weight's numel) when given. Gap warnings are
+    not raised here: they are the ``frequency_flagged`` column (and the matrix gap flag is folded in)."""
+    grads = per_sample_conv_gradients(model, loss_fn, inputs, targets, list(grids))
+    row: dict = {"step": step}
+    eta = lr * grad_scale
+    for name, grid in grids.items():
+        W = dict(model.named_parameters())[f"{name}.weight"].detach()
+        decay = (weight_decay / grad_scale) * W.to(torch.float64)
+        G = grads[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpectralGapWarning)  # recorded as flags
+            out = conv_norm_terms(
+                W,
+                G,
+                eta,
+                grid,
+                mean_grad=G.to(torch.float64).mean(0) + decay,
+                population_size=population_size,
+                name=name,
+            )
+            mu_full = None
+            if full_grads is not None and full_grads.get(name) is not None:
+                full = full_grads[name].reshape(W.shape).to(torch.float64) + decay
+                mu_full = conv_norm_terms(
+                    W, G, eta, grid, mean_grad=full, population_size=population_size, name=name
+                ).terms.mu
+        t = out.terms
+        row.update(
+            {
+                f"{name}.norm": t.sigma,
+                f"{name}.mu": t.mu,
+                f"{name}.mu_full": mu_full,
+                f"{name}.psi": t.psi,
+                f"{name}.phi": t.phi,
+                f"{name}.frequency_gap": out.top.frequency_gap,
+                f"{name}.frequency_flagged": out.terms.degenerate,
+                f"{name}.near_tie": out.near_tie,
+            }
+        )
+    return row
+
+
+def conv_norm_final_row(model: torch.nn.Module, grids: dict[str, tuple[int, int]], step: int) -> dict:
+    """The closing row of ``conv_norm.csv``: the observed norm of each layer at W_T, no terms."""
+    params = dict(model.named_parameters())
+    return {
+        "step": step,
+        **{f"{n}.norm": circular_conv_norm(params[f"{n}.weight"].detach(), g) for n, g in grids.items()},
+    }
+
+
+def conv_norm_prediction(rows) -> dict:
+    """Fig. 2's forecast for each conv layer's norm from ``conv_norm.csv`` rows (dicts, increasing
+    step; term rows at steps t_0 < t_1 < ... and a last row with the norm only).
+
+    The terms are evaluated at the record steps and held constant until the next one (``k_j =
+    t_{j+1} - t_j`` steps), accumulated by :func:`lipverify.prediction.log_bound_forecast` (Theorem
+    15 for one factor): ``m_{t_{j+1}} = m_{t_j} + k_j ((mu + psi) / norm - phi^2 / (2 norm^2))`` and
+    ``v_{t_{j+1}} = v_{t_j} + k_j phi^2 / norm^2`` from ``m_0 = ln norm_0``. The drift is the
+    full-data ``mu_full`` when every term row has it (a forecast), else the batch ``mu`` (the
+    realised batch drift: a one-step decomposition, not a forecast; ``drift`` says which).
+    Compared with the observed ``ln norm`` at the record steps: predicted and observed change,
+    ``z_T``, :func:`lipverify.prediction.calibration` (verdict, +/- 2 std coverage), and the counts of
+    frequency-flagged and near-tie steps. Returns ``{layer: dict}``."""
+    from lipverify.dynamics import network_terms
+    from lipverify.prediction import calibration, log_bound_forecast
+
+    rows = sorted(rows, key=lambda r: r["step"])
+    term_rows = [r for r in rows if r.get(next(k for k in r if k.endswith(".mu"))) is not None]
+    if len(rows) < 2 or not term_rows:
+        raise LipverifyError("conv_norm.csv needs at least one row with terms and a later row")
+    names = [k.removesuffix(".norm") for k in rows[0] if k.endswith(".norm")]
+    out = {}
+    for name in names:
+        full = all(r.get(f"{name}.mu_full") is not None for r in term_rows)
+        drift_key = f"{name}.mu_full" if full else f"{name}.mu"
+        series, k_steps = [], []
+        for r, nxt in itertools.pairwise(rows):
+            if r.get(f"{name}.mu") is None:
+                raise LipverifyError(f"conv_norm.csv: row at step {int(r['step'])} has no terms for {name}")
+            term = LayerTerms(
+                sigma=r[f"{name}.norm"], mu=r[drift_key], phi=r[f"{name}.phi"], psi=r[f"{name}.psi"], gap=1.0
+            )
+            k = int(nxt["step"] - r["step"])
+            series += [network_terms([term])] * k  # held between evaluations
+            k_steps.append(k)
+        log_obs_all = [math.log(r[f"{name}.norm"]) for r in rows]
+        m_all, v_all = log_bound_forecast(log_obs_all[0], series)
+        at = [int(r["step"] - rows[0]["step"]) for r in rows]
+        m, v = [m_all[i] for i in at], [v_all[i] for i in at]
+        cal = calibration(log_obs_all, m, v)
+        change = log_obs_all[-1] - log_obs_all[0]
+        out[name] = {
+            "drift": "full-data mu (forecast)" if full else "batch mu (realised drift; not a forecast)",
+            "records": len(term_rows),
+            "steps": int(rows[-1]["step"] - rows[0]["step"]),
+            "norm_0": rows[0][f"{name}.norm"],
+            "norm_T": rows[-1][f"{name}.norm"],
+            "observed_log_change": change,
+            "predicted_log_change": m[-1] - m[0],
+            "predicted_log_std": math.sqrt(v[-1]),
+            "z_T": (log_obs_all[-1] - m[-1]) / math.sqrt(v[-1]) if v[-1] > 0 else None,
+            "coverage_2std": cal["coverage_2std"],
+            "calibration": cal["verdict"],
+            "flagged_steps": sum(bool(r[f"{name}.frequency_flagged"]) for r in term_rows),
+            "near_tie_steps": sum(bool(r[f"{name}.near_tie"]) for r in term_rows),
+            "series": {
+                "step": [int(r["step"]) for r in rows],
+                "observed_log": log_obs_all,
+                "mean": m,
+                "var": v,
+            },
+        }
+    return out
+
+
+def plot_conv_norm(rows, path):
+    """``conv_norm.png``: per conv layer, observed ln norm against the predicted mean +/- 2 std."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = conv_norm_prediction(rows)
+    fig, axes = plt.subplots(1, len(pred), figsize=(4.2 * len(pred), 3.4), squeeze=False)
+    for ax, (name, p) in zip(axes[0], pred.items(), strict=True):
+        s, mean = p["series"]["step"], p["series"]["mean"]
+        std = [math.sqrt(x) for x in p["series"]["var"]]
+        ax.plot(s, p["series"]["observed_log"], "k-", lw=1, label="observed ln ||conv||")
+        ax.plot(s, mean, "C3-", lw=1, label=f"predicted mean ({p['drift'].split(' (')[0]})")
+        ax.fill_between(
+            s,
+            [a - 2 * b for a, b in zip(mean, std, strict=True)],
+            [a + 2 * b for a, b in zip(mean, std, strict=True)],
+            color="C3",
+            alpha=0.2,
+            label="+/- 2 std",
+        )
+        ax.set_xlabel("step")
+        ax.set_title(f"{name}: circular-model norm, Theorem 14", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -33,7 +33,13 @@ Files in ``out_dir``: ``steps.csv`` (one flushed row per step; see :func:`step_c
 the certified upper bound on the network's l2 Lipschitz constant, the empirical lower bound on the
 first ``lipschitz_samples`` training samples, per layer the certified bounds of its operator norm and
 per Conv2d its radial frequency profile (:mod:`lipverify.lipschitz`; read-only: float64 eval-mode
-copies of the model and private random generators, so the training trajectory is unchanged).
+copies of the model and private random generators, so the training trajectory is unchanged);
+with ``conv_norm_every = k > 0`` (convnet, no batch norm, mixup or injected noise), ``conv_norm.csv``:
+at steps 0, k, 2k, ... the Theorem 14 terms (mu, mu_full at full-gradient steps, psi, phi) of each
+Conv2d's circular-model norm ``max_f sigma_1(W_hat_f)`` on its padded input grid, from per-sample
+gradients of the step's own batch (torch.func; forked random streams, so the trajectory is
+unchanged), with the frequency flags, and a last row with the norms at W_T
+(:mod:`lipverify.conv_dynamics`).
 """
 
 from __future__ import annotations
@@ -152,6 +158,9 @@ class TrainConfig:
     sharpness_every: int = 25  # lambda_max of the loss Hessian every k steps; 0 = off
     lipschitz_every: int = 0  # certified/empirical Lipschitz bounds into lipschitz.csv every k steps; 0 = off
     lipschitz_samples: int = 32  # training samples of the empirical lower bound (Jacobian, secant)
+    conv_norm_every: int = (
+        0  # Theorem 14 terms of each Conv2d's circular-model norm into conv_norm.csv; 0 = off
+    )
     checkpoint_every: int = 50
     device: str = "cpu"
     dtype: str = "float32"
@@ -204,6 +213,7 @@ class TrainConfig:
             "checkpoint_every",
             "sharpness_every",
             "lipschitz_every",
+            "conv_norm_every",
         ):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 bad(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -236,6 +246,19 @@ class TrainConfig:
                 "statistics, so even in eval mode a sample's output depends on the batch and the network "
                 "has no per-sample Lipschitz constant to bound"
             )
+        if self.conv_norm_every:
+            why = [
+                why
+                for cond, why in (
+                    (self.model != "convnet", f"model = 'convnet' (got {self.model!r}: no Conv2d)"),
+                    (self.batch_norm, "batch_norm = false (a sample's loss depends on its batch)"),
+                    (self.mixup > 0, "mixup = 0 (a mixed pair has no per-sample loss)"),
+                    (self.grad_noise != "none", "grad_noise = 'none' (injected noise is not in the terms)"),
+                )
+                if cond
+            ]
+            if why:
+                bad("conv_norm_every needs " + "; ".join(why))
         if self.autoaugment:
             try:
                 import torchvision  # noqa: F401
@@ -439,6 +462,9 @@ class _Run:
         self.stability_warned = False
         self.lipschitz_records: list[dict] = []
         self.lipschitz_warm: dict[str, torch.Tensor] = {}
+        self.conv_norm_records: list[dict] = []
+        self.conv_norm_row: dict | None = None  # this step's conv_norm.csv row (conv_norm_every)
+        self._conv_grids: dict[str, tuple[int, int]] | None = None
 
     # -- data
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,6 +586,48 @@ class _Run:
         self.lipschitz_records.append(row)
         return row
 
+    def conv_grids(self) -> dict[str, tuple[int, int]]:
+        """Grid of the circular model of each Conv2d (:func:`lipverify.conv_dynamics.conv_layer_grids`)."""
+        if self._conv_grids is None:
+            from lipverify.conv_dynamics import conv_layer_grids
+
+            sample = to_model_input(self.images[:1], self.config.model, self.dtype)
+            self._conv_grids = conv_layer_grids(self.model, sample)
+        return self._conv_grids
+
+    def record_conv_norm(self, x: torch.Tensor, y: torch.Tensor, full: dict | None) -> dict:
+        """Theorem 14 terms of each Conv2d's circular-model norm at W_t on the step's batch (x, y)
+        (:func:`lipverify.conv_dynamics.conv_norm_record`); ``full``: the probe's full-data gradients
+        of this step, if any. Leaves the run's random streams, buffers and gradients untouched."""
+        from lipverify.conv_dynamics import conv_norm_record
+
+        c = self.config
+        try:
+            row = conv_norm_record(
+                self.model,
+                self.loss_fn,
+                x,
+                y,
+                c.lr,
+                self.conv_grids(),
+                self.step,
+                population_size=len(self.data),
+                full_grads=full,
+                weight_decay=c.weight_decay,
+                grad_scale=c.grad_scale,
+            )
+        except NonFiniteTermError as exc:
+            raise LipverifyError(f"training diverged at step {self.step}: {exc}; try a smaller lr") from exc
+        self.conv_norm_records.append(row)
+        return row
+
+    def final_conv_norm_row(self) -> dict:
+        from lipverify.conv_dynamics import conv_norm_final_row
+
+        row = conv_norm_final_row(self.model, self.conv_grids(), self.step)
+        self.conv_norm_records.append(row)
+        return row
+
     # -- one step
     def train_step(self) -> dict:
         c, probe, step = self.config, self.probe, self.step
@@ -623,6 +691,9 @@ class _Run:
         full_clean = None
         if due_full and c.full_gradient_clean:
             full_clean = probe.full_gradient(self.full_batches(self.clean_labels), self.loss_fn)
+        self.conv_norm_row = None
+        if c.conv_norm_every and step % c.conv_norm_every == 0:
+            self.conv_norm_row = self.record_conv_norm(x, y, full)
         noise_var = c.grad_noise_std**2 if c.grad_noise != "none" else 0.0
         if due_disc:
             probe.after_backward()
@@ -707,6 +778,7 @@ class _Run:
             "stability_warned": self.stability_warned,
             "lipschitz_records": self.lipschitz_records,
             "lipschitz_warm": self.lipschitz_warm,
+            "conv_norm_records": self.conv_norm_records,
         }
 
     def restore(self, state: dict) -> None:
@@ -723,6 +795,7 @@ class _Run:
         self.stability_warned = bool(state.get("stability_warned", False))
         self.lipschitz_records = list(state.get("lipschitz_records", []))
         self.lipschitz_warm = dict(state.get("lipschitz_warm", {}))
+        self.conv_norm_records = list(state.get("conv_norm_records", []))
 
 
 @contextlib.contextmanager
@@ -856,8 +929,14 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
 
             lip_columns = lipschitz_columns(run.model, RADIAL_BINS)
             lip_log = StepLog(out / LIPSCHITZ_FILE, lip_columns, run.lipschitz_records)
+        cn_log = contextlib.nullcontext()
+        if config.conv_norm_every:
+            from lipverify.conv_dynamics import CONV_NORM_FILE, conv_norm_columns
+
+            cn_log = StepLog(out / CONV_NORM_FILE, conv_norm_columns(run.conv_grids()), run.conv_norm_records)
         with (
             lip_log as lip_log,
+            cn_log as cn_log,
             StepLog(out / "steps.csv", columns, run.records) as log,
             tqdm(
                 total=config.steps, initial=run.step, disable=not progress, desc="train", unit="step"
@@ -880,6 +959,8 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
                 row = run.train_step()
                 run.records.append(row)
                 log.append(row)
+                if run.conv_norm_row is not None:
+                    cn_log.append(run.conv_norm_row)
                 at_step_boundary = True
                 done_here += 1
                 bar.update(1)
@@ -898,6 +979,8 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
                 final = run.final_row()
                 run.records.append(final)
                 log.append(final)
+                if config.conv_norm_every:
+                    cn_log.append(run.final_conv_norm_row())
             atomic_torch_save(ckpt_path, run.state())
         # a non-finite observed K is a divergence; an overflowed prediction is a verdict, not an error
         check_prediction(out)

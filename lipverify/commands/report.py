@@ -97,6 +97,8 @@ def report_run(run_dir: str | Path, verdict_to_stderr: bool = False) -> int:
             print(f"lipverify train: {line}", file=sys.stderr)
     if (run_dir / "lipschitz.csv").exists():
         _report_lipschitz(run_dir, summary)
+    if (run_dir / "conv_norm.csv").exists():
+        _report_conv_norm(run_dir, summary)
     print(f"wrote {run_dir / 'summary.json'} and {figure}")
     return 0
 
@@ -121,6 +123,38 @@ def _report_lipschitz(run_dir: Path, summary: dict) -> None:
     for name, d in block["layers"].items():
         print(f"  {name:8s} {d['last_lower']:10.5g} {d['last_upper']:10.5g} {d['last_reshaped']:10.5g}")
     print(f"wrote {plot_lipschitz(run_dir, run_dir / 'lipschitz.png')}")
+
+
+def _report_conv_norm(run_dir: Path, summary: dict) -> None:
+    """``conv_norm.csv`` (``conv_norm_every > 0``): the ``conv_norm_dynamics`` block of summary.json
+    (:func:`lipverify.conv_dynamics.conv_norm_prediction` without its series), a printed table and
+    ``conv_norm.png``."""
+    from lipverify.conv_dynamics import conv_norm_prediction, plot_conv_norm
+    from lipverify.records import read_steps, write_json
+
+    _, rows = read_steps(run_dir / "conv_norm.csv")
+    pred = conv_norm_prediction(rows)
+    summary["conv_norm_dynamics"] = {
+        n: {k: v for k, v in p.items() if k != "series"} for n, p in pred.items()
+    }
+    write_json(run_dir / "summary.json", summary)
+    print(
+        "conv norm dynamics: Theorem 14 for max_f sigma_1(W_hat_f) (circular model), "
+        "terms held between records"
+    )
+    print(
+        f"  {'layer':8s} {'norm0':>9s} {'normT':>9s} {'obs dln':>9s} {'pred dln':>9s} {'pred std':>9s} "
+        f"{'z_T':>7s} {'in 2std':>7s} {'flagged':>7s} {'ties':>5s}  drift"
+    )
+    for name, p in pred.items():
+        z = f"{p['z_T']:7.2f}" if p["z_T"] is not None else f"{'-':>7s}"
+        cov = f"{p['coverage_2std']:7.2f}" if p["coverage_2std"] is not None else f"{'-':>7s}"
+        print(
+            f"  {name:8s} {p['norm_0']:9.5g} {p['norm_T']:9.5g} {p['observed_log_change']:+9.4f} "
+            f"{p['predicted_log_change']:+9.4f} {p['predicted_log_std']:9.3g} {z} {cov} "
+            f"{p['flagged_steps']:7d} {p['near_tie_steps']:5d}  {p['drift']}; {p['calibration']}"
+        )
+    print(f"wrote {plot_conv_norm(rows, run_dir / 'conv_norm.png')}")
 
 
 def _print_block(block: dict) -> None:
