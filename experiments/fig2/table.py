@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 from pathlib import Path
@@ -70,7 +71,12 @@ def diagnostics(run_dir: Path, s: dict) -> str:
       second-order contribution (it also holds the O(eta^2) mean-gradient term q_H(grad_L)/2 that the
       SDE drops).
     """
-    rows = list(csv.DictReader((run_dir / "steps.csv").open()))
+    path = run_dir / "steps.csv"
+    if path.exists():
+        rows = list(csv.DictReader(path.open()))
+    else:  # the committed results keep the records compressed
+        with gzip.open(run_dir / "steps.csv.gz", "rt") as f:
+            rows = list(csv.DictReader(f))
     layers = s.get("layers") or sorted({k.split(".")[0] for k in rows[0] if k.endswith(".sigma")})
     total = dict.fromkeys(("observed", "first", "second", "mu", "mu_full", "psi"), 0.0)
     for layer in layers:
