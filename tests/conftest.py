@@ -3,6 +3,11 @@
 The default dtype of torch is NOT changed: every reference converts to float64 explicitly.
 """
 
+import sys
+import types
+
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -13,3 +18,27 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("lipverify")
+
+
+@pytest.fixture
+def inverting_torchvision(monkeypatch):
+    """A stand-in ``torchvision`` whose AutoAugment inverts the image (torchvision is optional and not
+    installed here): checks the AutoAugment wiring. Returns the list of policies it was built with."""
+    policies = []
+
+    class InvertingAutoAugment:
+        def __init__(self, policy):
+            policies.append(policy)
+
+        def __call__(self, img):
+            assert img.dtype == torch.uint8 and img.shape[0] == 3
+            return 255 - img
+
+    tv = types.ModuleType("torchvision")
+    tr = types.ModuleType("torchvision.transforms")
+    tr.AutoAugment = InvertingAutoAugment
+    tr.AutoAugmentPolicy = types.SimpleNamespace(CIFAR10="cifar10")
+    tv.transforms = tr
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.transforms", tr)
+    return policies

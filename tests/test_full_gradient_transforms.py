@@ -9,8 +9,6 @@ that the same check rejects."""
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -215,22 +213,7 @@ def test_fgsm_full_gradient_is_the_mean_of_per_sample_adversarial_gradients():
 # -- AutoAugment (torchvision is optional: a stand-in policy checks the wiring) --------------------
 
 
-def test_autoaugment_full_batches_transform_every_image(monkeypatch):
-    class FakeAutoAugment:
-        def __init__(self, policy):
-            self.policy = policy
-
-        def __call__(self, img):
-            assert img.dtype == torch.uint8 and img.shape[0] == 3
-            return 255 - img
-
-    tv = types.ModuleType("torchvision")
-    tr = types.ModuleType("torchvision.transforms")
-    tr.AutoAugment = FakeAutoAugment
-    tr.AutoAugmentPolicy = types.SimpleNamespace(CIFAR10="cifar10")
-    tv.transforms = tr
-    monkeypatch.setitem(sys.modules, "torchvision", tv)
-    monkeypatch.setitem(sys.modules, "torchvision.transforms", tr)
+def test_autoaugment_full_batches_transform_every_image(inverting_torchvision):
     run = make_run(model="convnet", autoaugment=True, train_size=20, batch_size=4)
     ((x, _),) = list(run.full_batches())
     inverted = 255 - run.images
@@ -239,6 +222,7 @@ def test_autoaugment_full_batches_transform_every_image(monkeypatch):
     torch.testing.assert_close(x[inner], expected[inner], rtol=0, atol=1e-15)
     clean = to_model_input(run.images, "convnet", torch.float64)
     assert not torch.allclose(x[inner], clean[inner])  # wrong variant: AutoAugment left out
+    assert inverting_torchvision == ["cifar10"]
 
 
 # -- batch norm ------------------------------------------------------------------------------------

@@ -233,25 +233,8 @@ def test_report_dispatches_sweeps(tmp_path, monkeypatch):
     assert calls == [tmp_path]
 
 
-def test_autoaugment_path_with_a_stand_in_torchvision(tmp_path, monkeypatch):
+def test_autoaugment_path_with_a_stand_in_torchvision(inverting_torchvision):
     # torchvision is optional and absent here: a stand-in policy (invert the image) checks the wiring.
-    calls = []
-
-    class FakeAutoAugment:
-        def __init__(self, policy):
-            calls.append(policy)
-
-        def __call__(self, img):
-            assert img.dtype == torch.uint8 and img.shape[0] == 3
-            return 255 - img
-
-    tv = types.ModuleType("torchvision")
-    tr = types.ModuleType("torchvision.transforms")
-    tr.AutoAugment = FakeAutoAugment
-    tr.AutoAugmentPolicy = types.SimpleNamespace(CIFAR10="cifar10")
-    tv.transforms = tr
-    monkeypatch.setitem(sys.modules, "torchvision", tv)
-    monkeypatch.setitem(sys.modules, "torchvision.transforms", tr)
     run = _Run(tiny(model="convnet", autoaugment=True, batch_size=4, train_size=20).validate())
     g = run.gen.get_state()
     x, _ = run.batch()
@@ -259,7 +242,7 @@ def test_autoaugment_path_with_a_stand_in_torchvision(tmp_path, monkeypatch):
     idx = torch.randperm(20, generator=run.gen)[:4]
     expected = 1 - torch.nn.functional.pad(run.images[idx].float() / 255, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
     inner = (slice(None), slice(None), slice(2, 30), slice(2, 30))
-    assert torch.allclose(x[inner], expected[inner]) and calls == ["cifar10"]
+    assert torch.allclose(x[inner], expected[inner]) and inverting_torchvision == ["cifar10"]
 
 
 FLOAT_FIELDS = (
