@@ -573,17 +573,10 @@ class DynamicsProbe:
             b = check_batch_size(layer.inputs.shape[0])
             lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
             dec = self.decomposition_of(name)
-            y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
-            if self._scaler is not None:  # hooked gradients of scaler.scale(loss): divide by S
-                y, x, wy = (self._scaler.unscale(t) for t in (y, x, wy))
-            if mean_grads is not None and name in mean_grads:
-                drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
-            else:
-                drift = (x @ dec.u).mean()
-            yc, xc = self._centre(y, x)
+            drift, yc, xc, wyc = self._centred_projections(name, layer, dec, b, reduction, mean_grads)
             q = None
-            if wy is not None:
-                q = dec.quadratic_form(yc, xc, weight_times_y=wy - wy.mean(0, keepdim=True))
+            if wyc is not None:
+                q = dec.quadratic_form(yc, xc, weight_times_y=wyc)
             terms = layer_terms_from_projections(
                 dec, yc, xc, drift, lr_eff, self.population_size, self.gap_tolerance, name, q
             )
@@ -597,6 +590,30 @@ class DynamicsProbe:
                 )
             out[name] = terms
         return out
+
+    def _centred_projections(
+        self,
+        name: str,
+        layer: _Layer,
+        dec: SpectralDecomposition | ResolventSpectrum,
+        b: int,
+        reduction: str,
+        mean_grads: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One layer's inputs to the Theorem 14 terms, shared by both routes: the drift projection
+        ``u^T grad_L v`` (``mean_grads[name]`` if given, else the batch mean of ``u^T G_i v``) and the
+        centred per-sample factors ``yc``, ``xc`` and ``W y`` (None where the layer has none), with a
+        GradScaler's scale taken out of the hooked gradients."""
+        y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
+        if self._scaler is not None:  # hooked gradients of scaler.scale(loss): divide by S
+            y, x, wy = (self._scaler.unscale(t) for t in (y, x, wy))
+        if mean_grads is not None and name in mean_grads:
+            drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
+        else:
+            drift = (x @ dec.u).mean()
+        yc, xc = self._centre(y, x)
+        wyc = None if wy is None else wy - wy.mean(0, keepdim=True)
+        return drift, yc, xc, wyc
 
     def _compute_device(
         self,
@@ -620,16 +637,9 @@ class DynamicsProbe:
             if not (math.isfinite(lr_eff) and lr_eff > 0):
                 raise LipverifyError(f"{name}: the learning rate must be positive and finite, got {lr_eff}")
             dec = decs[name] = self._decomposition(name, in_step=True)
-            y, x, wy = self._projections(layer, dec, self._per_sample_scale(b, reduction))
-            if self._scaler is not None:  # hooked gradients of scaler.scale(loss): divide by S
-                y, x, wy = (self._scaler.unscale(t) for t in (y, x, wy))
-            if mean_grads is not None and name in mean_grads:
-                drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
-            else:
-                drift = (x @ dec.u).mean()
-            yc, xc = self._centre(y, x)
-            if wy is not None:
-                q = dec.quadratic_form(yc, xc, weight_times_y=wy - wy.mean(0, keepdim=True))
+            drift, yc, xc, wyc = self._centred_projections(name, layer, dec, b, reduction, mean_grads)
+            if wyc is not None:
+                q = dec.quadratic_form(yc, xc, weight_times_y=wyc)
             else:
                 q = dec.quadratic_form(yc, xc)
             scale = estimator_scale(b, self.population_size)
