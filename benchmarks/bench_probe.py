@@ -27,7 +27,8 @@ in the same subprocess, no memory figure); ``reference`` (torch.func
     python benchmarks/bench_probe.py                     # MLP and ConvNet, b = 128, CPU
     python benchmarks/bench_probe.py --device cuda --model convnet --batch-size 256 --json out.json
 
-Besides time and memory every row reports ``ops``, the ATen operations of one steady-state step
+Besides time and memory every row reports ``ops``, the ATen operations of one steady-state step,
+``kernels``, those of them that run a kernel (views and metadata left out: on a GPU, the launches),
 and ``syncs``, the host synchronisations among them (:class:`lipverify.probe.interpose.SyncCounter`,
 counted on one extra step after the timed ones).
 """
@@ -141,7 +142,7 @@ def _op_counts(step, sync) -> dict:
     with counting() as c:
         step()
     sync()
-    return {"aten_ops": c.op_count, "host_syncs": c.sync_count}
+    return {"aten_ops": c.op_count, "kernel_ops": c.compute_op_count, "host_syncs": c.sync_count}
 
 
 def _step_times(fn, sync, warmup: int, repeats: int) -> list[float]:
@@ -248,7 +249,7 @@ def main() -> None:
     head = ("model", "variant", "median ms", "x plain", "peak MB", "x plain mem")
     print(
         f"{head[0]:8s} {head[1]:14s} {head[2]:>10s} {head[3]:>8s} {head[4]:>9s} {head[5]:>11s}"
-        f" {'ops':>6s} {'x plain':>7s} {'syncs':>5s}"
+        f" {'ops':>6s} {'x plain':>7s} {'kernels':>7s} {'x plain':>7s} {'syncs':>5s}"
     )
     everything = {"device": args.device, "batch_size": args.batch_size, "threads": threads, "models": {}}
     for model in models:
@@ -273,9 +274,10 @@ def main() -> None:
             )
             ops = r.get("aten_ops")
             op_cols = (
-                f" {ops:6d} {ops / plain['aten_ops']:7.1f} {r['host_syncs']:5d}"
+                f" {ops:6d} {ops / plain['aten_ops']:7.1f} {r['kernel_ops']:7d}"
+                f" {r['kernel_ops'] / plain['kernel_ops']:7.1f} {r['host_syncs']:5d}"
                 if ops is not None
-                else f" {'n/a':>6s} {'n/a':>7s} {'n/a':>5s}"
+                else f" {'n/a':>6s} {'n/a':>7s} {'n/a':>7s} {'n/a':>7s} {'n/a':>5s}"
             )
             print(
                 f"{model:8s} {v:14s} {1e3 * r['median_s']:10.2f} {r['median_s'] / base:8.2f} "

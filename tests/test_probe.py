@@ -596,9 +596,14 @@ def _device_non_convergence_is_flagged_and_restarts_cold(model, probe, probe_mod
     # restarts cold at its next decomposition
     from dataclasses import replace
 
-    real = probe_mod.resolvent_spectrum_device
+    real, real_batched = probe_mod.resolvent_spectrum_device, probe_mod.resolvent_spectra_device
     monkeypatch.setattr(
         probe_mod, "resolvent_spectrum_device", lambda *a: replace(real(*a), ok=torch.tensor(False))
+    )
+    monkeypatch.setattr(  # the layers' warm steps run batched
+        probe_mod,
+        "resolvent_spectra_device",
+        lambda *a: [replace(s, ok=torch.tensor(False)) for s in real_batched(*a)],
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -609,6 +614,7 @@ def _device_non_convergence_is_flagged_and_restarts_cold(model, probe, probe_mod
     assert all(not t.converged and t.degenerate for t in got.values())
     assert probe.resolvent_stats["fallback"] == 3
     monkeypatch.setattr(probe_mod, "resolvent_spectrum_device", real)
+    monkeypatch.setattr(probe_mod, "resolvent_spectra_device", real_batched)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.001)
@@ -828,11 +834,17 @@ def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, 
 
         return wrapped
 
-    for fn in ("resolvent_spectrum", "resolvent_spectrum_device", "fast_decompose"):
+    for fn in ("resolvent_spectrum", "resolvent_spectrum_device", "resolvent_spectra_device"):
+        monkeypatch.setattr(probe_module, fn, spy(getattr(probe_module, fn)))
+    for fn in ("fast_decompose",):
         monkeypatch.setattr(probe_module, fn, spy(getattr(probe_module, fn)))
     probe.after_step(0.1)
-    # layer l's new spectrum is computed once layers 0..l have released their old ones
-    assert alive == [len(old) - 1 - i for i in range(len(old))]
+    if probe.on_device_route():
+        # one batch for every layer (resolvent_spectra_device), once all old spectra are released
+        assert alive == [0]
+    else:
+        # layer l's new spectrum is computed once layers 0..l have released their old ones
+        assert alive == [len(old) - 1 - i for i in range(len(old))]
 
 
 @pytest.mark.parametrize("write", ["data", "fused-sgd"])

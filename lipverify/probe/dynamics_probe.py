@@ -29,8 +29,11 @@ from lipverify.probe.resolvent import (
     DEVICE_SECOND_SQUARINGS,
     DEVICE_TOP_SQUARINGS,
     RESOLVENT_BLOCK,
+    DeviceBatchPlan,
     ResolventSpectrum,
+    device_batch_groups,
     fast_decompose,
+    resolvent_spectra_device,
     resolvent_spectrum,
     resolvent_spectrum_device,
 )
@@ -190,6 +193,8 @@ class DynamicsProbe:
         ] = {}
         self._warm: dict[str, torch.Tensor] = {}
         self._warm_in: dict[str, torch.Tensor | None] = {}
+        # device route: (shapes, dtype, device) -> the fixed data of one batched spectra call
+        self._batch_plans: dict[tuple, DeviceBatchPlan] = {}
         #: ``"resolvent"`` mode: ``iterative`` (warm-started resolvent steps), ``iterations`` (their
         #: total block iterations), ``cold`` (first decomposition of a layer: full), ``fallback``
         #: (warm start did not converge or a factorisation failed: full decomposition instead).
@@ -240,6 +245,8 @@ class DynamicsProbe:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
         weight matrix, cached until the weight changes (the cache check compares W with its snapshot on
         the host: use it between steps, not inside the device route's steady state)."""
+        if self.on_device_route():  # warm layers are computed in one batch (see _decompositions)
+            return self._decompositions(self._layers, in_step=False)[name]
         return self._decomposition(name, in_step=False)
 
     def _decomposition(self, name: str, in_step: bool) -> SpectralDecomposition | ResolventSpectrum:
@@ -320,6 +327,54 @@ class DynamicsProbe:
         if k >= 2 or device:
             self._warm[name] = small[:, : min(RESOLVENT_BLOCK, k)].clone()
         return dec
+
+    def _decompositions(
+        self, names: Iterable[str], in_step: bool = True
+    ) -> dict[str, SpectralDecomposition | ResolventSpectrum]:
+        """Device route: :meth:`_decomposition` of several layers, the warm-started misses computed
+        together by :func:`resolvent_spectra_device` (one batch per group of
+        :func:`device_batch_groups`: a few launches per step instead of ~150 operations per layer).
+        Cache hits, cold layers and layers with k < 3 take the one-layer path. The bookkeeping (cache
+        entry and snapshot, warm bases, ``resolvent_stats``) is that of :meth:`_decomposition`. Every
+        device-route spectrum of a warm layer comes from here, in batches of the layers that miss
+        together (all of them after a step, or after a resume from :meth:`warm_state`), so a resumed
+        run batches, and rounds, as the uninterrupted one did."""
+        out: dict[str, SpectralDecomposition | ResolventSpectrum] = {}
+        batch = []
+        for name in names:
+            dec = self._cached(name, in_step)
+            if dec is not None:
+                out[name] = dec
+                continue
+            basis = self._warm.get(name)
+            W = weight_matrix(self._layers[name].module)
+            if basis is None or min(W.shape) < 3 or basis.shape[1] < 3:
+                out[name] = self._decomposition(name, in_step)
+            else:
+                self._dec_cache.pop(name, None)  # a stale one goes before the new ones (peak memory)
+                batch.append((name, W, basis))
+        shapes = [tuple(W.shape) for _, W, _ in batch]
+        for group in device_batch_groups(shapes):
+            members = [batch[i] for i in group]
+            Ws, bases = [W for _, W, _ in members], [basis for *_, basis in members]
+            key = (tuple(shapes[i] for i in group), self.compute_dtype, Ws[0].device)
+            plan = self._batch_plans.get(key)
+            if plan is None:
+                plan = self._batch_plans[key] = DeviceBatchPlan.build(
+                    key[0], self.compute_dtype, Ws[0].device
+                )
+            specs = resolvent_spectra_device(Ws, self.compute_dtype, bases, plan)
+            for (name, W, basis), spec in zip(members, specs, strict=True):
+                w = self._layers[name].module.weight
+                self.resolvent_stats["iterative"] += 1
+                self.resolvent_stats["iterations"] += 2**DEVICE_TOP_SQUARINGS + 2**DEVICE_SECOND_SQUARINGS
+                self._warm_in[name] = basis
+                self._stale[name] = None
+                self._warm[name] = spec.basis
+                own = _exactly_representable(W.dtype, spec.W.dtype)
+                self._dec_cache[name] = (w.data_ptr(), w._version, spec.W if own else W.clone(), spec)
+                out[name] = spec
+        return {name: out[name] for name in names}
 
     def _ok(self, name: str, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
         """Device route: 0-d bool, ``dec`` converged and the weight still holds its snapshot."""
@@ -632,11 +687,13 @@ class DynamicsProbe:
                 raise LipverifyError(
                     f"nothing captured for layer {name}: run the forward pass inside capture()"
                 )
+        spectra = self._decompositions(self._layers)
+        for name, layer in self._layers.items():
             b = check_batch_size(layer.inputs.shape[0])
             lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
             if not (math.isfinite(lr_eff) and lr_eff > 0):
                 raise LipverifyError(f"{name}: the learning rate must be positive and finite, got {lr_eff}")
-            dec = decs[name] = self._decomposition(name, in_step=True)
+            dec = decs[name] = spectra[name]
             drift, yc, xc, wyc = self._centred_projections(name, layer, dec, b, reduction, mean_grads)
             if wyc is not None:
                 q = dec.quadratic_form(yc, xc, weight_times_y=wyc)
@@ -822,8 +879,9 @@ class DynamicsProbe:
         decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
         between this call and the optimiser step."""
         self._stale_checked.clear()
+        batched = self._decompositions(self._layers) if self.on_device_route() else None
         for name, layer in self._layers.items():
-            layer.dec_before = self._decomposition(name, in_step=True)
+            layer.dec_before = batched[name] if batched else self._decomposition(name, in_step=True)
             layer.weight_before = self._dec_cache[name][2]
         if self._scaler is not None:
             self._scaler.begin_step()
@@ -893,7 +951,7 @@ class DynamicsProbe:
             if layer.dec_before is None:
                 raise LipverifyError("after_step needs before_step() before the optimiser step")
             if device:
-                rows.append(self._truth_row(name, layer, lr, mean_grads, grad_scale, mean_grad_scale, decs))
+                rows.append(self._truth_at_before(name, layer, lr, mean_grads, grad_scale, mean_grad_scale))
                 continue
             dec = layer.dec_before
             dt = dec.sigma.dtype
@@ -936,6 +994,19 @@ class DynamicsProbe:
             }
         if not device:
             return out
+        # W_{t+1}'s spectra, batched, once every layer has released W_t's (peak memory)
+        new = self._decompositions(self._layers)
+        decs = {name: (new[name],) for name in self._layers}  # W_t's spectra are released
+        rows = [
+            torch.cat(
+                [
+                    (new[name].sigma1 - sigma_before).reshape(1),
+                    part,
+                    (ok_before & self._ok(name, new[name])).to(part.dtype).reshape(1),
+                ]
+            )
+            for name, (part, sigma_before, ok_before) in zip(self._layers, rows, strict=True)
+        ]
 
         def build(packed: list[list[float]]) -> dict[str, dict[str, float]]:
             for name, (_, _, _, _, _, ok) in zip(decs, packed, strict=True):
@@ -955,8 +1026,10 @@ class DynamicsProbe:
 
         return DeferredResults(list(decs), torch.stack(rows), build)
 
-    def _truth_row(self, name, layer, lr, mean_grads, grad_scale, mean_grad_scale, decs) -> torch.Tensor:
-        """Device route of :meth:`after_step` for one layer: the packed row of :data:`TRUTH_COLUMNS`."""
+    def _truth_at_before(self, name, layer, lr, mean_grads, grad_scale, mean_grad_scale) -> tuple:
+        """Device route of :meth:`after_step` for one layer, the part at W_t: ``(first, second, dropped,
+        exceeds)`` of :data:`TRUTH_COLUMNS` as one tensor, sigma_1(W_t) and W_t's verdict; W_t's spectrum
+        is released (``after_step`` then computes every W_{t+1} spectrum in one batch)."""
         dec = layer.dec_before
         dt = dec.sigma.dtype
         buf = layer.update_buffer
@@ -990,10 +1063,7 @@ class DynamicsProbe:
         layer.dec_before = layer.weight_before = None
         layer.batch_grad_projections = layer.batch_grad = None
         self._dec_cache.pop(name, None)
-        new = self._decomposition(name, in_step=True)
-        decs[name] = (new,)  # not W_t's spectrum: it is released here (peak memory)
-        ok = (ok_before & self._ok(name, new)).to(dt)
-        return torch.stack([new.sigma1 - sigma_before, first, first + 0.5 * q, dropped, exceeds, ok])
+        return torch.stack([first, first + 0.5 * q, dropped, exceeds]), sigma_before, ok_before
 
 
 def _top_pair_projections(dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor):

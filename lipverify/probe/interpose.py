@@ -48,6 +48,33 @@ HOST_SYNC_OPS = frozenset(
     }
 )
 _PY_READS = ("tolist", "numpy", "item", "cpu")
+#: Operations that only make a new view or read metadata: no kernel runs for them on any device
+#: (:attr:`SyncCounter.compute_op_count` leaves them out).
+VIEW_OPS = frozenset(
+    {
+        "aten.view",
+        "aten._unsafe_view",
+        "aten.alias",
+        "aten.detach",
+        "aten.select",
+        "aten.slice",
+        "aten.transpose",
+        "aten.t",
+        "aten.permute",
+        "aten.unsqueeze",
+        "aten.squeeze",
+        "aten.squeeze_",
+        "aten.unsqueeze_",
+        "aten.expand",
+        "aten.as_strided",
+        "aten.unbind",
+        "aten.split",
+        "aten.split_with_sizes",
+        "aten.diagonal",
+        "aten.promote_types",
+        "aten.result_type",
+    }
+)
 
 
 def _op_name(func) -> str:
@@ -67,6 +94,12 @@ class SyncCounter(TorchDispatchMode):
     @property
     def op_count(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def compute_op_count(self) -> int:
+        """Operations that run a kernel: :attr:`op_count` without :data:`VIEW_OPS` (on a GPU, the
+        probe's kernel launches)."""
+        return sum(c for name, c in self.ops.items() if name not in VIEW_OPS)
 
     @property
     def sync_count(self) -> int:

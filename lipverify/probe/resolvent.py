@@ -344,15 +344,16 @@ DEVICE_SECOND_SQUARINGS = 6
 
 
 def _rayleigh_ritz_2(Q: torch.Tensor, GQ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rayleigh-Ritz on a 2-column orthonormal block without ``eigh`` (which checks its LAPACK info on
-    the host): the 2x2 ``T = Q^T G Q = [[a, b], [b, c]]`` is diagonalised by the Jacobi rotation of
-    angle ``phi = atan2(2b, a - c) / 2`` (backward stable). Returns the rotated block and ``G`` times
-    it, the larger Ritz value's vector first."""
-    t = (Q.mT @ GQ).reshape(4)  # a, b, b', c
-    phi = 0.5 * torch.atan2(t[1] + t[2], t[0] - t[3])
+    """Rayleigh-Ritz on a 2-column orthonormal block (..., k, 2) without ``eigh`` (which checks its
+    LAPACK info on the host): the 2x2 ``T = Q^T G Q = [[a, b], [b, c]]`` is diagonalised by the Jacobi
+    rotation of angle ``phi = atan2(2b, a - c) / 2`` (backward stable). Returns the rotated block and
+    ``G`` times it, the larger Ritz value's vector first (batched over leading dimensions)."""
+    t = torch.matmul(Q.mT, GQ).reshape(*Q.shape[:-2], 4)  # a, b, b', c
+    phi = 0.5 * torch.atan2(t[..., 1] + t[..., 2], t[..., 0] - t[..., 3])
     cs, sn = torch.cos(phi), torch.sin(phi)
-    R = torch.stack([cs, -sn, sn, cs]).reshape(2, 2)
-    return Q @ R, GQ @ R
+    R = torch.stack([cs, -sn, sn, cs], -1).reshape(*Q.shape[:-2], 2, 2)
+    mm = torch.bmm if Q.ndim == 3 else torch.mm
+    return mm(Q, R), mm(GQ, R)
 
 
 def _inverse_solve(L: torch.Tensor, LT: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -368,11 +369,12 @@ def _inverse_power(L: torch.Tensor, eye: torch.Tensor, squarings: int) -> torch.
     then stays above ``k^-4`` in between: no underflow in float32). Applied to a block it is 2^s steps
     of inverse iteration in s + 1 dense products (few launches, no host branch)."""
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-    P = Linv.mT @ Linv
+    mm = torch.bmm if L.ndim == 3 else torch.mm  # (a batch: bmm, not matmul's expand/view wrappers)
+    P = mm(Linv.mT, Linv)
     for i in range(squarings):
         if i % 3 == 0:
-            P = P / torch.linalg.matrix_norm(P)
-        P = P @ P
+            P = P / torch.linalg.matrix_norm(P, keepdim=True)  # per matrix of a batch (..., k, k)
+        P = mm(P, P)
     return P
 
 
@@ -476,3 +478,188 @@ def _top_pair_device(Wc: torch.Tensor, z1: torch.Tensor) -> tuple[torch.Tensor, 
     sign = torch.sign(v.gather(0, torch.argmax(v.abs()).reshape(1)))
     u, v = u * sign, v * sign
     return u, v, s1, (v if tall else u)
+
+
+#: Layers padded into one batch of :func:`resolvent_spectra_device` (:func:`device_batch_groups`):
+#: smaller side at most this, and the batch's padded work at most ``DEVICE_BATCH_MAX_WASTE`` times
+#: the work of its layers on their own.
+DEVICE_BATCH_MAX_K = 2048
+DEVICE_BATCH_MAX_WASTE = 8.0
+
+
+def _work(k: int, n: int) -> int:
+    """Leading flop count of one layer's device spectrum: the Gram product and the dense squarings."""
+    return k * k * n + k**3
+
+
+def device_batch_groups(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Which layers (indices into ``shapes``, (m, n) each) share one batched
+    :func:`resolvent_spectra_device` call: a function of the shapes only (CPU under ``route="device"``
+    batches exactly as CUDA does). Layers sorted by smaller side k (largest first) join the current
+    group while its padded work ``B * work(K, N)`` stays within ``DEVICE_BATCH_MAX_WASTE`` times the sum
+    of its layers' own work and K <= ``DEVICE_BATCH_MAX_K``; the rest start new groups. On a GPU the
+    probe's small matrices are launch-bound, so one padded launch costs less than one per layer; the
+    waste bound keeps a tiny layer from being padded to a huge one's size (memory)."""
+    order = sorted(range(len(shapes)), key=lambda i: (-min(shapes[i]), -max(shapes[i]), i))
+    groups: list[list[int]] = []
+    for i in order:
+        k, n = min(shapes[i]), max(shapes[i])
+        if groups and k <= DEVICE_BATCH_MAX_K:
+            g = groups[-1]
+            K = max(min(shapes[j]) for j in g)
+            N = max(max(max(shapes[j]) for j in g), n)
+            own = sum(_work(min(shapes[j]), max(shapes[j])) for j in g) + _work(k, n)
+            if K <= DEVICE_BATCH_MAX_K and (len(g) + 1) * _work(K, N) <= DEVICE_BATCH_MAX_WASTE * own:
+                g.append(i)
+                continue
+        groups.append([i])
+    return [sorted(g) for g in groups]
+
+
+@dataclass(frozen=True)
+class DeviceBatchPlan:
+    """Fixed per-batch data of :func:`resolvent_spectra_device` (built once per set of shapes, dtype
+    and device, so a steady-state step creates no tensor from host data): ``shapes`` (m, n) per layer,
+    ``K``/``N`` the padded smaller/larger side, ``rows`` (B, K, 1) 1 on a layer's real rows, 0 on
+    padding, and the per-layer convergence bounds ``r1_bound = 16 sqrt(k) eps`` and
+    ``separation = 2 separation_tolerance(k)`` (B,), and ``tall`` (B, 1, 1) bool, m > n."""
+
+    shapes: tuple[tuple[int, int], ...]
+    K: int
+    N: int
+    rows: torch.Tensor
+    r1_bound: torch.Tensor
+    separation: torch.Tensor
+    tall: torch.Tensor
+
+    @classmethod
+    def build(cls, shapes, dtype: torch.dtype, device: torch.device) -> DeviceBatchPlan:
+        shapes = tuple((int(m), int(n)) for m, n in shapes)
+        ks = [min(s) for s in shapes]
+        K, N = max(ks), max(max(s) for s in shapes)
+        rows = torch.zeros(len(shapes), K, 1, dtype=dtype)
+        for i, k in enumerate(ks):
+            rows[i, :k] = 1
+        eps = torch.finfo(dtype).eps
+        r1 = torch.tensor([16 * math.sqrt(k) * eps for k in ks], dtype=dtype)
+        sep = torch.tensor([2 * separation_tolerance(k, dtype) for k in ks], dtype=dtype)
+        tall = torch.tensor([[[m > n]] for m, n in shapes])
+        return cls(shapes, K, N, rows.to(device), r1.to(device), sep.to(device), tall.to(device))
+
+
+def _pad_stack(mats: list[torch.Tensor], rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, rows, cols) zeros with ``mats[i]`` (r_i, c_i) in the top-left corner of slice i (cast)."""
+    out = torch.zeros(len(mats), rows, cols, dtype=dtype, device=mats[0].device)
+    for i, M in enumerate(mats):
+        out[i, : M.shape[0], : M.shape[1]].copy_(M)
+    return out
+
+
+def resolvent_spectra_device(
+    Ws: list[torch.Tensor],
+    dtype: torch.dtype,
+    bases: list[torch.Tensor],
+    plan: DeviceBatchPlan | None = None,
+    top_squarings: int | None = None,
+    second_squarings: int | None = None,
+) -> list[ResolventSpectrum]:
+    """:func:`resolvent_spectrum_device` of several layers in one batch: the same algorithm on
+    zero-padded matrices, so each step is one launch for all layers instead of one per layer.
+
+    Each ``W`` (m, n) is brought to its wide form ``W_w`` (k, n'), k <= n' (``W`` if m <= n, else
+    ``W^T``) and placed in the top-left corner of a (K, N) zero matrix. Its Gram matrix is then
+    ``diag(G, 0)``, and every matrix the algorithm factors or inverts (``s I - G``, the deflated ``A``)
+    is block diagonal with a multiple of I on the padding: a vector that is zero on the padding stays
+    zero there through every product, solve and (Householder) QR, and the padding adds the eigenvalue
+    0 below the real block's (sigma_1, sigma_2 of the layer are those of its block). ``ok`` needs the
+    per-layer bounds of ``plan`` (k-dependent). Each ``bases[i]`` (k_i, p), p >= 3 (three columns
+    used), k_i >= 3. Returns one :class:`ResolventSpectrum` per layer whose ``W``, ``u``, ``v``,
+    ``factor`` (the leading (k, k) block of the padded factor, which is the Cholesky factor of the
+    layer's own A), ``basis`` and ``ok`` are views into the batch.
+    """
+    top_squarings = DEVICE_TOP_SQUARINGS if top_squarings is None else top_squarings
+    second_squarings = DEVICE_SECOND_SQUARINGS if second_squarings is None else second_squarings
+    device = Ws[0].device
+    if plan is None:
+        plan = DeviceBatchPlan.build([tuple(W.shape) for W in Ws], dtype, device)
+    if any(min(s) < 3 for s in plan.shapes) or any(b.shape[1] < 3 for b in bases):
+        raise ValueError("resolvent_spectra_device needs k >= 3 and three warm vectors per layer")
+    tall = [m > n for m, n in plan.shapes]
+    Wp = _pad_stack([W.mT if t else W for W, t in zip(Ws, tall, strict=True)], plan.K, plan.N, dtype)
+    rows = plan.rows
+    bmm = torch.bmm  # batched products (matmul would wrap each in expand/view operations)
+    G = bmm(Wp, Wp.mT)  # (B, K, K): diag(G_l, 0)
+    eps = torch.finfo(dtype).eps
+    eye = torch.eye(plan.K, dtype=dtype, device=device)
+    basis = _pad_stack([b[:, :3] for b in bases], plan.K, 3, dtype)
+    # phase 1 (as resolvent_spectrum_device, per batch entry); vectors are kept as (B, K, 1) columns
+    Z, _ = torch.linalg.qr(basis[..., :2])
+    Z = Z * rows  # exactly zero on the padding (Householder keeps zero rows zero; no reliance on it)
+    GZ = bmm(G, Z)
+    theta = (Z * GZ).sum(-2, keepdim=True)  # (B, 1, 2)
+    theta0 = theta[..., :1]  # (B, 1, 1)
+    r = torch.linalg.vector_norm(GZ[..., :1] - theta0 * Z[..., :1], dim=-2, keepdim=True)
+    spread = (theta0 - theta[..., 1:]).abs()
+    margin = torch.maximum(torch.maximum(2 * r, 1e-2 * spread), 64 * eps * theta0.abs())
+    L1, info1 = torch.linalg.cholesky_ex((theta0 + margin) * eye - G)
+    z1 = bmm(_inverse_power(L1, eye, top_squarings), Z[..., :1])
+    z1 = _inverse_solve(L1, L1.mT, z1)  # (B, K, 1)
+    z1 = z1 / torch.linalg.vector_norm(z1, dim=-2, keepdim=True)
+    Gz1 = bmm(G, z1)
+    lam1 = (z1 * Gz1).sum(-2, keepdim=True)  # (B, 1, 1)
+    r1 = torch.linalg.vector_norm(Gz1 - lam1 * z1, dim=-2, keepdim=True)
+    # top pair: other = W_w^T z1 (the larger side's vector), sign from v's largest |entry|
+    other = bmm(Wp.mT, z1)  # (B, N, 1)
+    s1 = torch.linalg.vector_norm(other, dim=-2, keepdim=True)  # (B, 1, 1)
+    other = other / s1
+    sign_small = torch.sign(z1.gather(-2, z1.abs().argmax(-2, keepdim=True)))  # v = z1 (tall)
+    sign_large = torch.sign(other.gather(-2, other.abs().argmax(-2, keepdim=True)))  # v = other (wide)
+    sign = torch.where(plan.tall, sign_small, sign_large) if any(tall) else sign_large
+    w, other = z1 * sign, other * sign
+    # phase 2: the deflated A = s1^2 I - G + s1^2 w w^T (s1^2 I on the padding)
+    s1sq = s1 * s1
+    L, info2 = torch.linalg.cholesky_ex(s1sq * eye - G + s1sq * bmm(w, w.mT))
+
+    def deflate(X: torch.Tensor) -> torch.Tensor:
+        return X - bmm(w, bmm(w.mT, X))
+
+    X = deflate(basis[..., 1:3])
+    X = bmm(_inverse_power(L, eye, second_squarings), X)
+    X, _ = torch.linalg.qr(deflate(X))
+    X = _inverse_solve(L, L.mT, X * rows)
+    X, _ = torch.linalg.qr(deflate(X))
+    X = X * rows
+    X, GX = _rayleigh_ritz_2(X, bmm(G, X))
+    lam2 = (X[..., :1] * GX[..., :1]).sum(-2, keepdim=True)
+    r2 = torch.linalg.vector_norm(GX[..., :1] - lam2 * X[..., :1], dim=-2, keepdim=True)
+    tol2 = 1e-8 * math.sqrt(eps / torch.finfo(torch.float64).eps)
+    ok = (
+        (info1 == 0)
+        & (info2 == 0)
+        & (r1.flatten() <= plan.r1_bound * lam1.flatten())
+        & (r2.flatten() <= tol2 * lam1.flatten())
+        & ((s1sq - lam2).flatten() > plan.separation * s1sq.flatten())
+        & torch.isfinite(lam2.flatten())
+        & torch.isfinite(s1.flatten())
+    )
+    s1, s2 = s1.flatten(), lam2.flatten().clamp(min=0).sqrt()
+    w, other = w[..., 0], other[..., 0]
+    basis_next = torch.cat([w[..., None], X], -1)  # (B, K, 3)
+    out = []
+    for i, ((m, n), t) in enumerate(zip(plan.shapes, tall, strict=True)):
+        k, n_large = min(m, n), max(m, n)
+        Ww = Wp[i, :k, :n_large]
+        small, large = w[i, :k], other[i, :n_large]
+        out.append(
+            ResolventSpectrum(
+                W=Ww.mT if t else Ww,
+                u=large if t else small,
+                v=small if t else large,
+                s1=s1[i],
+                s2=s2[i],
+                factor=L[i, :k, :k],
+                basis=basis_next[i, :k],
+                ok=ok[i],
+            )
+        )
+    return out
