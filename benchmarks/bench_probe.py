@@ -16,8 +16,9 @@ gradient is a separate pass over the data and not included); ``probe-f32`` (spec
 float32); ``probe-gram`` and ``probe-gram-f32`` (the same with ``decomposition="gram"``, a full
 decomposition of every weight per step); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``);
 ``probe-device`` (``route="device"``: the code CUDA runs, torch only, no host synchronisation in the
-steady state; on CUDA ``probe`` already takes it); every probe variant reads a step's results one step
-later (as a training loop that logs them would);
+steady state; on CUDA ``probe`` already takes it); ``probe-graphs`` (the device route with
+``cuda_graphs=True``: the spectra replayed from a CUDA graph; on CPU its eager stand-in); every
+probe variant reads a step's results one step later (as a training loop that logs them would);
 ``floor-f64`` and ``floor-f32`` (a plain step plus only the dense kernels the resolvent route cannot
 avoid: per layer one Gram product, two Cholesky factorisations and one b-column triangular solve; the
 lower bound of ``probe`` / ``probe-f32`` on this machine; its ratio is against the plain step timed
@@ -84,7 +85,8 @@ def _worker(args: argparse.Namespace) -> dict:
     if variant.startswith("probe"):
         probe = DynamicsProbe(
             model,
-            route="device" if variant == "probe-device" else "auto",
+            route="device" if variant in ("probe-device", "probe-graphs") else "auto",
+            cuda_graphs=variant == "probe-graphs",
             compute_dtype=torch.float32 if variant.endswith("-f32") else torch.float64,
             conv_method="unfold" if variant == "probe-unfold" else "conv",
             decomposition="gram" if variant.startswith("probe-gram") else "resolvent",
@@ -132,6 +134,8 @@ def _worker(args: argparse.Namespace) -> dict:
     out.update(_op_counts(step, sync))
     if probe is not None and probe.decomposition == "resolvent":
         out["resolvent_stats"] = probe.resolvent_stats
+    if probe is not None and probe.cuda_graphs:
+        out["graph_status"] = probe.graph_status
     return out
 
 
@@ -253,7 +257,8 @@ def main() -> None:
     )
     everything = {"device": args.device, "batch_size": args.batch_size, "threads": threads, "models": {}}
     for model in models:
-        variants = ["plain", "probe", "probe-device", "probe-f32", "probe-gram", "probe-gram-f32"]
+        variants = ["plain", "probe", "probe-device", "probe-graphs", "probe-f32"]
+        variants += ["probe-gram", "probe-gram-f32"]
         if model == "convnet":
             variants.append("probe-unfold")
         variants += ["floor-f64", "floor-f32"]
@@ -284,6 +289,7 @@ def main() -> None:
                 f"{r['peak_mem_bytes'] / 2**20:9.1f} {mem_ratio:>11s}"
                 + op_cols
                 + (f"  {r['resolvent_stats']}" if "resolvent_stats" in r else "")
+                + (f"  graphs: {r['graph_status']}" if "graph_status" in r else "")
             )
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=2))

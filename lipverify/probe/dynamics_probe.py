@@ -23,6 +23,7 @@ from lipverify.dynamics import (
     layer_terms_from_projections,
 )
 from lipverify.probe.deferred import DeferredResults
+from lipverify.probe.graphs import SpectraGraph
 from lipverify.probe.layers import _conv_padding, find_layers, weight_matrix
 from lipverify.probe.precision import GradScalerLink, full_precision
 from lipverify.probe.resolvent import (
@@ -121,7 +122,10 @@ class DynamicsProbe:
     :func:`lipverify.spectral.gap_tolerance_for` the compute dtype); ``route``: ``"auto"`` (default,
     or the environment variable ``LIPVERIFY_PROBE_ROUTE``): the device route for CUDA weights, the
     host route for CPU ones; ``"device"``: the device route everywhere (CPU then runs exactly CUDA's
-    code: torch only, no scipy/LAPACK, no threadpoolctl); ``"host"``: the host route everywhere.
+    code: torch only, no scipy/LAPACK, no threadpoolctl); ``"host"``: the host route everywhere;
+    ``cuda_graphs``: on the device route, run each step's batched spectra through a CUDA graph
+    captured once per group of layer shapes (:mod:`lipverify.probe.graphs`: what is captured, the
+    limits; on CPU the same static-buffer steps run eagerly); :attr:`graph_status` reports it.
 
     The device route (``"resolvent"`` only; :meth:`on_device_route`) issues no host synchronisation
     in ``before_step``, ``capture``, ``after_backward``, ``compute`` and ``after_step`` once every layer
@@ -157,6 +161,7 @@ class DynamicsProbe:
         gap_tolerance: float | None = None,
         schedule: ProbeSchedule | None = None,
         route: str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if route is None:  # the environment's choice applies to the "resolvent" decomposition only
             route = os.environ.get(ROUTE_ENV) or "auto"
@@ -167,6 +172,11 @@ class DynamicsProbe:
             )
         if route == "device" and decomposition != "resolvent":
             raise LipverifyError(f"route='device' needs decomposition='resolvent', got {decomposition!r}")
+        if cuda_graphs and (route == "host" or decomposition != "resolvent"):
+            raise LipverifyError(
+                "cuda_graphs=True needs the device route (decomposition='resolvent', route 'auto' or "
+                f"'device'), got decomposition={decomposition!r}, route={route!r}"
+            )
         if decomposition not in ("gram", "svd", "resolvent"):
             raise LipverifyError(f"decomposition must be 'gram', 'svd' or 'resolvent', got {decomposition!r}")
         if conv_method not in ("conv", "unfold"):
@@ -193,8 +203,11 @@ class DynamicsProbe:
         ] = {}
         self._warm: dict[str, torch.Tensor] = {}
         self._warm_in: dict[str, torch.Tensor | None] = {}
-        # device route: (shapes, dtype, device) -> the fixed data of one batched spectra call
+        # device route: (shapes, dtype, device) -> the fixed data of one batched spectra call, and
+        # with cuda_graphs its SpectraGraph
         self._batch_plans: dict[tuple, DeviceBatchPlan] = {}
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, tuple[list[str], SpectraGraph]] = {}
         #: ``"resolvent"`` mode: ``iterative`` (warm-started resolvent steps), ``iterations`` (their
         #: total block iterations), ``cold`` (first decomposition of a layer: full), ``fallback``
         #: (warm start did not converge or a factorisation failed: full decomposition instead).
@@ -225,6 +238,15 @@ class DynamicsProbe:
         """Whether the GradScaler skips this step (one host synchronisation when a scaler is used)."""
         self.step_skipped = self._scaler is not None and bool(self._scaler.found_inf())
         return self.step_skipped
+
+    @property
+    def graph_status(self) -> dict[str, str]:
+        """``cuda_graphs=True``: per group of layers (their names joined by ``+``), the
+        :attr:`~lipverify.probe.graphs.SpectraGraph.status` of its graph and its replays so far."""
+        return {
+            "+".join(names): f"{graph.status}, {graph.replays} replays"
+            for names, graph in self._graphs.values()
+        }
 
     @property
     def layer_names(self) -> list[str]:
@@ -363,7 +385,13 @@ class DynamicsProbe:
                 plan = self._batch_plans[key] = DeviceBatchPlan.build(
                     key[0], self.compute_dtype, Ws[0].device
                 )
-            specs = resolvent_spectra_device(Ws, self.compute_dtype, bases, plan)
+            if self.cuda_graphs:
+                if key not in self._graphs:
+                    graph = SpectraGraph(plan, self.compute_dtype, Ws[0].device)
+                    self._graphs[key] = ([name for name, *_ in members], graph)
+                specs = self._graphs[key][1](Ws, bases)
+            else:
+                specs = resolvent_spectra_device(Ws, self.compute_dtype, bases, plan)
             for (name, W, basis), spec in zip(members, specs, strict=True):
                 w = self._layers[name].module.weight
                 self.resolvent_stats["iterative"] += 1

@@ -577,21 +577,42 @@ def resolvent_spectra_device(
     ``factor`` (the leading (k, k) block of the padded factor, which is the Cholesky factor of the
     layer's own A), ``basis`` and ``ok`` are views into the batch.
     """
-    top_squarings = DEVICE_TOP_SQUARINGS if top_squarings is None else top_squarings
-    second_squarings = DEVICE_SECOND_SQUARINGS if second_squarings is None else second_squarings
     device = Ws[0].device
     if plan is None:
         plan = DeviceBatchPlan.build([tuple(W.shape) for W in Ws], dtype, device)
     if any(min(s) < 3 for s in plan.shapes) or any(b.shape[1] < 3 for b in bases):
         raise ValueError("resolvent_spectra_device needs k >= 3 and three warm vectors per layer")
-    tall = [m > n for m, n in plan.shapes]
-    Wp = _pad_stack([W.mT if t else W for W, t in zip(Ws, tall, strict=True)], plan.K, plan.N, dtype)
+    Wp = _pad_stack([wide_form(W) for W in Ws], plan.K, plan.N, dtype)
+    basis = _pad_stack([b[:, :3] for b in bases], plan.K, 3, dtype)
+    return split_spectra(plan, _spectra_core(Wp, basis, plan, top_squarings, second_squarings))
+
+
+def wide_form(W: torch.Tensor) -> torch.Tensor:
+    """``W`` (m, n) as (k, n'), k <= n': itself if m <= n, else ``W^T`` (a view)."""
+    return W.mT if W.shape[0] > W.shape[1] else W
+
+
+def _spectra_core(
+    Wp: torch.Tensor,
+    basis: torch.Tensor,
+    plan: DeviceBatchPlan,
+    top_squarings: int | None = None,
+    second_squarings: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The batched algorithm of :func:`resolvent_spectra_device` on the padded wide forms ``Wp``
+    (B, K, N) and warm vectors ``basis`` (B, K, 3): a pure function of tensors (fixed shapes, no
+    host read, no tensor made from host data), so it can be captured in a CUDA graph
+    (:mod:`lipverify.probe.graphs`). Returns ``W`` (Wp itself), ``w`` (B, K) the small-side and
+    ``other`` (B, N) the large-side singular vector, ``s1``, ``s2``, ``ok`` (B,), ``L`` (B, K, K) and
+    ``basis`` (B, K, 3)."""
+    top_squarings = DEVICE_TOP_SQUARINGS if top_squarings is None else top_squarings
+    second_squarings = DEVICE_SECOND_SQUARINGS if second_squarings is None else second_squarings
+    dtype, device = Wp.dtype, Wp.device
     rows = plan.rows
     bmm = torch.bmm  # batched products (matmul would wrap each in expand/view operations)
     G = bmm(Wp, Wp.mT)  # (B, K, K): diag(G_l, 0)
     eps = torch.finfo(dtype).eps
     eye = torch.eye(plan.K, dtype=dtype, device=device)
-    basis = _pad_stack([b[:, :3] for b in bases], plan.K, 3, dtype)
     # phase 1 (as resolvent_spectrum_device, per batch entry); vectors are kept as (B, K, 1) columns
     Z, _ = torch.linalg.qr(basis[..., :2])
     Z = Z * rows  # exactly zero on the padding (Householder keeps zero rows zero; no reliance on it)
@@ -614,7 +635,7 @@ def resolvent_spectra_device(
     other = other / s1
     sign_small = torch.sign(z1.gather(-2, z1.abs().argmax(-2, keepdim=True)))  # v = z1 (tall)
     sign_large = torch.sign(other.gather(-2, other.abs().argmax(-2, keepdim=True)))  # v = other (wide)
-    sign = torch.where(plan.tall, sign_small, sign_large) if any(tall) else sign_large
+    sign = torch.where(plan.tall, sign_small, sign_large)
     w, other = z1 * sign, other * sign
     # phase 2: the deflated A = s1^2 I - G + s1^2 w w^T (s1^2 I on the padding)
     s1sq = s1 * s1
@@ -645,21 +666,29 @@ def resolvent_spectra_device(
     s1, s2 = s1.flatten(), lam2.flatten().clamp(min=0).sqrt()
     w, other = w[..., 0], other[..., 0]
     basis_next = torch.cat([w[..., None], X], -1)  # (B, K, 3)
-    out = []
-    for i, ((m, n), t) in enumerate(zip(plan.shapes, tall, strict=True)):
-        k, n_large = min(m, n), max(m, n)
-        Ww = Wp[i, :k, :n_large]
-        small, large = w[i, :k], other[i, :n_large]
-        out.append(
+    return {"W": Wp, "w": w, "other": other, "s1": s1, "s2": s2, "ok": ok, "L": L, "basis": basis_next}
+
+
+def split_spectra(plan: DeviceBatchPlan, out: dict[str, torch.Tensor]) -> list[ResolventSpectrum]:
+    """One :class:`ResolventSpectrum` per layer from :func:`_spectra_core`'s batch (views into it):
+    ``W`` the layer's corner of the padded matrix (transposed back for a tall layer), ``u``/``v`` the
+    small- and large-side vectors in the layer's orientation, ``factor`` the leading (k, k) block of
+    the padded factor (the Cholesky factor of the layer's own A: the padding is a separate block)."""
+    specs = []
+    for i, (m, n) in enumerate(plan.shapes):
+        k, n_large, tall = min(m, n), max(m, n), m > n
+        Ww = out["W"][i, :k, :n_large]
+        small, large = out["w"][i, :k], out["other"][i, :n_large]
+        specs.append(
             ResolventSpectrum(
-                W=Ww.mT if t else Ww,
-                u=large if t else small,
-                v=small if t else large,
-                s1=s1[i],
-                s2=s2[i],
-                factor=L[i, :k, :k],
-                basis=basis_next[i, :k],
-                ok=ok[i],
+                W=Ww.mT if tall else Ww,
+                u=large if tall else small,
+                v=small if tall else large,
+                s1=out["s1"][i],
+                s2=out["s2"][i],
+                factor=out["L"][i, :k, :k],
+                basis=out["basis"][i, :k],
+                ok=out["ok"][i],
             )
         )
-    return out
+    return specs

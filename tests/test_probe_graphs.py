@@ -1,0 +1,77 @@
+"""``DynamicsProbe(cuda_graphs=True)`` (issue 15, :mod:`lipverify.probe.graphs`) on CPU: the static
+buffers, copies and cloning of :class:`SpectraGraph` give bitwise the results of the uncaptured device
+route over several steps, and the route stays free of host synchronisation. The capture and replay
+themselves need a GPU (tests/test_probe_cuda.py)."""
+
+import pytest
+import torch
+from test_probe_sync import LR, _probe_step  # tests/ is on sys.path (pytest's prepend import mode)
+
+import lipverify.probe.graphs as graphs
+from lipverify._validation import LipverifyError
+from lipverify.models import build_model
+from lipverify.probe import DynamicsProbe
+from lipverify.probe.interpose import counting
+
+SHAPES = {"mlp": (784,), "convnet": (3, 32, 32)}
+B = 8
+
+
+def _run(model_name: str, cuda_graphs: bool, steps: int = 4, count: bool = False):
+    """``steps`` probe steps on the device route; returns the results read on the host, the probe and
+    the host syncs of the steady-state steps (when ``count``)."""
+    model = build_model(model_name, seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(B, *SHAPES[model_name], generator=g)
+    y = torch.randint(0, 10, (B,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    probe = DynamicsProbe(model, route="device", cuda_graphs=cuda_graphs, population_size=60000)
+    results, syncs = [], []
+    for i in range(steps):
+        with counting() as c:
+            terms, truth = _probe_step(model, x, y, opt, probe)
+        if count and i >= 2:  # steps 0 and 1: cold decompositions, then the first warm ones
+            syncs.append(c.sync_count)
+        results.append((terms, truth))
+    read = [(dict(terms), dict(truth)) for terms, truth in results]
+    return read, probe, syncs
+
+
+def _assert_identical(got, ref):
+    for (terms, truth), (ref_terms, ref_truth) in zip(got, ref, strict=True):
+        for name, r in ref_terms.items():
+            t = terms[name]
+            assert t.converged and r.converged
+            for f in ("sigma", "gap", "mu", "phi", "psi"):
+                assert getattr(t, f) == getattr(r, f), (name, f)
+            for f, value in ref_truth[name].items():
+                assert truth[name][f] == value, (name, f)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "convnet"])
+def test_graph_route_gives_the_uncaptured_results_bit_for_bit(model_name):
+    ref, _, _ = _run(model_name, cuda_graphs=False)
+    got, probe, syncs = _run(model_name, cuda_graphs=True, count=True)
+    _assert_identical(got, ref)
+    assert syncs and all(s == 0 for s in syncs)
+    status = probe.graph_status
+    assert list(status) == ["+".join(probe.layer_names)]  # one group: every layer of the model
+    assert all(v.startswith("eager") for v in status.values())  # CPU: the stand-in, no capture
+
+
+def test_outputs_that_alias_the_static_buffers_are_rejected(monkeypatch):
+    # the wrong variant: returning the static buffers instead of clones; the next call overwrites
+    # W_t's snapshot with W_{t+1} (dW = 0 in the discrete truth), and the comparison fails
+    ref, _, _ = _run("mlp", cuda_graphs=False)
+    monkeypatch.setattr(graphs.SpectraGraph, "_fresh", staticmethod(lambda out: out))
+    got, _, _ = _run("mlp", cuda_graphs=True)
+    with pytest.raises(AssertionError):
+        _assert_identical(got, ref)
+
+
+def test_graphs_need_the_device_route():
+    model = build_model("mlp", seed=0)
+    with pytest.raises(LipverifyError, match="cuda_graphs=True needs the device route"):
+        DynamicsProbe(model, route="host", cuda_graphs=True)
+    with pytest.raises(LipverifyError, match="cuda_graphs=True needs the device route"):
+        DynamicsProbe(model, decomposition="gram", cuda_graphs=True)
