@@ -162,6 +162,7 @@ class TrainConfig:
         0  # Theorem 14 terms of each Conv2d's circular-model norm into conv_norm.csv; 0 = off
     )
     checkpoint_every: int = 50
+    cuda_graphs: bool = False  # probe on the device route (CUDA): spectra replayed from a CUDA graph
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -455,7 +456,9 @@ class _Run:
         schedule = ProbeSchedule(
             {"terms": c.probe_every, "discrete": c.probe_every, "full_gradient": self.full_gradient_every}
         )
-        self.probe = DynamicsProbe(self.model, population_size=len(self.data), schedule=schedule)
+        self.probe = DynamicsProbe(
+            self.model, population_size=len(self.data), schedule=schedule, cuda_graphs=c.cuda_graphs
+        )
         self.step = 0
         self.records: list[dict] = []
         self.sharpness_vector: torch.Tensor | None = None

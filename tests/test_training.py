@@ -651,3 +651,26 @@ def test_train_leads_with_the_expectation_based_forecast(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary)[1] == "forecast" and summary["forecast"]["available"]
     assert summary["forecast"]["calibration"]["verdict"] in ("calibrated", "too narrow", "too wide")
+
+
+def test_cuda_graphs_key_gives_the_same_records_on_the_device_route(tmp_path, monkeypatch):
+    # cuda_graphs=true: the probe's spectra through lipverify.probe.graphs (on CPU its static-buffer
+    # stand-in, the route CUDA takes); the records are those of the uncaptured device route, bit for
+    # bit, also across a resume from a checkpoint
+    import lipverify.probe.graphs as probe_graphs
+
+    monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", "device")
+    train(tiny(steps=5), tmp_path / "plain", progress=False)
+    calls = []
+    real_call = probe_graphs.SpectraGraph.__call__
+    monkeypatch.setattr(probe_graphs.SpectraGraph, "__call__", lambda *a: calls.append(1) or real_call(*a))
+    graphs = tiny(steps=5, cuda_graphs=True)
+    train(graphs, tmp_path / "graphs", progress=False)
+    assert (tmp_path / "graphs" / "steps.csv").read_text() == (tmp_path / "plain" / "steps.csv").read_text()
+    assert len(calls) >= 4  # one batched spectra call per step after the cold first one
+    train(graphs, tmp_path / "resumed", progress=False, stop_after=3)
+    train(graphs, tmp_path / "resumed", progress=False)
+    assert (tmp_path / "resumed" / "steps.csv").read_text() == (tmp_path / "plain" / "steps.csv").read_text()
+    with pytest.raises(LipverifyError, match="cuda_graphs"):
+        monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", "host")
+        train(graphs, tmp_path / "host", progress=False)

@@ -60,6 +60,7 @@ READ_ONLY_FIELDS = (
     "checkpoint_every",
     "lipschitz_every",
     "lipschitz_samples",
+    "cuda_graphs",
 )
 
 
