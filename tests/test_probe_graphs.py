@@ -75,3 +75,33 @@ def test_graphs_need_the_device_route():
         DynamicsProbe(model, route="host", cuda_graphs=True)
     with pytest.raises(LipverifyError, match="cuda_graphs=True needs the device route"):
         DynamicsProbe(model, decomposition="gram", cuda_graphs=True)
+
+
+def test_a_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
+    # on CUDA a build that cannot capture an operation raises inside torch.cuda.graph; the group then
+    # runs eagerly (same results), says why in graph_status, and warns once. Emulated on CPU by a
+    # capture that raises at its first step.
+    from test_probe import _warm_basis
+    from test_resolvent_batched import _scaled_with_gap
+
+    from lipverify.probe.resolvent import DeviceBatchPlan, resolvent_spectra_device
+
+    Ws = [_scaled_with_gap(12, 20, 0.1, 1), _scaled_with_gap(9, 5, 0.2, 2)]
+    bases = [_warm_basis(W, 3) for W in Ws]
+    plan = DeviceBatchPlan.build([tuple(W.shape) for W in Ws], torch.float64, torch.device("cpu"))
+    graph = graphs.SpectraGraph(plan, torch.float64, torch.device("cpu"))
+    graph.status = "not captured"  # as on CUDA before the first call
+
+    def no_capture(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs.torch.cuda, "Stream", no_capture)
+    with pytest.warns(RuntimeWarning, match="capture of the spectra failed"):
+        got = graph(Ws, bases)
+    assert graph.status.startswith("eager (capture failed: operation not permitted")
+    assert graph.graph is None and graph.replays == 0
+    again = graph(Ws, bases)  # no second attempt, no second warning
+    ref = resolvent_spectra_device(Ws, torch.float64, bases, plan)
+    for a, b, r in zip(got, again, ref, strict=True):
+        for f in ("s1", "s2", "u", "v", "W", "factor", "basis", "ok"):
+            assert torch.equal(getattr(a, f), getattr(r, f)) and torch.equal(getattr(b, f), getattr(r, f)), f
