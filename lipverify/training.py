@@ -405,6 +405,15 @@ def _autoaugment(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([aug(img) for img in images])
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor (the sampled indices: drawn on the CPU so CPU and CUDA runs see the same batches)
+    on ``device``; to CUDA from pinned memory without blocking (a copy from pageable memory waits for
+    the stream, i.e. for the previous step's GPU work)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _check_diverged(row: dict, step: int, lr: float) -> None:
     """Raise when the loss, ``log_bound`` or a layer's sigma of a step's record is inf or NaN."""
     keys = ["loss", "log_bound", *(k for k in row if k.endswith(".sigma"))]
@@ -472,7 +481,7 @@ class _Run:
     # -- data
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        idx = torch.randperm(len(self.data), generator=self.gen)[: c.batch_size].to(self.device)
+        idx = _to_device(torch.randperm(len(self.data), generator=self.gen)[: c.batch_size], self.device)
         images = self.images[idx]
         if c.autoaugment:
             images = _autoaugment(images.cpu()).to(self.device)
@@ -650,7 +659,7 @@ class _Run:
         lam, perm = 1.0, None
         if c.mixup > 0:
             lam = float(torch.distributions.Beta(c.mixup, c.mixup).sample())
-            perm = torch.randperm(x.shape[0]).to(self.device)
+            perm = _to_device(torch.randperm(x.shape[0]), self.device)
             x = lam * x + (1 - lam) * x[perm]
         due_terms = probe.schedule.due("terms", step)
         due_disc = probe.schedule.due("discrete", step)
@@ -665,11 +674,16 @@ class _Run:
             if perm is not None:
                 loss = lam * loss + (1 - lam) * self.loss_fn(out, y[perm])
             loss.backward()
-        row: dict = {
-            "step": step,
-            "loss": float(loss.detach()),
-            "batch_acc": float((out.detach().argmax(1) == y).float().mean()),
-        }
+        grads = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+        # loss, batch accuracy and whether every gradient is finite: one host read per step
+        acc = (out.detach().argmax(1) == y).float().mean()
+        finite = loss.new_ones((), dtype=torch.bool)
+        if grads:
+            finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all()
+        loss_value, acc_value, grads_finite = torch.stack(
+            [loss.detach(), acc.to(loss.dtype), finite.to(loss.dtype)]
+        ).tolist()
+        row: dict = {"step": step, "loss": loss_value, "batch_acc": acc_value}
         if sharp is not None:
             row.update(sharpness=sharp, lr_sharpness=c.lr * sharp)
             if c.lr * sharp >= STABILITY_WARNING and not self.stability_warned:
@@ -682,9 +696,8 @@ class _Run:
                 )
         # before the probe divides by a gap or squares a projection of an overflowed gradient
         _check_diverged(row, step, c.lr)
-        grads = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
-        # one fused check (one host read per step); the offending name is looked up only on failure
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+        # the offending name is looked up only on failure
+        if not grads_finite:
             name = next(name for name, g in grads if not bool(torch.isfinite(g).all()))
             raise LipverifyError(
                 f"training diverged at step {step}: the gradient of {name} is not finite; "

@@ -674,3 +674,22 @@ def test_cuda_graphs_key_gives_the_same_records_on_the_device_route(tmp_path, mo
     with pytest.raises(LipverifyError, match="cuda_graphs"):
         monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", "host")
         train(graphs, tmp_path / "host", progress=False)
+
+
+def test_a_device_route_training_step_reads_the_host_five_times():
+    # issue 15: the step's loss, accuracy and gradient finiteness in one read, the probe's terms and
+    # truth one packed read each, the cross-layer diagnostic one, network_terms' cross term one. The
+    # step before this change read 10 times (three separate reads of loss/accuracy/finiteness, one per
+    # layer and one more in cross_layer_diffusion); the budget rejects it.
+    from lipverify.probe.interpose import counting
+    from lipverify.training import _Run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIPVERIFY_PROBE_ROUTE", "device")
+        run = _Run(tiny(sharpness_every=0, full_gradient_every=0).validate())
+        for _ in range(3):
+            run.train_step()
+        with counting() as c:
+            run.train_step()
+    print(f"host reads per training step: {c.sync_count} {dict(c.syncs)}")
+    assert c.sync_count <= 5

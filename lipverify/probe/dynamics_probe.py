@@ -1155,4 +1155,5 @@ def cross_layer_diffusion(terms: Mapping[str, LayerTerms]) -> float:
         raise LipverifyError("cross_layer_diffusion needs LayerTerms with noise_projections")
     scaled = [t.noise_projections.to(torch.float64) / t.sigma for t in items]
     total = sum(scaled)
-    return float((total * total).sum()) - sum(float((p * p).sum()) for p in scaled)
+    squares = torch.stack([(total * total).sum(), *((p * p).sum() for p in scaled)]).tolist()  # one read
+    return squares[0] - sum(squares[1:])
