@@ -451,7 +451,12 @@ class DynamicsProbe:
         Always the same route, so a value never depends on what the process happens to hold: a run
         resumed from a checkpoint (:meth:`warm_state`) records the same bits as the uninterrupted one.
         In ``"resolvent"`` mode a warm-started decomposition also costs less than
-        ``torch.linalg.matrix_norm(W, 2)``."""
+        ``torch.linalg.matrix_norm(W, 2)``. On the device route: one batch, one host read."""
+        if self.on_device_route():
+            with full_precision():
+                decs = self._decompositions(self._layers, in_step=False)
+            values = torch.stack([d.sigma1 for d in decs.values()]).tolist()
+            return dict(zip(self._layers, values, strict=True))
         return {name: float(self.decomposition_of(name).sigma1) for name in self._layers}
 
     def log_bound(self) -> float:
