@@ -126,6 +126,10 @@ LABEL_NOISE_SEED_OFFSET = 1_000_003
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
+#: ``TrainConfig.amp``: autocast of the training step's forward passes.
+AMP_MODES = ("none", "bf16")
+
+
 @dataclass
 class TrainConfig:
     """One training run (see the module docstring for the semantics of each field)."""
@@ -165,6 +169,7 @@ class TrainConfig:
     cuda_graphs: bool = False  # probe on the device route (CUDA): spectra replayed from a CUDA graph
     device: str = "cpu"
     dtype: str = "float32"
+    amp: str = "none"  # "none" | "bf16": forward passes of the step (and its full-data gradient) in bfloat16
 
     def validate(self) -> TrainConfig:
         """Check every field: its type (an int is accepted for a float), finite floats, the ranges
@@ -205,6 +210,18 @@ class TrainConfig:
             bad(f"grad_noise must be 'none', 'gaussian' or 'uniform', got {self.grad_noise!r}")
         if self.dtype not in ("float32", "float64"):
             bad(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.amp not in AMP_MODES:
+            hint = (
+                "; float16 needs loss scaling, which lipverify train does not do (use 'bf16', or "
+                "DynamicsProbe.use_grad_scaler in your own loop)"
+                if self.amp in ("fp16", "float16")
+                else ""
+            )
+            bad(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}{hint}")
+        if self.amp != "none" and self.dtype != "float32":
+            bad(f"amp = {self.amp!r} needs dtype = 'float32', got {self.dtype!r}")
+        if self.amp != "none" and self.conv_norm_every:
+            bad("conv_norm_every needs amp = 'none' (its per-sample terms are of the float32 step)")
         if self.batch_size < 2:
             bad(f"batch_size must be >= 2 (Proposition 5 divides by b(b-1)), got {self.batch_size}")
         for key in (
@@ -478,6 +495,13 @@ class _Run:
         self.conv_norm_row: dict | None = None  # this step's conv_norm.csv row (conv_norm_every)
         self._conv_grids: dict[str, tuple[int, int]] | None = None
 
+    def autocast(self):
+        """The step's autocast region: bfloat16 on the run's device with ``amp = "bf16"``, else none.
+        The probe does its own work in full precision whatever region it is called in."""
+        if self.config.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     # -- data
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -654,7 +678,9 @@ class _Run:
         x, y = self.batch()
         if c.fgsm_eps > 0:
             x_req = x.clone().requires_grad_(True)
-            (gx,) = torch.autograd.grad(self.loss_fn(self.model(x_req), y), x_req)
+            with self.autocast():
+                adversarial_loss = self.loss_fn(self.model(x_req), y)
+            (gx,) = torch.autograd.grad(adversarial_loss, x_req)
             x = (x + c.fgsm_eps * gx.sign()).clamp(0, 1).detach()
         lam, perm = 1.0, None
         if c.mixup > 0:
@@ -669,10 +695,11 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         capture = probe.capture() if due_terms else contextlib.nullcontext()
         with capture:
-            out = self.model(x)
-            loss = self.loss_fn(out, y)
-            if perm is not None:
-                loss = lam * loss + (1 - lam) * self.loss_fn(out, y[perm])
+            with self.autocast():
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
+                if perm is not None:
+                    loss = lam * loss + (1 - lam) * self.loss_fn(out, y[perm])
             loss.backward()
         grads = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
         # loss, batch accuracy and whether every gradient is finite: one host read per step
@@ -703,10 +730,12 @@ class _Run:
                 f"training diverged at step {step}: the gradient of {name} is not finite; "
                 f"try a smaller lr (lr = {c.lr})"
             )
-        full = probe.full_gradient(self.full_batches(), self.loss_fn) if due_full else None
-        full_clean = None
-        if due_full and c.full_gradient_clean:
-            full_clean = probe.full_gradient(self.full_batches(self.clean_labels), self.loss_fn)
+        full = full_clean = None
+        with self.autocast():  # the full-data gradient of the step's own (autocast) arithmetic
+            if due_full:
+                full = probe.full_gradient(self.full_batches(), self.loss_fn)
+            if due_full and c.full_gradient_clean:
+                full_clean = probe.full_gradient(self.full_batches(self.clean_labels), self.loss_fn)
         self.conv_norm_row = None
         if c.conv_norm_every and step % c.conv_norm_every == 0:
             self.conv_norm_row = self.record_conv_norm(x, y, full)

@@ -237,3 +237,5 @@ def test_framework_tests_refuse_regularised_configs_by_name():
     refused = r"linear-response prediction .*unset label_smoothing, label_noise"
     with pytest.raises(LipverifyError, match=refused):
         linear_response(TrainConfig(label_smoothing=0.1, label_noise=0.2))
+    with pytest.raises(LipverifyError, match="one-step check supports plain SGD only; unset amp"):
+        one_step_check(TrainConfig(amp="bf16"), 0)

@@ -693,3 +693,44 @@ def test_a_device_route_training_step_reads_the_host_five_times():
             run.train_step()
     print(f"host reads per training step: {c.sync_count} {dict(c.syncs)}")
     assert c.sync_count <= 5
+
+
+def test_amp_bf16_runs_every_forward_of_the_step_in_bfloat16(tmp_path, monkeypatch):
+    # amp = "bf16": the step's forward (and FGSM's, and the full-data gradient's) under bfloat16
+    # autocast; the sharpness monitor stays float32 (documented). The wrong variant is the float32
+    # run: none of its forwards is autocast, and its records differ.
+    import torch.nn as nn
+
+    seen: list[tuple[bool, bool]] = []
+    real_forward = nn.Linear.forward
+
+    def spy(self, x):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu") == torch.bfloat16))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", spy)
+    common = dict(steps=4, sharpness_every=0, full_gradient_every=2, fgsm_eps=0.01)
+    train(tiny(**common, amp="bf16"), tmp_path / "bf16", progress=False)
+    assert seen and all(on and bf16 for on, bf16 in seen)
+    seen.clear()
+    train(tiny(**common), tmp_path / "fp32", progress=False)
+    assert seen and not any(on for on, _ in seen)
+    _, bf16 = read_steps(tmp_path / "bf16" / "steps.csv")
+    _, fp32 = read_steps(tmp_path / "fp32" / "steps.csv")
+    # the same batches, bfloat16 arithmetic: step 0's loss to bf16's resolution (unit roundoff 2^-8)
+    assert bf16[0]["loss"] != fp32[0]["loss"]
+    assert abs(bf16[0]["loss"] - fp32[0]["loss"]) <= 4 * 2**-8 * fp32[0]["loss"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"amp": "fp16"}, "float16 needs loss scaling"),
+        ({"amp": "tf32"}, "amp must be one of none, bf16"),
+        ({"amp": "bf16", "dtype": "float64"}, "needs dtype = 'float32'"),
+        ({"amp": "bf16", "model": "convnet", "conv_norm_every": 2}, "conv_norm_every needs amp = 'none'"),
+    ],
+)
+def test_amp_config_errors(overrides, message):
+    with pytest.raises(LipverifyError, match=message):
+        tiny(**overrides).validate()

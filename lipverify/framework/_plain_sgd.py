@@ -23,5 +23,7 @@ def require_plain_sgd(config: Any, test: str, also: tuple[str, ...] = ()) -> Non
     :data:`REGULARISERS` and ``also`` that is set: ``test``'s model of the step would not be the
     step the run takes."""
     bad = [key for key in (*REGULARISERS, *also) if getattr(config, key)]
+    if getattr(config, "amp", "none") != "none":  # the model of the step is float32 arithmetic
+        bad.append("amp")
     if bad:
         raise LipverifyError(f"the {test} supports plain SGD only; unset {', '.join(bad)}")
