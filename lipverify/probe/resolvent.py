@@ -674,21 +674,29 @@ def split_spectra(plan: DeviceBatchPlan, out: dict[str, torch.Tensor]) -> list[R
     ``W`` the layer's corner of the padded matrix (transposed back for a tall layer), ``u``/``v`` the
     small- and large-side vectors in the layer's orientation, ``factor`` the leading (k, k) block of
     the padded factor (the Cholesky factor of the layer's own A: the padding is a separate block)."""
+    parts = {key: t.unbind(0) for key, t in out.items()}  # one operation per output, not per layer
     specs = []
     for i, (m, n) in enumerate(plan.shapes):
         k, n_large, tall = min(m, n), max(m, n), m > n
-        Ww = out["W"][i, :k, :n_large]
-        small, large = out["w"][i, :k], out["other"][i, :n_large]
+        Ww = _corner(parts["W"][i], k, n_large)
+        small, large = _corner(parts["w"][i], k), _corner(parts["other"][i], n_large)
         specs.append(
             ResolventSpectrum(
                 W=Ww.mT if tall else Ww,
                 u=large if tall else small,
                 v=small if tall else large,
-                s1=out["s1"][i],
-                s2=out["s2"][i],
-                factor=out["L"][i, :k, :k],
-                basis=out["basis"][i, :k],
-                ok=out["ok"][i],
+                s1=parts["s1"][i],
+                s2=parts["s2"][i],
+                factor=_corner(parts["L"][i], k, k),
+                basis=_corner(parts["basis"][i], k),
+                ok=parts["ok"][i],
             )
         )
     return specs
+
+
+def _corner(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """The leading ``sizes`` block of ``t`` (itself where it already has that shape: no operation)."""
+    if tuple(t.shape[: len(sizes)]) == sizes:
+        return t
+    return t[tuple(slice(0, size) for size in sizes)]
