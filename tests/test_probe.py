@@ -800,6 +800,123 @@ def test_linear_output_shortcut_skips_outputs_changed_in_place(monkeypatch):
     assert _max_rel(got, reference_layer_terms(model, x, y, LOSS, lr=0.1)) < RTOL
 
 
+def _forward_output_psi_bound(probe, name, lr, psi) -> float:
+    """Largest ``|psi(W y from the float32 forward output) - psi(W y as a float64 product)|`` of layer
+    ``name`` for the last capture (float32 model, float64 spectral parts, mean loss, no population
+    correction), ``psi`` the product path's value.
+
+    Both paths use the same float32 ``t_i = delta_i^T u``. The product path multiplies
+    ``y_i = fl32(t_i a_i)`` (error <= u |t_i| |a_i|) by W in float64; the shortcut takes
+    ``t_i (fl32(W a_i + c) - c)`` (float32 matmul, any summation order: error <= gamma_{n+1}
+    (|W| |a_i| + |c|)). So ``|e_i| <= b |t_i| gamma_{n+2} (|W| |a_i| + |c|)`` entrywise (b: the
+    per-sample scale of a mean loss), u = 2^-24, ``gamma_j = j u / (1 - j u)``. Centring does not grow
+    ``sum_i |e_i|^2`` (a projection), ``|L^{-1} e| <= |e| / sqrt(s1^2 - s2^2)`` (s1^2 - s2^2: the
+    smallest eigenvalue of the deflated A), and with ``S = sum_i |L^{-1} e_i|^2 / s1``,
+    ``Q = sum_i q_i = psi / k``, ``k = lr^2 b / (2 (b - 1))``:
+    ``|d psi| <= k (2 sqrt(Q S) + S) = 2 sqrt(k psi S) + k S``; plus 1e-10 psi of float64 rounding."""
+    from lipverify.noise import estimator_scale
+    from lipverify.probe import weight_matrix
+
+    layer = probe._layers[name]
+    dec = probe.decomposition_of(name)
+    a, delta = layer.inputs.double(), layer.grad_out.double()
+    b, n = a.shape
+    W = weight_matrix(layer.module).double()
+    t = b * (delta @ dec.u).abs()
+    u32 = 2.0**-24
+    gamma = (n + 2) * u32 / (1 - (n + 2) * u32)
+    e = gamma * t[:, None] * (a.abs() @ W.abs().T + layer.module.bias.detach().double().abs())
+    s1, s2 = float(dec.s1), float(dec.s2)
+    S = float((e * e).sum()) / (s1 * (s1 * s1 - s2 * s2))
+    k = 0.5 * lr * lr * estimator_scale(b)
+    return 2 * math.sqrt(k * psi * S) + k * S + 1e-10 * psi
+
+
+def _psi_with_and_without_forward_output(model, monkeypatch, outputs_fn=None, before_compute=None):
+    """(terms with W y from the forward output, terms of the float64 product, W-y-shortcut flags, probe)
+    for one float32 batch of ``model`` (float32) with float64 spectral parts. ``outputs_fn`` /
+    ``before_compute``: a wrong variant (what the shortcut receives as z / a change after the capture)."""
+    probe = _warm_probe(model, (784,))
+    x, y = _batch((784,))
+    x = x.float()
+    orig = DynamicsProbe._contract
+    calls = _spy_weight_times_y(monkeypatch)
+
+    def contract(self, layer, a, d, u, v, outputs=None):
+        if outputs is not None and outputs_fn is not None:
+            outputs = outputs_fn(layer, outputs)
+        return orig(self, layer, a, d, u, v, outputs)
+
+    def without_outputs(self, layer, a, d, u, v, outputs=None):
+        return orig(self, layer, a, d, u, v)
+
+    results = []
+    for fn in (contract, without_outputs):
+        monkeypatch.setattr(DynamicsProbe, "_contract", fn)
+        with probe.capture():
+            LOSS(model(x), y).backward()
+        if before_compute is not None:
+            before_compute(probe)
+        results.append(dict(probe.compute(0.05)))
+    monkeypatch.setattr(DynamicsProbe, "_contract", orig)
+    n = len(probe.layer_names)
+    return results[0], results[1], calls[:n], probe, x, y
+
+
+def _outside_forward_output_bound(probe, fast, slow) -> list[str]:
+    """Layers whose psi from the forward output misses the float64 product's by more than the bound;
+    sigma, mu, phi and the noise projections do not involve W y and must agree exactly."""
+    outside = []
+    for name in probe.layer_names:
+        for f in ("sigma", "gap", "mu", "phi"):
+            assert getattr(fast[name], f) == getattr(slow[name], f), (name, f)
+        assert torch.equal(fast[name].noise_projections, slow[name].noise_projections)
+        bound = _forward_output_psi_bound(probe, name, 0.05, slow[name].psi)
+        if abs(fast[name].psi - slow[name].psi) > bound:
+            outside.append(name)
+    return outside
+
+
+def test_float32_forward_output_gives_w_y_for_float64_spectral_parts(monkeypatch, probe_route):
+    # Host route: a float32 model with float64 spectral parts takes W y_i from the float32 forward
+    # output (no (b, n) x (n, m) float64 product). Its error is within the derived bound of
+    # _forward_output_psi_bound, and the terms agree with the float64 reference as well as the float64
+    # product's terms do (float32 criterion of test_float32_model_agrees_with_float64_reference).
+    # The device route keeps the float64 product (fewer launches): the same checks hold trivially.
+    model = build_model("mlp", seed=0)
+    fast, slow, calls, probe, x, y = _psi_with_and_without_forward_output(model, monkeypatch)
+    assert calls == [probe_route == "host"] * 3
+    assert _outside_forward_output_bound(probe, fast, slow) == []
+    ref = reference_layer_terms(model.double(), x.double(), y, LOSS, lr=0.05)
+    assert _max_rel(slow, ref) < 1e-4 and _max_rel(fast, ref) < 1e-4
+    for name in probe.layer_names:
+        bound = _forward_output_psi_bound(probe, name, 0.05, slow[name].psi)
+        assert abs(fast[name].psi - ref[name].psi) <= abs(slow[name].psi - ref[name].psi) + bound
+
+
+@pytest.mark.parametrize("wrong", ["bias left in z", "z changed in place after the capture"])
+def test_float32_forward_output_wrong_variants_leave_the_bound(wrong, monkeypatch, probe_route):
+    if probe_route == "device":
+        pytest.skip("the device route keeps the float64 product for float32 forward outputs")
+    model = build_model("mlp", seed=0)
+    if wrong == "bias left in z":
+        fast, slow, calls, probe, _, _ = _psi_with_and_without_forward_output(
+            model, monkeypatch, outputs_fn=lambda layer, z: z + layer.module.bias.detach()
+        )
+    else:  # an in-place op the version check would have caught, here hidden from it
+
+        def relu_in_place_unseen(probe):
+            for layer in probe._layers.values():
+                layer.outputs.relu_()
+                layer.outputs_version = layer.outputs._version
+
+        fast, slow, calls, probe, _, _ = _psi_with_and_without_forward_output(
+            model, monkeypatch, before_compute=relu_in_place_unseen
+        )
+    assert calls == [True] * 3
+    assert _outside_forward_output_bound(probe, fast, slow) != []
+
+
 @pytest.mark.parametrize("decomposition", ["resolvent", "gram"])
 def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, monkeypatch):
     # peak memory: W_t's spectrum (a weight copy and a k x k factor per layer) must be garbage by the

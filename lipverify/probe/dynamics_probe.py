@@ -432,8 +432,18 @@ class DynamicsProbe:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Uncentred ``(y, x, W y)``: rows ``G_i^T u`` (b, n), ``G_i v`` (b, m) and, when it comes for
         free, ``W G_i^T u`` (b, m) (else None): for a wide Linear layer in resolvent mode whose
-        forward output ``z = a W^T + bias`` is in the compute dtype and unchanged since the forward,
-        ``W y_i = sum_p (delta_{i,p}^T u) (z_{i,p} - bias)`` (MATH section 2: no product with W)."""
+        forward output ``z = a W^T + bias`` is in the projection dtype and unchanged since the forward,
+        ``W y_i = sum_p (delta_{i,p}^T u) (z_{i,p} - bias)`` (MATH section 2: no product with W),
+        formed in the compute dtype.
+
+        On the host route a float32 ``z`` with float64 spectral parts is used too (the device route keeps
+        the float64 product: fewer operations to launch): z carries the forward's float32
+        rounding, ``|fl(z) - z| <= gamma_{n+1} (|W| |a| + |bias|)`` (n inputs, ``gamma_j = j eps_32 /
+        (1 - j eps_32)``), the same order as the float32 rounding already in ``y = fl(t a)``
+        (``eps_32 |t| |W| |a|``). In the quadratic form that error e enters ``L^{-1} e`` with
+        ``|L^{-1}| <= (s1^2 - s2^2)^{-1/2}``, so psi moves by at most ``2 sqrt(psi c S) + c S``,
+        ``S = sum_i |e_i|^2 / (s1 (s1^2 - s2^2))``, c the psi prefactor (tests/test_probe.py checks this
+        bound against the float64 product and the float64 reference)."""
         if layer.calls != 1:
             raise LipverifyError(
                 f"layer {layer.name} was called {layer.calls} times in the captured forward pass; the probe "
@@ -453,16 +463,17 @@ class DynamicsProbe:
         delta = layer.grad_out.to(dt)
         u, v = dec.u.to(dt), dec.v.to(dt)
         z = layer.outputs
+        cd = self.compute_dtype
         use_z = (
             isinstance(dec, ResolventSpectrum)
             and not dec.tall
             and z is not None
             and z._version == layer.outputs_version
-            and z.dtype == dt == self.compute_dtype
+            and z.dtype == dt
+            and (cd == dt or (cd == torch.float64 and not self.on_device_route()))
         )
         y, x, wy = self._contract(layer, a, delta, u, v, z if use_z else None)  # linear in delta
-        cd = self.compute_dtype
-        return y.to(cd) * scale, x.to(cd) * scale, None if wy is None else wy * scale
+        return y.to(cd) * scale, x.to(cd) * scale, None if wy is None else wy.to(cd) * scale
 
     def _contract(
         self,
@@ -479,18 +490,19 @@ class DynamicsProbe:
             a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
             d3 = delta.reshape(b, -1, delta.shape[-1])  # (b, P, m)
             z3 = None
-            if outputs is not None:
-                z3 = outputs.reshape(b, -1, outputs.shape[-1])
+            if outputs is not None:  # in the compute dtype: z - bias and t (z - bias) without new rounding
+                cd = torch.promote_types(outputs.dtype, self.compute_dtype)
+                z3 = outputs.reshape(b, -1, outputs.shape[-1]).to(cd)
                 if module.bias is not None:
-                    z3 = z3 - module.bias.detach().to(z3.dtype)
+                    z3 = z3 - module.bias.detach().to(cd)
             if a3.shape[1] == 1:  # one position per sample: outer products, no batched matmul
                 t, s = (d3[:, 0] @ u).unsqueeze(1), (a3[:, 0] @ v).unsqueeze(1)
-                wy = None if z3 is None else t * z3[:, 0]
+                wy = None if z3 is None else t.to(z3.dtype) * z3[:, 0]
                 return t * a3[:, 0], s * d3[:, 0], wy
             t = (d3 @ u).unsqueeze(1)  # (b, 1, P)
             y = torch.bmm(t, a3)[:, 0]
             x = torch.bmm((a3 @ v).unsqueeze(1), d3)[:, 0]
-            wy = None if z3 is None else torch.bmm(t, z3)[:, 0]
+            wy = None if z3 is None else torch.bmm(t.to(z3.dtype), z3)[:, 0]
             return y, x, wy
         C = a.shape[1]
         kh, kw = module.kernel_size
