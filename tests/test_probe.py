@@ -1275,3 +1275,68 @@ def test_weight_decay_matches_per_sample_reference_of_the_regularised_objective(
         LOSS(model(x), y).backward()
     assert _max_rel(probe.compute(lr, weight_decay=lam), ref) < RTOL
     assert _max_rel(probe.compute(lr), ref) > 1e-3
+
+
+def test_host_route_casts_each_float32_weight_once_per_step(probe_route):
+    # Host route, float32 model, float64 spectral parts: per steady-state step the spectrum's own
+    # snapshot of W_{t+1} is the only float32 -> float64 copy of a weight. The cache checks (before_step,
+    # compute) compare W with the float64 snapshot without casting it, Delta W is formed without a cast
+    # of W_{t+1}, and the gradient's cast (after_backward) goes to a persistent buffer.
+    if probe_route == "device":
+        pytest.skip("the device route's cache check and Delta W stay torch operations")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = build_model("mlp", seed=0)
+    probe = _warm_probe(model, (784,), steps=2)
+    weights = {m.weight.data_ptr(): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    casts = {name: [] for name in weights.values()}
+    aten = torch.ops.aten
+
+    class WeightCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in (aten._to_copy.default, aten.copy_.default):
+                src = args[1] if func is aten.copy_.default else args[0]
+                if src.data_ptr() in weights and out.dtype == torch.float64 and src.dtype == torch.float32:
+                    casts[weights[src.data_ptr()]].append(func)
+            return out
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = _batch((784,), seed=7)
+    with WeightCasts():
+        probe.before_step()
+        opt.zero_grad()
+        with probe.capture():
+            LOSS(model(x.float()), y).backward()
+        probe.after_backward()
+        probe.compute(0.05)
+        opt.step()
+        probe.after_step(0.05)
+    assert probe.resolvent_stats["fallback"] == 0
+    assert {name: len(c) for name, c in casts.items()} == {name: 1 for name in casts}
+
+
+def test_cache_check_sees_a_one_ulp_write_to_a_float32_weight(monkeypatch):
+    # float32 W against its float64 snapshot, compared without a cast (numpy, mixed dtypes): a write
+    # through .data (no version bump) of one ulp in one entry must invalidate the cached spectrum
+    from lipverify.probe import dynamics_probe
+
+    def one_ulp_write(model):
+        with torch.no_grad():
+            w = model.fc1.weight.data
+            w[123, 456] = torch.nextafter(w[123, 456], torch.tensor(math.inf, dtype=w.dtype))
+
+    for variant in ("exact", "allclose"):  # the wrong variant: a comparison with a tolerance
+        if variant == "allclose":
+            tolerant = lambda W, S: torch.allclose(W.double(), S.double())
+            monkeypatch.setattr(dynamics_probe, "_equal_values", tolerant)
+        model = build_model("mlp", seed=0)
+        probe = _warm_probe(model, (784,), steps=1)
+        dec = probe.decomposition_of("fc1")
+        version = model.fc1.weight._version
+        assert probe.decomposition_of("fc1") is dec  # W unchanged: the cache serves it
+        one_ulp_write(model)
+        assert model.fc1.weight._version == version
+        fresh = probe.decomposition_of("fc1") is not dec
+        assert fresh == (variant == "exact"), variant

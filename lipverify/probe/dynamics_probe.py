@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,7 +95,8 @@ class _Layer:
     batch_grad_projections: tuple[torch.Tensor, torch.Tensor] | None = None
     batch_grad: torch.Tensor | None = None
     weight_before: torch.Tensor | None = None
-    # persistent buffer of Delta W (a fresh (m, n) tensor per step costs page faults on CPU)
+    # persistent (m, n) buffer in the compute dtype (a fresh one per use costs an allocation and, on CPU,
+    # page faults): the gradient cast for its projections (after_backward), then Delta W (after_step)
     update_buffer: torch.Tensor | None = None
     dec_before: SpectralDecomposition | None = None
 
@@ -288,7 +290,7 @@ class DynamicsProbe:
                 self._stale[name] = (W.to(snapshot.dtype) != snapshot).any()
                 self._stale_checked[name] = cached[:2]
             return cached[3]
-        return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
+        return cached[3] if _equal_values(W, snapshot) else None
 
     def _resolvent_decomposition(
         self, name: str, W: torch.Tensor
@@ -853,7 +855,8 @@ class DynamicsProbe:
             if self._scaler is not None and not self._scaler.grads_unscaled():
                 g = self._scaler.unscale(g)  # .grad of scaler.scale(loss) before scaler.unscale_
             if layer.dec_before is not None:
-                layer.batch_grad_projections = _top_pair_projections(layer.dec_before, g)
+                buffer = _update_buffer(layer, layer.dec_before)
+                layer.batch_grad_projections = _top_pair_projections(layer.dec_before, g, buffer)
             else:  # after_backward before before_step: u, v of W_t are not known yet
                 layer.batch_grad = g.clone()
 
@@ -909,12 +912,10 @@ class DynamicsProbe:
                 continue
             dec = layer.dec_before
             dt = dec.sigma.dtype
-            buf = layer.update_buffer
-            if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
-                buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+            buf = _update_buffer(layer, dec)
             W1, W0 = weight_matrix(layer.module), layer.weight_before
             if torch.promote_types(W1.dtype, W0.dtype) == dt:
-                dW = torch.sub(W1, W0, out=buf)  # the promotion to dt is exact
+                dW = _subtract_into(W1, W0, buf)  # the promotion to dt is exact
             else:
                 dW = W1.to(dt) - W0.to(dt)
             y, x = _top_pair_projections(dec, dW)
@@ -1008,10 +1009,55 @@ class DynamicsProbe:
         return torch.stack([new.sigma1 - sigma_before, first, first + 0.5 * q, dropped, exceeds, ok])
 
 
-def _top_pair_projections(dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor):
-    """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``."""
-    M = M.to(dec.u.dtype).reshape(dec.shape)
+def _top_pair_projections(
+    dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor, buffer: torch.Tensor | None = None
+):
+    """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``;
+    ``buffer`` (m, n) in that dtype: where the cast of M goes (else a new tensor)."""
+    M = M.reshape(dec.shape)
+    if M.dtype != dec.u.dtype:
+        M = M.to(dec.u.dtype) if buffer is None else buffer.copy_(M)
     return M.T @ dec.u, M @ dec.v
+
+
+def _update_buffer(layer: _Layer, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
+    """The layer's persistent (m, n) buffer in the dtype and on the device of ``dec`` (made or remade
+    when those or the shape changed)."""
+    dt, buf = dec.u.dtype, layer.update_buffer
+    if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
+        buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+    return buf
+
+
+#: dtypes numpy holds exactly as torch does (bfloat16 has no numpy dtype)
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _numpy_views(*tensors: torch.Tensor) -> list[np.ndarray] | None:
+    """Zero-copy numpy views of CPU tensors in :data:`_NUMPY_DTYPES`, else None."""
+    if all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in tensors):
+        return [t.detach().numpy() for t in tensors]
+    return None
+
+
+def _equal_values(W: torch.Tensor, snapshot: torch.Tensor) -> bool:
+    """``torch.equal(W.to(snapshot.dtype), snapshot)`` (the cast is exact) without the cast's copy: on
+    CPU numpy compares the mixed dtypes in buffered chunks (one read of each, no float64 copy of a
+    float32 W: the cache check at every reuse is two of these per step)."""
+    views = _numpy_views(W, snapshot)
+    if views is None or W.shape != snapshot.shape:
+        return torch.equal(W.to(snapshot.dtype), snapshot)
+    return bool(np.array_equal(*views))
+
+
+def _subtract_into(W1: torch.Tensor, W0: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``torch.sub(W1, W0, out=out)`` (W1, W0 promote exactly to out's dtype); on CPU by numpy, which
+    casts W1 in buffered chunks where torch first makes a whole float64 copy of it."""
+    views = _numpy_views(W1, W0, out)
+    if views is None:
+        return torch.sub(W1, W0, out=out)
+    np.subtract(*views[:2], out=views[2])
+    return out
 
 
 def _exceeds_gap_on_device(dW: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
