@@ -920,7 +920,6 @@ class DynamicsProbe:
                 dW = W1.to(dt) - W0.to(dt)
             y, x = _top_pair_projections(dec, dW)
             first = float(x @ dec.u)  # u^T Delta W v
-            q = float(dec.quadratic_form(y, x))
             scale = grad_scale  # the optimiser's gradient is grad_scale times the kept one
             if mean_grads is not None and name in mean_grads:
                 projections = _top_pair_projections(dec, mean_grads[name])
@@ -930,9 +929,15 @@ class DynamicsProbe:
             else:
                 projections = layer.batch_grad_projections
             dropped = math.nan
-            if projections is not None:
-                qg = float(dec.quadratic_form(*projections))
+            if projections is not None and isinstance(dec, ResolventSpectrum):
+                # both quadratic forms in one call: one pass over W_t, one triangular solve
+                both = dec.quadratic_form(torch.stack([y, projections[0]]), torch.stack([x, projections[1]]))
+                q, qg = (float(t) for t in both)
                 dropped = 0.5 * (lr * scale) ** 2 * qg
+            else:
+                q = float(dec.quadratic_form(y, x))
+                if projections is not None:
+                    dropped = 0.5 * (lr * scale) ** 2 * float(dec.quadratic_form(*projections))
             exceeds = update_exceeds_gap(dW, float(dec.gap))
             sigma_before = dec.sigma1
             # W_t's spectrum (weight copy, factor) is released before W_{t+1}'s is computed: peak memory
