@@ -1039,8 +1039,12 @@ _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def _numpy_views(*tensors: torch.Tensor) -> list[np.ndarray] | None:
-    """Zero-copy numpy views of CPU tensors in :data:`_NUMPY_DTYPES`, else None."""
-    if all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in tensors):
+    """Zero-copy numpy views of strided CPU tensors in :data:`_NUMPY_DTYPES` (no lazy negation), else
+    None."""
+    if all(
+        t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and t.layout == torch.strided and not t.is_neg()
+        for t in tensors
+    ):
         return [t.detach().numpy() for t in tensors]
     return None
 
