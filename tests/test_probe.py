@@ -540,6 +540,40 @@ def test_resolvent_wrong_variants_are_rejected():
     assert abs(float((z_u * z_u).sum()) * float(s1) ** 2 - 1.0) <= 4 * k * eps / 0.36
 
 
+def test_phase_one_shift_falls_back_to_the_safe_margins_for_a_poor_warm_start(monkeypatch):
+    # Phase 1 first tries a shift from the Kato-Temple estimate (fast for a warm start); a poor warm
+    # start (2nd..5th singular vectors plus 1e-3 of the top one: theta_1 ~ sigma_2^2, far from lambda_1)
+    # makes that factorisation fail, and the safe margins max(2r, 1e-2 spread) 4^j must follow: the
+    # iteration then converges in about 14 of its 25 iterations. Wrong variant: the estimate grown by
+    # 4x only (8 tries) never gets above lambda_1 -> None (full-decomposition fallback every time).
+    import lipverify.probe.resolvent as resolvent_mod
+
+    def poor_basis(W):
+        d = decompose(W)
+        basis = d.U[:, 1:5].clone()
+        basis[:, 0] += 1e-3 * d.U[:, 0]
+        return basis
+
+    cases = [_with_gap(60, 80, 1e-3, seed=seed) for seed in range(3)]
+    for W in cases:
+        spec, _ = resolvent_spectrum(W, torch.float64, poor_basis(W), direct_k=0)
+        assert spec is not None
+        assert math.isclose(float(spec.s1), 1.0, rel_tol=1e-12)
+        assert math.isclose(float(spec.s2), 1.0 - 1e-3, rel_tol=1e-12)
+        # and a warm start still converges from the first (estimated) margin
+        warm, _ = resolvent_spectrum(W, torch.float64, _warm_basis(W, 5, noise=1e-4), direct_k=0)
+        assert warm is not None and math.isclose(float(warm.s1), 1.0, rel_tol=1e-12)
+    real = resolvent_mod._shift_margins
+
+    def estimate_only(r, theta1, spread, eps):
+        first = real(r, theta1, spread, eps)[0]
+        return [first * 4**j for j in range(8)]
+
+    monkeypatch.setattr(resolvent_mod, "_shift_margins", estimate_only)
+    for W in cases:
+        assert resolvent_spectrum(W, torch.float64, poor_basis(W), direct_k=0)[0] is None
+
+
 @pytest.mark.parametrize("cholesky_rounds", ["as-is", "positive"])
 def test_resolvent_spectrum_gives_up_on_degenerate_or_unconverged_input(monkeypatch, cholesky_rounds):
     # sigma_1 = sigma_2 exactly: the deflated A is singular, so whether its Cholesky fails is a rounding
