@@ -438,14 +438,14 @@ class DynamicsProbe:
         ``W y_i = sum_p (delta_{i,p}^T u) (z_{i,p} - bias)`` (MATH section 2: no product with W),
         formed in the compute dtype.
 
-        On the host route a float32 ``z`` with float64 spectral parts is used too (the device route keeps
-        the float64 product: fewer operations to launch): z carries the forward's float32
-        rounding, ``|fl(z) - z| <= gamma_{n+1} (|W| |a| + |bias|)`` (n inputs, ``gamma_j = j eps_32 /
-        (1 - j eps_32)``), the same order as the float32 rounding already in ``y = fl(t a)``
-        (``eps_32 |t| |W| |a|``). In the quadratic form that error e enters ``L^{-1} e`` with
-        ``|L^{-1}| <= (s1^2 - s2^2)^{-1/2}``, so psi moves by at most ``2 sqrt(psi c S) + c S``,
-        ``S = sum_i |e_i|^2 / (s1 (s1^2 - s2^2))``, c the psi prefactor (tests/test_probe.py checks this
-        bound against the float64 product and the float64 reference)."""
+        On the host route a float32 ``z`` with float64 spectral parts is used too (the device route
+        keeps the float64 product: fewer operations to launch). z carries the forward's float32
+        rounding, ``|fl(z) - z| <= gamma_{n+1} (|W| |a| + |bias|)`` (n inputs, unit roundoff
+        ``u = 2^-24``, ``gamma_j = j u / (1 - j u)``), the same order as the float32 rounding already
+        in ``y = fl(t a)`` (``u |t| |W| |a|`` after the product with W). In the quadratic form that
+        error e enters ``L^{-1} e`` with ``|L^{-1}| <= (s1^2 - s2^2)^{-1/2}``, so psi moves by at most
+        ``2 sqrt(psi c S) + c S``, ``S = sum_i |e_i|^2 / (s1 (s1^2 - s2^2))``, c the psi prefactor
+        (tests/test_probe.py checks this bound against the float64 product and the float64 reference)."""
         if layer.calls != 1:
             raise LipverifyError(
                 f"layer {layer.name} was called {layer.calls} times in the captured forward pass; the probe "

@@ -288,9 +288,9 @@ def _shift_margins(r: float, theta1: float, spread: float, eps: float) -> list[f
     lambda_2); then the safe margins ``max(2 r, 1e-2 spread, 64 eps theta_1) 4^j``, j = 0..7, follow
     (the residual bounds the distance to the nearest eigenvalue)."""
     floor = 64 * eps * theta1
-    estimate = min(2 * r, 2 * r * r / spread) if spread > 0 else 2 * r
+    first = max(min(2 * r, 2 * r * r / spread) if spread > 0 else 2 * r, floor)
     safe = max(2 * r, 1e-2 * spread, floor)
-    return [max(estimate, floor)] + [safe * 4**j for j in range(8)]
+    return [first] + [safe * 4**j for j in range(8) if safe * 4**j > first]  # no shift tried twice
 
 
 def _top_pair(Wc: torch.Tensor, z1: torch.Tensor) -> tuple[torch.Tensor, ...]:
