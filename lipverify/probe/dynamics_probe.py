@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,7 +99,8 @@ class _Layer:
     batch_grad_projections: tuple[torch.Tensor, torch.Tensor] | None = None
     batch_grad: torch.Tensor | None = None
     weight_before: torch.Tensor | None = None
-    # persistent buffer of Delta W (a fresh (m, n) tensor per step costs page faults on CPU)
+    # persistent (m, n) buffer in the compute dtype (a fresh one per use costs an allocation and, on CPU,
+    # page faults): the gradient cast for its projections (after_backward), then Delta W (after_step)
     update_buffer: torch.Tensor | None = None
     dec_before: SpectralDecomposition | None = None
 
@@ -317,7 +319,7 @@ class DynamicsProbe:
                 self._stale[name] = (W.to(snapshot.dtype) != snapshot).any()
                 self._stale_checked[name] = cached[:2]
             return cached[3]
-        return cached[3] if torch.equal(W.to(snapshot.dtype), snapshot) else None
+        return cached[3] if _equal_values(W, snapshot) else None
 
     def _resolvent_decomposition(
         self, name: str, W: torch.Tensor
@@ -520,8 +522,18 @@ class DynamicsProbe:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Uncentred ``(y, x, W y)``: rows ``G_i^T u`` (b, n), ``G_i v`` (b, m) and, when it comes for
         free, ``W G_i^T u`` (b, m) (else None): for a wide Linear layer in resolvent mode whose
-        forward output ``z = a W^T + bias`` is in the compute dtype and unchanged since the forward,
-        ``W y_i = sum_p (delta_{i,p}^T u) (z_{i,p} - bias)`` (MATH section 2: no product with W)."""
+        forward output ``z = a W^T + bias`` is in the projection dtype and unchanged since the forward,
+        ``W y_i = sum_p (delta_{i,p}^T u) (z_{i,p} - bias)`` (MATH section 2: no product with W),
+        formed in the compute dtype.
+
+        On the host route a float32 ``z`` with float64 spectral parts is used too (the device route
+        keeps the float64 product: fewer operations to launch). z carries the forward's float32
+        rounding, ``|fl(z) - z| <= gamma_{n+1} (|W| |a| + |bias|)`` (n inputs, unit roundoff
+        ``u = 2^-24``, ``gamma_j = j u / (1 - j u)``), the same order as the float32 rounding already
+        in ``y = fl(t a)`` (``u |t| |W| |a|`` after the product with W). In the quadratic form that
+        error e enters ``L^{-1} e`` with ``|L^{-1}| <= (s1^2 - s2^2)^{-1/2}``, so psi moves by at most
+        ``2 sqrt(psi c S) + c S``, ``S = sum_i |e_i|^2 / (s1 (s1^2 - s2^2))``, c the psi prefactor
+        (tests/test_probe.py checks this bound against the float64 product and the float64 reference)."""
         if layer.calls != 1:
             raise LipverifyError(
                 f"layer {layer.name} was called {layer.calls} times in the captured forward pass; the probe "
@@ -541,16 +553,17 @@ class DynamicsProbe:
         delta = layer.grad_out.to(dt)
         u, v = dec.u.to(dt), dec.v.to(dt)
         z = layer.outputs
+        cd = self.compute_dtype
         use_z = (
             isinstance(dec, ResolventSpectrum)
             and not dec.tall
             and z is not None
             and z._version == layer.outputs_version
-            and z.dtype == dt == self.compute_dtype
+            and z.dtype == dt
+            and (cd == dt or (cd == torch.float64 and not self.on_device_route()))
         )
         y, x, wy = self._contract(layer, a, delta, u, v, z if use_z else None)  # linear in delta
-        cd = self.compute_dtype
-        return y.to(cd) * scale, x.to(cd) * scale, None if wy is None else wy * scale
+        return y.to(cd) * scale, x.to(cd) * scale, None if wy is None else wy.to(cd) * scale
 
     def _contract(
         self,
@@ -567,18 +580,19 @@ class DynamicsProbe:
             a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
             d3 = delta.reshape(b, -1, delta.shape[-1])  # (b, P, m)
             z3 = None
-            if outputs is not None:
-                z3 = outputs.reshape(b, -1, outputs.shape[-1])
+            if outputs is not None:  # in the compute dtype: z - bias and t (z - bias) without new rounding
+                cd = torch.promote_types(outputs.dtype, self.compute_dtype)
+                z3 = outputs.reshape(b, -1, outputs.shape[-1]).to(cd)
                 if module.bias is not None:
-                    z3 = z3 - module.bias.detach().to(z3.dtype)
+                    z3 = z3 - module.bias.detach().to(cd)
             if a3.shape[1] == 1:  # one position per sample: outer products, no batched matmul
                 t, s = (d3[:, 0] @ u).unsqueeze(1), (a3[:, 0] @ v).unsqueeze(1)
-                wy = None if z3 is None else t * z3[:, 0]
+                wy = None if z3 is None else t.to(z3.dtype) * z3[:, 0]
                 return t * a3[:, 0], s * d3[:, 0], wy
             t = (d3 @ u).unsqueeze(1)  # (b, 1, P)
             y = torch.bmm(t, a3)[:, 0]
             x = torch.bmm((a3 @ v).unsqueeze(1), d3)[:, 0]
-            wy = None if z3 is None else torch.bmm(t, z3)[:, 0]
+            wy = None if z3 is None else torch.bmm(t.to(z3.dtype), z3)[:, 0]
             return y, x, wy
         C = a.shape[1]
         kh, kw = module.kernel_size
@@ -932,7 +946,8 @@ class DynamicsProbe:
             if self._scaler is not None and not self._scaler.grads_unscaled():
                 g = self._scaler.unscale(g)  # .grad of scaler.scale(loss) before scaler.unscale_
             if layer.dec_before is not None:
-                layer.batch_grad_projections = _top_pair_projections(layer.dec_before, g)
+                buffer = _update_buffer(layer, layer.dec_before)
+                layer.batch_grad_projections = _top_pair_projections(layer.dec_before, g, buffer)
             else:  # after_backward before before_step: u, v of W_t are not known yet
                 layer.batch_grad = g.clone()
 
@@ -988,17 +1003,14 @@ class DynamicsProbe:
                 continue
             dec = layer.dec_before
             dt = dec.sigma.dtype
-            buf = layer.update_buffer
-            if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
-                buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+            buf = _update_buffer(layer, dec)
             W1, W0 = weight_matrix(layer.module), layer.weight_before
             if torch.promote_types(W1.dtype, W0.dtype) == dt:
-                dW = torch.sub(W1, W0, out=buf)  # the promotion to dt is exact
+                dW = _subtract_into(W1, W0, buf)  # the promotion to dt is exact
             else:
                 dW = W1.to(dt) - W0.to(dt)
             y, x = _top_pair_projections(dec, dW)
             first = float(x @ dec.u)  # u^T Delta W v
-            q = float(dec.quadratic_form(y, x))
             scale = grad_scale  # the optimiser's gradient is grad_scale times the kept one
             if mean_grads is not None and name in mean_grads:
                 projections = _top_pair_projections(dec, mean_grads[name])
@@ -1008,9 +1020,15 @@ class DynamicsProbe:
             else:
                 projections = layer.batch_grad_projections
             dropped = math.nan
-            if projections is not None:
-                qg = float(dec.quadratic_form(*projections))
+            if projections is not None and isinstance(dec, ResolventSpectrum):
+                # both quadratic forms in one call: one pass over W_t, one triangular solve
+                both = dec.quadratic_form(torch.stack([y, projections[0]]), torch.stack([x, projections[1]]))
+                q, qg = (float(t) for t in both)
                 dropped = 0.5 * (lr * scale) ** 2 * qg
+            else:
+                q = float(dec.quadratic_form(y, x))
+                if projections is not None:
+                    dropped = 0.5 * (lr * scale) ** 2 * float(dec.quadratic_form(*projections))
             exceeds = update_exceeds_gap(dW, float(dec.gap))
             sigma_before = dec.sigma1
             # W_t's spectrum (weight copy, factor) is released before W_{t+1}'s is computed: peak memory
@@ -1099,10 +1117,59 @@ class DynamicsProbe:
         return torch.stack([first, first + 0.5 * q, dropped, exceeds]), sigma_before, ok_before
 
 
-def _top_pair_projections(dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor):
-    """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``."""
-    M = M.to(dec.u.dtype).reshape(dec.shape)
+def _top_pair_projections(
+    dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor, buffer: torch.Tensor | None = None
+):
+    """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``;
+    ``buffer`` (m, n) in that dtype: where the cast of M goes (else a new tensor)."""
+    M = M.reshape(dec.shape)
+    if M.dtype != dec.u.dtype:
+        M = M.to(dec.u.dtype) if buffer is None else buffer.copy_(M)
     return M.T @ dec.u, M @ dec.v
+
+
+def _update_buffer(layer: _Layer, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
+    """The layer's persistent (m, n) buffer in the dtype and on the device of ``dec`` (made or remade
+    when those or the shape changed)."""
+    dt, buf = dec.u.dtype, layer.update_buffer
+    if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
+        buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+    return buf
+
+
+#: dtypes numpy holds exactly as torch does (bfloat16 has no numpy dtype)
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _numpy_views(*tensors: torch.Tensor) -> list[np.ndarray] | None:
+    """Zero-copy numpy views of strided CPU tensors in :data:`_NUMPY_DTYPES` (no lazy negation), else
+    None."""
+    if all(
+        t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and t.layout == torch.strided and not t.is_neg()
+        for t in tensors
+    ):
+        return [t.detach().numpy() for t in tensors]
+    return None
+
+
+def _equal_values(W: torch.Tensor, snapshot: torch.Tensor) -> bool:
+    """``torch.equal(W.to(snapshot.dtype), snapshot)`` (the cast is exact) without the cast's copy: on
+    CPU numpy compares the mixed dtypes in buffered chunks (one read of each, no float64 copy of a
+    float32 W: the cache check at every reuse is two of these per step)."""
+    views = _numpy_views(W, snapshot)
+    if views is None or W.shape != snapshot.shape:
+        return torch.equal(W.to(snapshot.dtype), snapshot)
+    return bool(np.array_equal(*views))
+
+
+def _subtract_into(W1: torch.Tensor, W0: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``torch.sub(W1, W0, out=out)`` (W1, W0 promote exactly to out's dtype); on CPU by numpy, which
+    casts W1 in buffered chunks where torch first makes a whole float64 copy of it."""
+    views = _numpy_views(W1, W0, out)
+    if views is None:
+        return torch.sub(W1, W0, out=out)
+    np.subtract(*views[:2], out=views[2])
+    return out
 
 
 def _exceeds_gap_on_device(dW: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
