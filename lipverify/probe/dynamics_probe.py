@@ -1083,9 +1083,7 @@ class DynamicsProbe:
         is released (``after_step`` then computes every W_{t+1} spectrum in one batch)."""
         dec = layer.dec_before
         dt = dec.sigma.dtype
-        buf = layer.update_buffer
-        if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
-            buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
+        buf = _update_buffer(layer, dec)
         W1, W0 = weight_matrix(layer.module), layer.weight_before
         if torch.promote_types(W1.dtype, W0.dtype) == dt:
             dW = torch.sub(W1, W0, out=buf)

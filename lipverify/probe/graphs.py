@@ -1,8 +1,8 @@
 """CUDA graphs for the probe's device route (issue 15): ``DynamicsProbe(..., cuda_graphs=True)``.
 
 What is captured: the batched spectra of every step (:func:`~lipverify.probe.resolvent._spectra_core`,
-the largest fixed block of the device route's per-step work: about 240 of the MLP's 725 ATen
-operations per step, one launch each), once per group of layer shapes
+the largest fixed block of the device route's per-step work: 228 of the MLP's 710 ATen
+operations per step), once per group of layer shapes
 (:func:`~lipverify.probe.resolvent.device_batch_groups`), at the group's first warm-started step.
 Every later step copies the weights and warm vectors into the graph's static input buffers, replays
 the graph, and clones its outputs, so the spectra it returns are fresh tensors exactly as
