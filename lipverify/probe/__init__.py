@@ -71,9 +71,11 @@ optimiser kernels do not bump the counter).
 Routes (``DynamicsProbe(route=...)`` or ``LIPVERIFY_PROBE_ROUTE``): the host route above (CPU's
 default: scipy kernels, converged-or-fallback decided on the host) and the device route (CUDA's
 default, ``route="device"`` on CPU: torch only, fixed work per step, no host synchronisation after a
-layer's first step, results as :class:`~lipverify.probe.deferred.DeferredResults` read later;
-:func:`~lipverify.probe.resolvent.resolvent_spectrum_device`). :mod:`lipverify.probe.interpose`
-counts ATen operations and host synchronisations (the proof on CPU).
+layer's first step, results as :class:`~lipverify.probe.deferred.DeferredResults` read later; the
+layers' spectra in one zero-padded batch per step,
+:func:`~lipverify.probe.resolvent.resolvent_spectra_device`, optionally replayed from a CUDA graph,
+``cuda_graphs=True``, :mod:`lipverify.probe.graphs`). :mod:`lipverify.probe.interpose` counts ATen
+operations and host synchronisations (the proof on CPU).
 
 Mixed precision. The probe's own work (decompositions, projections, terms, discrete truth) runs with
 autocast off and float32 kept in float32 (no TF32, no oneDNN bf16), whatever region the caller is in;
@@ -82,9 +84,13 @@ hooked bfloat16/float16 activations and output gradients are cast up to the proj
 scale of the captured backward and skips the steps the scaler skips (:mod:`lipverify.probe.precision`).
 
 Layout: :mod:`lipverify.probe.layers` (layer discovery, matrix view, per-sample weight copies),
-:mod:`lipverify.probe.resolvent` (the spectrum kernels), :mod:`lipverify.probe.dynamics_probe` (the
-:class:`DynamicsProbe` orchestration), :mod:`lipverify.probe.reference` (the slow references),
-:mod:`lipverify.probe.precision` (autocast/TF32 off, GradScaler).
+:mod:`lipverify.probe.resolvent` (the spectrum kernels, one layer and batched),
+:mod:`lipverify.probe.projections` (the per-sample projection kernel), :mod:`lipverify.probe.truth`
+(the discrete-truth kernels), :mod:`lipverify.probe.buffers` (copy-free weight comparisons),
+:mod:`lipverify.probe.graphs` (CUDA graphs of the spectra), :mod:`lipverify.probe.dynamics_probe`
+(the :class:`DynamicsProbe` orchestration: hooks, caches, schedule, terms), :mod:`lipverify.probe.reference`
+(the slow references), :mod:`lipverify.probe.precision` (autocast/TF32 off, GradScaler),
+:mod:`lipverify.probe.deferred` and :mod:`lipverify.probe.interpose` (device-route results, counters).
 """
 
 from lipverify.probe.deferred import DeferredResults

@@ -1,6 +1,7 @@
-"""``DynamicsProbe``: the orchestration of the probe (hooks, projections, caches, Theorem 14/15
-terms, discrete truth); the kernels live in :mod:`lipverify.probe.layers` and
-:mod:`lipverify.probe.resolvent` (see :mod:`lipverify.probe` for the whole description)."""
+"""``DynamicsProbe``: the orchestration of the probe (hooks, spectral caches and warm starts, schedule,
+Theorem 14/15 terms, discrete truth); the kernels live in :mod:`lipverify.probe.layers`,
+:mod:`lipverify.probe.resolvent`, :mod:`lipverify.probe.projections`, :mod:`lipverify.probe.truth`
+and :mod:`lipverify.probe.buffers` (see :mod:`lipverify.probe` for the whole description)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lipverify._validation import LipverifyError, check_batch_size
@@ -23,10 +22,12 @@ from lipverify.dynamics import (
     estimator_scale,
     layer_terms_from_projections,
 )
+from lipverify.probe.buffers import _equal_values, _exactly_representable, _subtract_into
 from lipverify.probe.deferred import DeferredResults
 from lipverify.probe.graphs import SpectraGraph
-from lipverify.probe.layers import _conv_padding, find_layers, weight_matrix
+from lipverify.probe.layers import find_layers, weight_matrix
 from lipverify.probe.precision import GradScalerLink, full_precision
+from lipverify.probe.projections import centre, contract
 from lipverify.probe.resolvent import (
     DEVICE_SECOND_SQUARINGS,
     DEVICE_TOP_SQUARINGS,
@@ -39,6 +40,7 @@ from lipverify.probe.resolvent import (
     resolvent_spectrum,
     resolvent_spectrum_device,
 )
+from lipverify.probe.truth import _exceeds_gap_on_device, _top_pair_projections, update_exceeds_gap
 from lipverify.spectral import SpectralDecomposition, decompose, gap_tolerance_for
 
 #: Routes of :class:`DynamicsProbe` (``route=`` or the environment variable ``LIPVERIFY_PROBE_ROUTE``).
@@ -513,10 +515,6 @@ class DynamicsProbe:
             return 1.0
         raise LipverifyError(f"loss reduction must be 'mean' or 'sum', got {reduction!r}")
 
-    @staticmethod
-    def _centre(y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return y - y.mean(0, keepdim=True), x - x.mean(0, keepdim=True)
-
     def _projections(
         self, layer: _Layer, dec: SpectralDecomposition | ResolventSpectrum, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -574,62 +572,19 @@ class DynamicsProbe:
         v: torch.Tensor,
         outputs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        b = a.shape[0]
-        module = layer.module
-        if layer.kind == "linear":
-            a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
-            d3 = delta.reshape(b, -1, delta.shape[-1])  # (b, P, m)
-            z3 = None
-            if outputs is not None:  # in the compute dtype: z - bias and t (z - bias) without new rounding
-                cd = torch.promote_types(outputs.dtype, self.compute_dtype)
-                z3 = outputs.reshape(b, -1, outputs.shape[-1]).to(cd)
-                if module.bias is not None:
-                    z3 = z3 - module.bias.detach().to(cd)
-            if a3.shape[1] == 1:  # one position per sample: outer products, no batched matmul
-                t, s = (d3[:, 0] @ u).unsqueeze(1), (a3[:, 0] @ v).unsqueeze(1)
-                wy = None if z3 is None else t.to(z3.dtype) * z3[:, 0]
-                return t * a3[:, 0], s * d3[:, 0], wy
-            t = (d3 @ u).unsqueeze(1)  # (b, 1, P)
-            y = torch.bmm(t, a3)[:, 0]
-            x = torch.bmm((a3 @ v).unsqueeze(1), d3)[:, 0]
-            wy = None if z3 is None else torch.bmm(t.to(z3.dtype), z3)[:, 0]
-            return y, x, wy
-        C = a.shape[1]
-        kh, kw = module.kernel_size
-        padding = _conv_padding(module)
-        m = delta.shape[1]
-        d3 = delta.reshape(b, m, -1)  # (b, m, P), a view
-        t = torch.matmul(u, d3)  # (b, P): delta_{i,p}^T u, no copy of delta
-        if self.conv_method == "unfold":
-            A = F.unfold(a, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
-            P = A.shape[-1]
-            y = torch.bmm(A, t.reshape(b, P, 1))[..., 0]
-            s = torch.matmul(v, A)  # (b, P)
-            x = torch.bmm(d3, s.unsqueeze(-1))[..., 0]
-            return y, x, None
-        s = F.conv2d(a, v.reshape(1, C, kh, kw), None, module.stride, padding, module.dilation)
-        x = torch.bmm(d3, s.reshape(b, -1, 1))[..., 0]  # sum_p delta_{i,p} (a_{i,p}^T v)
-        # sum_p a_{i,p} t_{i,p}: per-sample weight gradient of one output channel, as one grouped
-        # conv2d_weight over a chunk of samples (chunks bound its im2col buffer).
-        H, Wd = a.shape[-2:]
-        Ho, Wo = delta.shape[-2:]
-        per_sample = C * kh * kw * Ho * Wo * a.element_size()
-        chunk = max(1, min(b, self.conv_chunk_bytes // max(per_sample, 1)))
-        ys = []
-        for i in range(0, b, chunk):
-            c = min(chunk, b - i)
-            ys.append(
-                torch.nn.grad.conv2d_weight(
-                    a[i : i + c].reshape(1, c * C, H, Wd),
-                    (c, C, kh, kw),
-                    t[i : i + c].reshape(1, c, Ho, Wo),
-                    stride=module.stride,
-                    padding=padding,
-                    dilation=module.dilation,
-                    groups=c,
-                ).reshape(c, -1)
-            )
-        return torch.cat(ys), x, None
+        """:func:`lipverify.probe.projections.contract` with this probe's settings."""
+        return contract(
+            layer.module,
+            layer.kind,
+            a,
+            delta,
+            u,
+            v,
+            outputs,
+            self.compute_dtype,
+            self.conv_method,
+            self.conv_chunk_bytes,
+        )
 
     # ----------------------------------------------------------------- terms
     @full_precision()
@@ -713,7 +668,7 @@ class DynamicsProbe:
             drift = dec.u @ mean_grads[name].to(dec.sigma.dtype).reshape(dec.shape) @ dec.v
         else:
             drift = (x @ dec.u).mean()
-        yc, xc = self._centre(y, x)
+        yc, xc = centre(y, x)
         wyc = None if wy is None else wy - wy.mean(0, keepdim=True)
         return drift, yc, xc, wyc
 
@@ -1115,17 +1070,6 @@ class DynamicsProbe:
         return torch.stack([first, first + 0.5 * q, dropped, exceeds]), sigma_before, ok_before
 
 
-def _top_pair_projections(
-    dec: SpectralDecomposition | ResolventSpectrum, M: torch.Tensor, buffer: torch.Tensor | None = None
-):
-    """``(M^T u, M v)`` of an (m, n) matrix ``M`` (any layout that reshapes to it) in the dtype of ``dec``;
-    ``buffer`` (m, n) in that dtype: where the cast of M goes (else a new tensor)."""
-    M = M.reshape(dec.shape)
-    if M.dtype != dec.u.dtype:
-        M = M.to(dec.u.dtype) if buffer is None else buffer.copy_(M)
-    return M.T @ dec.u, M @ dec.v
-
-
 def _update_buffer(layer: _Layer, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
     """The layer's persistent (m, n) buffer in the dtype and on the device of ``dec`` (made or remade
     when those or the shape changed)."""
@@ -1133,82 +1077,6 @@ def _update_buffer(layer: _Layer, dec: SpectralDecomposition | ResolventSpectrum
     if buf is None or buf.dtype != dt or buf.shape != dec.shape or buf.device != dec.u.device:
         buf = layer.update_buffer = torch.empty(dec.shape, dtype=dt, device=dec.u.device)
     return buf
-
-
-#: dtypes numpy holds exactly as torch does (bfloat16 has no numpy dtype)
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
-
-
-def _numpy_views(*tensors: torch.Tensor) -> list[np.ndarray] | None:
-    """Zero-copy numpy views of strided CPU tensors in :data:`_NUMPY_DTYPES` (no lazy negation), else
-    None."""
-    if all(
-        t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and t.layout == torch.strided and not t.is_neg()
-        for t in tensors
-    ):
-        return [t.detach().numpy() for t in tensors]
-    return None
-
-
-def _equal_values(W: torch.Tensor, snapshot: torch.Tensor) -> bool:
-    """``torch.equal(W.to(snapshot.dtype), snapshot)`` (the cast is exact) without the cast's copy: on
-    CPU numpy compares the mixed dtypes in buffered chunks (one read of each, no float64 copy of a
-    float32 W: the cache check at every reuse is two of these per step)."""
-    views = _numpy_views(W, snapshot)
-    if views is None or W.shape != snapshot.shape:
-        return torch.equal(W.to(snapshot.dtype), snapshot)
-    return bool(np.array_equal(*views))
-
-
-def _subtract_into(W1: torch.Tensor, W0: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``torch.sub(W1, W0, out=out)`` (W1, W0 promote exactly to out's dtype); on CPU by numpy, which
-    casts W1 in buffered chunks where torch first makes a whole float64 copy of it."""
-    views = _numpy_views(W1, W0, out)
-    if views is None:
-        return torch.sub(W1, W0, out=out)
-    np.subtract(*views[:2], out=views[2])
-    return out
-
-
-def _exceeds_gap_on_device(dW: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
-    """:func:`update_exceeds_gap` without a host read: ``|dW|_2 >= gap / 2`` iff
-    ``(gap / 2)^2 I - D`` is not positive definite, D the smaller Gram matrix of dW (k, k); decided
-    by the ``info`` of its Cholesky factorisation, kept on the device (0-d bool). At the boundary
-    (``|dW|_2 = gap / 2`` to rounding) either answer may come out, as for the host route's norm."""
-    m, n = dW.shape
-    D = dW @ dW.mT if m <= n else dW.mT @ dW
-    half = 0.5 * gap
-    eye = torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
-    _, info = torch.linalg.cholesky_ex((half * half) * eye - D)
-    return info != 0
-
-
-def _exactly_representable(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Every ``src`` value is a ``dst`` value (float16/bfloat16 -> float32 -> float64)."""
-    order = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-    if src == dst:
-        return True
-    return src in order and dst in order and order[dst] > order[src]
-
-
-def update_exceeds_gap(dW: torch.Tensor, gap: float, power_steps: int = 8) -> bool:
-    """``|dW|_2 >= gap / 2`` for an update dW (m, n) and the gap ``sigma_1 - sigma_2`` of W_t.
-
-    Decided without the spectral norm where possible: ``|dW|_F < gap / 2`` gives False (the Frobenius
-    norm bounds the spectral norm from above); ``|dW x| >= gap / 2`` for a unit x from a few power
-    steps on ``dW^T dW`` gives True (a lower bound). Otherwise the exact spectral norm decides.
-    """
-    half = 0.5 * gap
-    if float(torch.linalg.matrix_norm(dW)) < half:
-        return False
-    x = dW[torch.argmax(torch.linalg.vector_norm(dW, dim=1))]  # largest row: dW x != 0
-    for _ in range(power_steps):
-        x = x / torch.linalg.vector_norm(x)
-        dWx = dW @ x
-        if float(torch.linalg.vector_norm(dWx)) >= half:
-            return True
-        x = dW.T @ dWx
-    return bool(float(torch.linalg.matrix_norm(dW, 2)) >= half)
 
 
 def cross_layer_diffusion(terms: Mapping[str, LayerTerms]) -> float:
