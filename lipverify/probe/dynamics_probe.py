@@ -957,23 +957,10 @@ class DynamicsProbe:
                 rows.append(self._truth_at_before(name, layer, lr, mean_grads, grad_scale, mean_grad_scale))
                 continue
             dec = layer.dec_before
-            dt = dec.sigma.dtype
-            buf = _update_buffer(layer, dec)
-            W1, W0 = weight_matrix(layer.module), layer.weight_before
-            if torch.promote_types(W1.dtype, W0.dtype) == dt:
-                dW = _subtract_into(W1, W0, buf)  # the promotion to dt is exact
-            else:
-                dW = W1.to(dt) - W0.to(dt)
-            y, x = _top_pair_projections(dec, dW)
+            dW, y, x, projections, scale = self._update_projections(
+                name, layer, mean_grads, grad_scale, mean_grad_scale, _subtract_into
+            )
             first = float(x @ dec.u)  # u^T Delta W v
-            scale = grad_scale  # the optimiser's gradient is grad_scale times the kept one
-            if mean_grads is not None and name in mean_grads:
-                projections = _top_pair_projections(dec, mean_grads[name])
-                scale = mean_grad_scale
-            elif layer.batch_grad is not None:
-                projections = _top_pair_projections(dec, layer.batch_grad)
-            else:
-                projections = layer.batch_grad_projections
             dropped = math.nan
             if projections is not None and isinstance(dec, ResolventSpectrum):
                 # both quadratic forms in one call: one pass over W_t, one triangular solve
@@ -987,7 +974,7 @@ class DynamicsProbe:
             exceeds = update_exceeds_gap(dW, float(dec.gap))
             sigma_before = dec.sigma1
             # W_t's spectrum (weight copy, factor) is released before W_{t+1}'s is computed: peak memory
-            dec = dW = W0 = None
+            dec = dW = None
             layer.dec_before = layer.weight_before = None
             layer.batch_grad_projections = layer.batch_grad = None
             new = self.decomposition_of(name)
@@ -1032,28 +1019,40 @@ class DynamicsProbe:
 
         return DeferredResults(list(decs), torch.stack(rows), build)
 
+    def _update_projections(self, name, layer, mean_grads, grad_scale, mean_grad_scale, subtract) -> tuple:
+        """Both routes of :meth:`after_step`, one layer at W_t: ``(dW, y, x, projections, scale)`` with
+        ``Delta W = W_{t+1} - W_t`` in the spectrum's dtype (``subtract(W1, W0, out=buffer)`` when the
+        promotion is exact), its top-pair projections ``y = Delta W^T u``, ``x = Delta W v``, the
+        projections of the gradient of the dropped drift term (``mean_grads[name]`` if given, else the
+        batch gradient kept by :meth:`after_backward`; None if neither) and that gradient's factor in
+        the optimiser's step (``grad_scale``, or ``mean_grad_scale`` for ``mean_grads``)."""
+        dec = layer.dec_before
+        dt = dec.sigma.dtype
+        W1, W0 = weight_matrix(layer.module), layer.weight_before
+        if torch.promote_types(W1.dtype, W0.dtype) == dt:
+            dW = subtract(W1, W0, out=_update_buffer(layer, dec))  # the promotion to dt is exact
+        else:
+            dW = W1.to(dt) - W0.to(dt)
+        y, x = _top_pair_projections(dec, dW)
+        if mean_grads is not None and name in mean_grads:
+            return dW, y, x, _top_pair_projections(dec, mean_grads[name]), mean_grad_scale
+        if layer.batch_grad is not None:
+            projections = _top_pair_projections(dec, layer.batch_grad)
+        else:
+            projections = layer.batch_grad_projections
+        return dW, y, x, projections, grad_scale  # the optimiser's gradient is grad_scale times the kept one
+
     def _truth_at_before(self, name, layer, lr, mean_grads, grad_scale, mean_grad_scale) -> tuple:
         """Device route of :meth:`after_step` for one layer, the part at W_t: ``(first, second, dropped,
         exceeds)`` of :data:`TRUTH_COLUMNS` as one tensor, sigma_1(W_t) and W_t's verdict; W_t's spectrum
         is released (``after_step`` then computes every W_{t+1} spectrum in one batch)."""
         dec = layer.dec_before
         dt = dec.sigma.dtype
-        buf = _update_buffer(layer, dec)
-        W1, W0 = weight_matrix(layer.module), layer.weight_before
-        if torch.promote_types(W1.dtype, W0.dtype) == dt:
-            dW = torch.sub(W1, W0, out=buf)
-        else:
-            dW = W1.to(dt) - W0.to(dt)
-        y, x = _top_pair_projections(dec, dW)
+        # torch's subtraction: the device route stays torch only (numpy reads are host reads)
+        dW, y, x, projections, scale = self._update_projections(
+            name, layer, mean_grads, grad_scale, mean_grad_scale, torch.sub
+        )
         first = x @ dec.u
-        scale = grad_scale
-        if mean_grads is not None and name in mean_grads:
-            projections = _top_pair_projections(dec, mean_grads[name])
-            scale = mean_grad_scale
-        elif layer.batch_grad is not None:
-            projections = _top_pair_projections(dec, layer.batch_grad)
-        else:
-            projections = layer.batch_grad_projections
         if projections is not None:  # both quadratic forms in one call (one triangular solve)
             q, qg = dec.quadratic_form(torch.stack([y, projections[0]]), torch.stack([x, projections[1]]))
             dropped = 0.5 * (lr * scale) ** 2 * qg
@@ -1063,7 +1062,7 @@ class DynamicsProbe:
         exceeds = _exceeds_gap_on_device(dW, dec.gap).to(dt)
         ok_before, sigma_before = self._ok(name, dec), dec.sigma1
         # W_t's spectrum is released before W_{t+1}'s is computed (peak memory)
-        dec = dW = W0 = None
+        dec = dW = None
         layer.dec_before = layer.weight_before = None
         layer.batch_grad_projections = layer.batch_grad = None
         self._dec_cache.pop(name, None)
