@@ -20,6 +20,18 @@ settings.register_profile(
 settings.load_profile("lipverify")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a whole test module (the previous count restored after it),
+    requested by ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``: the kernels under test
+    are small, and with more threads than free cores on a shared 2-core machine LAPACK and the OpenMP
+    pool stall each other (seconds for one 512 x 784 norm)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def inverting_torchvision(monkeypatch):
     """A stand-in ``torchvision`` whose AutoAugment inverts the image (torchvision is optional and not

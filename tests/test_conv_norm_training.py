@@ -21,12 +21,7 @@ from lipverify.training import TrainConfig, _Run, train
 PADDED_GRIDS = {"conv1": (34, 34), "conv2": (18, 18), "conv3": (10, 10)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def tiny(**kw) -> TrainConfig:

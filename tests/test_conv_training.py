@@ -13,13 +13,7 @@ from lipverify.commands.report import report_run
 from lipverify.records import read_json, read_steps
 from lipverify.training import TrainConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def tiny(**kw) -> TrainConfig:

@@ -17,13 +17,7 @@ import torch.nn.functional as F
 from lipverify.data import to_model_input
 from lipverify.training import TrainConfig, _Run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def make_run(**kw) -> _Run:

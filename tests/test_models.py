@@ -11,14 +11,7 @@ from torch import nn
 from lipverify import LipverifyError
 from lipverify.models import ConvNet, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # LAPACK with 2 threads on a loaded 2-core box is erratic (seconds for one 512 x 784 norm)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def test_mlp_architecture():

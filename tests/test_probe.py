@@ -69,13 +69,7 @@ def _batch(shape, b=6, classes=10, seed=1):
 LOSS = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box has 2 cores shared with other jobs; LAPACK with 2 threads under load is erratic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def _small(seed=0, dropout=0.0):

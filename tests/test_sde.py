@@ -14,14 +14,7 @@ from lipverify.problems import LognormalBound, MatrixSGDSDE, OrnsteinUhlenbeck
 from lipverify.sde import SCHEMES, SDE, EulerMaruyama, Milstein, brownian_increments, coarsen, integrate
 from lipverify.simulation import default_problem, strong_weak_orders, well_gapped
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The batched kernels are tiny: one intra-op thread is several times faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 class Blowup(SDE):

@@ -7,19 +7,12 @@ tolerance is z * (MC standard error) + a derived step-size bias bound (see the d
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lipverify import LipverifyError
 from lipverify import simulation as sim
 from lipverify.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def _assert_validation(result: sim.ValidationResult, prefixes: list[str]) -> None:

@@ -19,13 +19,7 @@ from lipverify.cli import main
 from lipverify.problems import LognormalBound
 from lipverify.simulation.results import FAIL, INCONCLUSIVE, PASS, Row, ValidationResult, paths_needed
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def _moments(paths: int) -> ValidationResult:

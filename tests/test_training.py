@@ -17,13 +17,7 @@ from lipverify.cli import main
 from lipverify.records import read_steps
 from lipverify.training import LAYER_FIELDS, TrainConfig, _Run, load_config, step_columns, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 def tiny(**kw) -> TrainConfig:
