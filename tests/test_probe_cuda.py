@@ -5,15 +5,12 @@ of the same properties are in tests/test_probe_sync.py (``route="device"`` on CP
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_probe_sync import LR, SHAPES, _probe_step  # tests/ is on sys.path (pytest's prepend import mode)
 
 from lipverify.models import build_model
 from lipverify.probe import DynamicsProbe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-LR = 0.01
-SHAPES = {"mlp": (784,), "convnet": (3, 32, 32)}
 
 
 def _run(
@@ -40,14 +37,7 @@ def _run(
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            probe.before_step()
-            opt.zero_grad(set_to_none=True)
-            with probe.capture():
-                F.cross_entropy(model(x), y).backward()
-            probe.after_backward()
-            terms = probe.compute(LR)
-            opt.step()
-            truth = probe.after_step(LR)
+            terms, truth = _probe_step(model, x, y, opt, probe)
         finally:
             if checked:
                 torch.cuda.set_sync_debug_mode("default")

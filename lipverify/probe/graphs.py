@@ -89,8 +89,7 @@ class SpectraGraph:
                 self.static_out = {key: torch.empty_like(t) for key, t in eager.items()}
             out = self.static_out
             for key, t in eager.items():
-                if t is not out[key]:
-                    out[key].copy_(t)
+                out[key].copy_(t)
         return split_spectra(self.plan, self._fresh(out))
 
     @staticmethod
