@@ -1,7 +1,9 @@
 """Cost of the dynamics probe against a plain SGD step and the torch.func reference.
 
 Every variant runs in its own subprocess (so the peak-memory numbers do not mix): a fixed random
-batch, ``--warmup`` untimed steps, then the median wall time of ``--repeats`` steps. Memory on CPU
+batch, ``--warmup`` untimed steps, then the median wall time of ``--repeats`` steps (on CUDA: of
+blocks of ``CUDA_BLOCK`` steps issued back to back and synchronised once, per step, so that work of
+one step may overlap the next as in training). Memory on CPU
 is the growth of the process's peak RSS from just after the imports to the end of the timed steps
 (model, batch, activations, probe state): on Linux ``VmHWM`` of /proc/self/status, reset after the
 imports through /proc/self/clear_refs; elsewhere ``ru_maxrss``, which getrusage(2) carries across
@@ -17,8 +19,11 @@ float32); ``probe-gram`` and ``probe-gram-f32`` (the same with ``decomposition="
 decomposition of every weight per step); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``);
 ``probe-device`` (``route="device"``: the code CUDA runs, torch only, no host synchronisation in the
 steady state; on CUDA ``probe`` already takes it); ``probe-graphs`` (the device route with
-``cuda_graphs=True``: the spectra replayed from a CUDA graph; on CPU its eager stand-in); every
-probe variant reads a step's results one step later (as a training loop that logs them would);
+``cuda_graphs=True``: the spectra replayed from a CUDA graph; on CPU its eager stand-in);
+``probe-side`` (the device route with ``side_stream=True``: ``after_step`` and the next
+``before_step`` on a side stream overlapping the next forward and backward; on CPU the same work in
+order); every probe variant reads a step's results one step later (as a training loop that logs them
+would, and as the side stream needs);
 ``floor-f64`` and ``floor-f32`` (a plain step plus only the dense kernels the resolvent route cannot
 avoid: per layer one Gram product, two Cholesky factorisations and one b-column triangular solve; the
 lower bound of ``probe`` / ``probe-f32`` on this machine; its ratio is against the plain step timed
@@ -85,8 +90,9 @@ def _worker(args: argparse.Namespace) -> dict:
     if variant.startswith("probe"):
         probe = DynamicsProbe(
             model,
-            route="device" if variant in ("probe-device", "probe-graphs") else "auto",
+            route="device" if variant in ("probe-device", "probe-graphs", "probe-side") else "auto",
             cuda_graphs=variant == "probe-graphs",
+            side_stream=variant == "probe-side",
             compute_dtype=torch.float32 if variant.endswith("-f32") else torch.float64,
             conv_method="unfold" if variant == "probe-unfold" else "conv",
             decomposition="gram" if variant.startswith("probe-gram") else "resolvent",
@@ -125,7 +131,7 @@ def _worker(args: argparse.Namespace) -> dict:
     sync()
     if variant.startswith("floor"):
         return _kernel_floor(args, model, step, sync)
-    times = _step_times(step, sync, args.warmup, args.repeats)
+    times = _step_times(step, sync, args.warmup, args.repeats, CUDA_BLOCK if device.type == "cuda" else 1)
     if device.type == "cuda":
         mem = torch.cuda.max_memory_allocated()
     else:
@@ -139,6 +145,11 @@ def _worker(args: argparse.Namespace) -> dict:
     return out
 
 
+#: Steps per synchronised block when timing on CUDA (a sync after every step would forbid the overlap
+#: of one step's probe work with the next step that ``probe-side`` is for).
+CUDA_BLOCK = 5
+
+
 def _op_counts(step, sync) -> dict:
     """ATen operations and host synchronisations of one more (steady-state) step."""
     from lipverify.probe.interpose import counting
@@ -149,17 +160,20 @@ def _op_counts(step, sync) -> dict:
     return {"aten_ops": c.op_count, "kernel_ops": c.compute_op_count, "host_syncs": c.sync_count}
 
 
-def _step_times(fn, sync, warmup: int, repeats: int) -> list[float]:
-    """Wall times (s) of ``repeats`` synchronised calls of ``fn`` after ``warmup`` untimed ones."""
+def _step_times(fn, sync, warmup: int, repeats: int, block: int = 1) -> list[float]:
+    """Wall times (s) per call of ``fn`` after ``warmup`` untimed calls: ``repeats`` synchronised
+    calls, or with ``block`` > 1 blocks of ``block`` calls synchronised once (about ``repeats`` calls
+    in all), each block's time divided by ``block``."""
     for _ in range(warmup):
         fn()
     sync()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(1, -(-repeats // block))):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(block):
+            fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / block)
     return times
 
 
@@ -257,7 +271,7 @@ def main() -> None:
     )
     everything = {"device": args.device, "batch_size": args.batch_size, "threads": threads, "models": {}}
     for model in models:
-        variants = ["plain", "probe", "probe-device", "probe-graphs", "probe-f32"]
+        variants = ["plain", "probe", "probe-device", "probe-graphs", "probe-side", "probe-f32"]
         variants += ["probe-gram", "probe-gram-f32"]
         if model == "convnet":
             variants.append("probe-unfold")

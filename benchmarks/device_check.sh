@@ -3,8 +3,9 @@
 #   1. install from the repository's own files (tolerant: the machine may have no internet; then
 #      what is installed is used, and the log says so),
 #   2. the CUDA tests (tests/test_probe_cuda.py: set_sync_debug_mode("error") around the steady
-#      state, CUDA against CPU's route, the CUDA-graph option captured and replayed) and the CPU
-#      proofs (tests/test_probe_sync.py, tests/test_probe_graphs.py),
+#      state, CUDA against CPU's route, the CUDA-graph option captured and replayed, the side
+#      stream) and the CPU proofs (tests/test_probe_sync.py, tests/test_probe_graphs.py,
+#      tests/test_probe_streams.py),
 #   3. bench_probe on CUDA: the ConvNet at b = 256 and the MLP at b = 128 (time, memory, ATen ops,
 #      host syncs per step, plain against probe),
 # writing everything (log, junit XML, JSON) into $OUT (default benchmarks/out).
@@ -56,16 +57,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree, whether or not
 run 60 "$PY" -c "import lipverify.probe as p, torch; print('lipverify.probe from', p.__file__, 'torch', torch.__version__)"
 
 say "tests (CUDA tests skip themselves without CUDA)"
-run 200 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider tests/test_probe_cuda.py tests/test_probe_sync.py tests/test_probe_graphs.py \
+run 200 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider tests/test_probe_cuda.py tests/test_probe_sync.py tests/test_probe_graphs.py tests/test_probe_streams.py \
   --junitxml "$OUT/probe_device_tests.xml" -rs
 
 say "bench_probe: ConvNet b=$CONV_B on $DEVICE"
 run 150 "$PY" benchmarks/bench_probe.py --device "$DEVICE" --model convnet --batch-size "$CONV_B" \
-  --no-reference --variants probe,probe-graphs,probe-f32,probe-gram --repeats "$REPEATS" --warmup 5 \
+  --no-reference --variants probe,probe-graphs,probe-side,probe-f32,probe-gram --repeats "$REPEATS" --warmup 5 \
   --json "$OUT/bench_convnet_b${CONV_B}.json"
 say "bench_probe: MLP b=$MLP_B on $DEVICE"
 run 120 "$PY" benchmarks/bench_probe.py --device "$DEVICE" --model mlp --batch-size "$MLP_B" \
-  --no-reference --variants probe,probe-graphs,probe-f32 --repeats "$REPEATS" --warmup 5 \
+  --no-reference --variants probe,probe-graphs,probe-side,probe-f32 --repeats "$REPEATS" --warmup 5 \
   --json "$OUT/bench_mlp_b${MLP_B}.json"
 
 say "summary"

@@ -5,7 +5,7 @@ themselves need a GPU (tests/test_probe_cuda.py)."""
 
 import pytest
 import torch
-from test_probe_sync import LR, _probe_step  # tests/ is on sys.path (pytest's prepend import mode)
+from test_probe_sync import _probe_step, _setup  # tests/ is on sys.path (pytest's prepend import mode)
 
 import lipverify.probe.graphs as graphs
 from lipverify._validation import LipverifyError
@@ -13,19 +13,11 @@ from lipverify.models import build_model
 from lipverify.probe import DynamicsProbe
 from lipverify.probe.interpose import counting
 
-SHAPES = {"mlp": (784,), "convnet": (3, 32, 32)}
-B = 8
-
 
 def _run(model_name: str, cuda_graphs: bool, steps: int = 4, count: bool = False):
     """``steps`` probe steps on the device route; returns the results read on the host, the probe and
     the host syncs of the steady-state steps (when ``count``)."""
-    model = build_model(model_name, seed=0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(B, *SHAPES[model_name], generator=g)
-    y = torch.randint(0, 10, (B,), generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    probe = DynamicsProbe(model, route="device", cuda_graphs=cuda_graphs, population_size=60000)
+    model, x, y, opt, probe = _setup(model_name, "device", cuda_graphs=cuda_graphs)
     results, syncs = [], []
     for i in range(steps):
         with counting() as c:
@@ -69,12 +61,12 @@ def test_outputs_that_alias_the_static_buffers_are_rejected(monkeypatch):
         _assert_identical(got, ref)
 
 
-def test_graphs_need_the_device_route():
+@pytest.mark.parametrize("option", ["cuda_graphs", "side_stream"])
+def test_graphs_and_side_stream_need_the_device_route(option):
     model = build_model("mlp", seed=0)
-    with pytest.raises(LipverifyError, match="cuda_graphs=True needs the device route"):
-        DynamicsProbe(model, route="host", cuda_graphs=True)
-    with pytest.raises(LipverifyError, match="cuda_graphs=True needs the device route"):
-        DynamicsProbe(model, decomposition="gram", cuda_graphs=True)
+    for other in ({"route": "host"}, {"decomposition": "gram"}):
+        with pytest.raises(LipverifyError, match=f"{option}=True needs the device route"):
+            DynamicsProbe(model, **other, **{option: True})
 
 
 def test_a_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):

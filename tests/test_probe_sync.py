@@ -29,13 +29,14 @@ B = 16
 OP_BUDGET = {"mlp": 746, "convnet": 1120}
 
 
-def _setup(model_name: str, route: str):
+def _setup(model_name: str, route: str, **probe_options):
+    """Model, batch (b = B), SGD and a probe on ``route`` with ``probe_options``."""
     model = build_model(model_name, seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(B, *SHAPES[model_name], generator=g)
     y = torch.randint(0, 10, (B,), generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    return model, x, y, opt, DynamicsProbe(model, route=route, population_size=60000)
+    return model, x, y, opt, DynamicsProbe(model, route=route, population_size=60000, **probe_options)
 
 
 def _plain_step(model, x, y, opt):

@@ -74,8 +74,10 @@ default, ``route="device"`` on CPU: torch only, fixed work per step, no host syn
 layer's first step, results as :class:`~lipverify.probe.deferred.DeferredResults` read later; the
 layers' spectra in one zero-padded batch per step,
 :func:`~lipverify.probe.resolvent.resolvent_spectra_device`, optionally replayed from a CUDA graph,
-``cuda_graphs=True``, :mod:`lipverify.probe.graphs`). :mod:`lipverify.probe.interpose` counts ATen
-operations and host synchronisations (the proof on CPU).
+``cuda_graphs=True``, :mod:`lipverify.probe.graphs`; ``after_step`` and the next ``before_step``
+optionally on a side stream that overlaps the next forward and backward, ``side_stream=True``,
+:mod:`lipverify.probe.streams`). :mod:`lipverify.probe.interpose` counts ATen operations and host
+synchronisations (the proof on CPU).
 
 Mixed precision. The probe's own work (decompositions, projections, terms, discrete truth) runs with
 autocast off and float32 kept in float32 (no TF32, no oneDNN bf16), whatever region the caller is in;
@@ -87,7 +89,8 @@ Layout: :mod:`lipverify.probe.layers` (layer discovery, matrix view, per-sample 
 :mod:`lipverify.probe.resolvent` (the spectrum kernels, one layer and batched),
 :mod:`lipverify.probe.projections` (the per-sample projection kernel), :mod:`lipverify.probe.truth`
 (the discrete-truth kernels), :mod:`lipverify.probe.buffers` (copy-free weight comparisons),
-:mod:`lipverify.probe.graphs` (CUDA graphs of the spectra), :mod:`lipverify.probe.dynamics_probe`
+:mod:`lipverify.probe.graphs` (CUDA graphs of the spectra), :mod:`lipverify.probe.streams` (the side
+stream's fork and join), :mod:`lipverify.probe.dynamics_probe`
 (the :class:`DynamicsProbe` orchestration: hooks, caches, schedule, terms), :mod:`lipverify.probe.reference`
 (the slow references), :mod:`lipverify.probe.precision` (autocast/TF32 off, GradScaler),
 :mod:`lipverify.probe.deferred` and :mod:`lipverify.probe.interpose` (device-route results, counters).

@@ -40,6 +40,7 @@ from lipverify.probe.resolvent import (
     resolvent_spectrum,
     resolvent_spectrum_device,
 )
+from lipverify.probe.streams import SideStream, tensors_of
 from lipverify.probe.truth import _exceeds_gap_on_device, _top_pair_projections, update_exceeds_gap
 from lipverify.spectral import SpectralDecomposition, decompose, gap_tolerance_for
 
@@ -129,7 +130,11 @@ class DynamicsProbe:
     code: torch only, no scipy/LAPACK, no threadpoolctl); ``"host"``: the host route everywhere;
     ``cuda_graphs``: on the device route, run each step's batched spectra through a CUDA graph
     captured once per group of layer shapes (:mod:`lipverify.probe.graphs`: what is captured, the
-    limits; on CPU the same static-buffer steps run eagerly); :attr:`graph_status` reports it.
+    limits; on CPU the same static-buffer steps run eagerly); :attr:`graph_status` reports it;
+    ``side_stream``: on the device route, issue ``after_step`` and the next ``before_step`` on a side
+    stream that overlaps the next step's forward and backward (:mod:`lipverify.probe.streams`: the
+    order that makes it safe, the limits; on CPU the same forks and joins run in order). Then
+    ``after_backward`` (or ``compute``) must come between the backward and the optimiser step.
 
     The device route (``"resolvent"`` only; :meth:`on_device_route`) issues no host synchronisation
     in ``before_step``, ``capture``, ``after_backward``, ``compute`` and ``after_step`` once every layer
@@ -166,6 +171,7 @@ class DynamicsProbe:
         schedule: ProbeSchedule | None = None,
         route: str | None = None,
         cuda_graphs: bool = False,
+        side_stream: bool = False,
     ) -> None:
         if route is None:  # the environment's choice applies to the "resolvent" decomposition only
             route = os.environ.get(ROUTE_ENV) or "auto"
@@ -179,6 +185,11 @@ class DynamicsProbe:
         if cuda_graphs and (route == "host" or decomposition != "resolvent"):
             raise LipverifyError(
                 "cuda_graphs=True needs the device route (decomposition='resolvent', route 'auto' or "
+                f"'device'), got decomposition={decomposition!r}, route={route!r}"
+            )
+        if side_stream and (route == "host" or decomposition != "resolvent"):
+            raise LipverifyError(
+                "side_stream=True needs the device route (decomposition='resolvent', route 'auto' or "
                 f"'device'), got decomposition={decomposition!r}, route={route!r}"
             )
         if decomposition not in ("gram", "svd", "resolvent"):
@@ -212,6 +223,9 @@ class DynamicsProbe:
         self._batch_plans: dict[tuple, DeviceBatchPlan] = {}
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple, tuple[list[str], SpectraGraph]] = {}
+        self.side_stream = side_stream
+        self._side: SideStream | None = None
+        self._forked_in_before_step = False  # a before_step fork not joined yet (see after_step)
         #: ``"resolvent"`` mode: ``iterative`` (warm-started resolvent steps), ``iterations`` (their
         #: total block iterations), ``cold`` (first decomposition of a layer: full), ``fallback``
         #: (warm start did not converge or a factorisation failed: full decomposition instead).
@@ -265,12 +279,30 @@ class DynamicsProbe:
             return False
         return self.route == "device" or next(iter(self._layers.values())).module.weight.is_cuda
 
+    def _fork(self, hold: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
+        """``side_stream`` on the device route: the block's work on the side stream, ``hold`` kept
+        alive until the next join (:class:`~lipverify.probe.streams.SideStream`); else in order."""
+        if not (self.side_stream and self.on_device_route()):
+            return contextlib.nullcontext()
+        device = next(iter(self._layers.values())).module.weight.device
+        if self._side is None or self._side.device != device:
+            self._join()
+            self._side = SideStream(device)
+        return self._side.fork(hold)
+
+    def _join(self) -> None:
+        """The current stream waits for the side stream's work (no host synchronisation)."""
+        if self._side is not None:
+            self._side.join()
+        self._forked_in_before_step = False
+
     # ----------------------------------------------------------------- spectral parts
     @full_precision()
     def decomposition_of(self, name: str) -> SpectralDecomposition | ResolventSpectrum:
         """Thin SVD (or, in ``"resolvent"`` mode, the :class:`ResolventSpectrum`) of layer ``name``'s
         weight matrix, cached until the weight changes (the cache check compares W with its snapshot on
         the host: use it between steps, not inside the device route's steady state)."""
+        self._join()
         if self.on_device_route():  # warm layers are computed in one batch (see _decompositions)
             return self._decompositions(self._layers, in_step=False)[name]
         return self._decomposition(name, in_step=False)
@@ -432,6 +464,7 @@ class DynamicsProbe:
         it, so the resumed run recomputes it identically; otherwise the basis it left behind. Saved
         with a checkpoint and given to :meth:`load_warm_state` of a fresh probe, the resumed run gives
         bitwise the same numbers as the uninterrupted run."""
+        self._join()
         state: dict[str, torch.Tensor | None] = {}
         for name in self._layers:
             current = self._cached(name) is not None
@@ -441,6 +474,7 @@ class DynamicsProbe:
 
     def load_warm_state(self, state: Mapping[str, torch.Tensor | None]) -> None:
         """Restore :meth:`warm_state` (call before the first step of the resumed run)."""
+        self._join()
         for name, basis in state.items():
             if name not in self._layers:
                 raise LipverifyError(f"warm state names unknown layer {name!r}")
@@ -456,6 +490,7 @@ class DynamicsProbe:
         resumed from a checkpoint (:meth:`warm_state`) records the same bits as the uninterrupted one.
         In ``"resolvent"`` mode a warm-started decomposition also costs less than
         ``torch.linalg.matrix_norm(W, 2)``. On the device route: one batch, one host read."""
+        self._join()
         if self.on_device_route():
             with full_precision():
                 decs = self._decompositions(self._layers, in_step=False)
@@ -617,6 +652,7 @@ class DynamicsProbe:
         without a version bump since its spectrum was cached) comes out with ``converged=False`` and
         ``degenerate=True``, and restarts cold at its next decomposition.
         """
+        self._join()
         out: dict[str, LayerTerms] = {}
         if self._skip_step():  # the GradScaler skips this step: no terms (one host read of found_inf)
             return out
@@ -879,12 +915,16 @@ class DynamicsProbe:
 
         The snapshot is the one the decomposition cache keeps (in ``"resolvent"`` mode the
         decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
-        between this call and the optimiser step."""
+        between this call and the optimiser step. With ``side_stream`` its device work (the cache
+        checks, any spectrum to compute) goes on the side stream."""
         self._stale_checked.clear()
-        batched = self._decompositions(self._layers) if self.on_device_route() else None
-        for name, layer in self._layers.items():
-            layer.dec_before = batched[name] if batched else self._decomposition(name, in_step=True)
-            layer.weight_before = self._dec_cache[name][2]
+        device = self.on_device_route()
+        with self._fork(self._before_step_hold() if device and self.side_stream else ()):
+            batched = self._decompositions(self._layers) if device else None
+            for name, layer in self._layers.items():
+                layer.dec_before = batched[name] if batched else self._decomposition(name, in_step=True)
+                layer.weight_before = self._dec_cache[name][2]
+        self._forked_in_before_step = self._side is not None and self._side.pending
         if self._scaler is not None:
             self._scaler.begin_step()
 
@@ -892,6 +932,7 @@ class DynamicsProbe:
     def after_backward(self) -> None:
         """Keep the batch gradient ``G_bar`` of each layer (for the dropped drift term): its projections
         ``(G_bar^T u, G_bar v)`` on the top pair of W_t after :meth:`before_step`, else a copy."""
+        self._join()
         for layer in self._layers.values():
             g = layer.module.weight.grad
             layer.batch_grad_projections = layer.batch_grad = None
@@ -935,7 +976,23 @@ class DynamicsProbe:
         the version counter), ``update_exceeds_gap`` is decided by whether ``(gap/2)^2 I - Delta W Delta W^T``
         (smaller side) has a Cholesky factor (:func:`_exceeds_gap_on_device`), and it is also True for a
         not-converged spectrum at W_t or W_{t+1} (the truth of that layer is then not to be used).
+        With ``side_stream`` the device route's work is issued on the side stream (read the results
+        later for it to overlap the next step).
         """
+        if self._forked_in_before_step:
+            raise LipverifyError(
+                "side_stream=True: call after_backward() or compute() between the backward and the "
+                "optimiser step (the optimiser writes the weights that before_step's side-stream work reads)"
+            )
+        if not (self.side_stream and self.on_device_route()):
+            return self._after_step(lr, mean_grads, grad_scale, reduction)
+        with self._fork(self._after_step_hold(mean_grads)):
+            return self._after_step(lr, mean_grads, grad_scale, reduction)
+
+    def _after_step(
+        self, lr: float, mean_grads: Mapping[str, torch.Tensor] | None, grad_scale: float, reduction: str
+    ) -> dict[str, dict[str, float]]:
+        """:meth:`after_step` (on the side stream when it forked)."""
         device = self.on_device_route()
         mean_grad_scale = (
             grad_scale * self._mean_gradient_factor(reduction) if mean_grads is not None else 1.0
@@ -1018,6 +1075,30 @@ class DynamicsProbe:
             }
 
         return DeferredResults(list(decs), torch.stack(rows), build)
+
+    def _before_step_hold(self) -> list[torch.Tensor]:
+        """What ``before_step``'s side-stream work may read that the current stream allocated: the cached
+        snapshots and spectra and the warm-start bases (a spectrum computed by ``compute`` or
+        ``sigmas``, bases from :meth:`load_warm_state`)."""
+        hold = []
+        for name in self._layers:
+            cached = self._dec_cache.get(name)
+            if cached is not None:
+                hold += [cached[2], *tensors_of(cached[3])]
+            hold += tensors_of(self._warm.get(name))
+        return hold
+
+    def _after_step_hold(self, mean_grads: Mapping[str, torch.Tensor] | None) -> list[torch.Tensor]:
+        """What ``after_step``'s side-stream work reads that the current stream may have allocated: per
+        layer W_t's spectrum and snapshot, the kept gradient (or its projections), the update buffer,
+        and the full-data gradients ``mean_grads``."""
+        hold = [] if mean_grads is None else [g for g in mean_grads.values() if isinstance(g, torch.Tensor)]
+        for name, layer in self._layers.items():
+            hold += tensors_of(layer.dec_before) + tensors_of(layer.weight_before)
+            hold += tensors_of(layer.batch_grad_projections) + tensors_of(layer.batch_grad)
+            hold += tensors_of(layer.update_buffer) + tensors_of(self._stale.get(name))
+        hold += self._before_step_hold()
+        return hold
 
     def _update_projections(self, name, layer, mean_grads, grad_scale, mean_grad_scale, subtract) -> tuple:
         """Both routes of :meth:`after_step`, one layer at W_t: ``(dW, y, x, projections, scale)`` with

@@ -14,7 +14,8 @@ Limits (documented in the README):
 * Only the spectra are captured. The projections of the hooked activations, the Theorem 14 terms and
   the discrete truth run eagerly: their inputs are new tensors every step (and change shape with the
   batch size), so capturing them would need static activation buffers and a fixed batch.
-* No side stream: the replay runs on the current stream, in order with the training step.
+* The replay runs on the current stream; with ``side_stream=True`` (:mod:`lipverify.probe.streams`) that
+  is the side stream for the spectra of W_{t+1} computed in ``after_step``.
 * A graph holds its static buffers and a private memory pool for the group's intermediates (about the
   memory of one eager call) for as long as the probe lives.
 * If capture fails (an operation that cannot be captured on this CUDA/torch build), the group runs
