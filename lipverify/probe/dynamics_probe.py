@@ -1,7 +1,8 @@
-"""``DynamicsProbe``: the orchestration of the probe (hooks, spectral caches and warm starts, schedule,
-Theorem 14/15 terms, discrete truth); the kernels live in :mod:`lipverify.probe.layers`,
-:mod:`lipverify.probe.resolvent`, :mod:`lipverify.probe.projections`, :mod:`lipverify.probe.truth`
-and :mod:`lipverify.probe.buffers` (see :mod:`lipverify.probe` for the whole description)."""
+"""``DynamicsProbe``: the orchestration of the probe (hooks, schedule, Theorem 14/15 terms, discrete
+truth); the spectra, their cache and warm starts are a :class:`~lipverify.probe.spectrum_cache.SpectrumCache`,
+the kernels live in :mod:`lipverify.probe.layers`, :mod:`lipverify.probe.resolvent`,
+:mod:`lipverify.probe.projections`, :mod:`lipverify.probe.truth` and :mod:`lipverify.probe.buffers`
+(see :mod:`lipverify.probe` for the whole description)."""
 
 from __future__ import annotations
 
