@@ -601,7 +601,7 @@ def test_resolvent_spectrum_gives_up_on_degenerate_or_unconverged_input(monkeypa
 
 
 def test_resolvent_mode_falls_back_to_the_full_decomposition(monkeypatch, probe_route):
-    import lipverify.probe.dynamics_probe as probe_mod
+    import lipverify.probe.spectrum_cache as probe_mod
 
     model = _small()
     probe = _warm_probe(model, (30,), steps=2, b=5, lr=0.1, classes=5)
@@ -959,7 +959,7 @@ def test_after_step_releases_the_old_spectrum_before_the_new_one(decomposition, 
     # time W_{t+1}'s is computed, or the probe holds two of each at its peak
     import weakref
 
-    import lipverify.probe.dynamics_probe as probe_module
+    import lipverify.probe.spectrum_cache as probe_module
 
     model = _small()
     probe = _warm_probe(model, (30,), decomposition=decomposition, steps=2, b=5, lr=0.1, classes=5)
@@ -1362,7 +1362,7 @@ def test_host_route_casts_each_float32_weight_once_per_step(probe_route):
 def test_cache_check_sees_a_one_ulp_write_to_a_float32_weight(monkeypatch):
     # float32 W against its float64 snapshot, compared without a cast (numpy, mixed dtypes): a write
     # through .data (no version bump) of one ulp in one entry must invalidate the cached spectrum
-    from lipverify.probe import dynamics_probe
+    from lipverify.probe import spectrum_cache
 
     def one_ulp_write(model):
         with torch.no_grad():
@@ -1372,7 +1372,7 @@ def test_cache_check_sees_a_one_ulp_write_to_a_float32_weight(monkeypatch):
     for variant in ("exact", "allclose"):  # the wrong variant: a comparison with a tolerance
         if variant == "allclose":
             tolerant = lambda W, S: torch.allclose(W.double(), S.double())
-            monkeypatch.setattr(dynamics_probe, "_equal_values", tolerant)
+            monkeypatch.setattr(spectrum_cache, "_equal_values", tolerant)
         model = build_model("mlp", seed=0)
         probe = _warm_probe(model, (784,), steps=1)
         dec = probe.decomposition_of("fc1")

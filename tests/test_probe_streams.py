@@ -28,6 +28,7 @@ from lipverify._validation import LipverifyError
 from lipverify.dynamics import network_terms
 from lipverify.probe import DynamicsProbe
 from lipverify.probe.interpose import counting
+from lipverify.probe.spectrum_cache import SpectrumCache
 
 STEPS = 4
 
@@ -168,7 +169,7 @@ def test_tracer_rejects_side_reads_of_tensors_not_held(monkeypatch):
     # wrong variant: nothing held, so e.g. after_backward's gradient projections (current stream)
     # could be freed and reused while after_step on the side stream still reads them
     monkeypatch.setattr(DynamicsProbe, "_after_step_hold", lambda self, mean_grads: [])
-    monkeypatch.setattr(DynamicsProbe, "_before_step_hold", lambda self: [])
+    monkeypatch.setattr(SpectrumCache, "tensors", lambda self: [])
     _, _, tracer, _ = _run("mlp", side_stream=True, trace=True)
     assert any("side stream reads a current-stream tensor not held" in v for v in tracer.violations)
 

@@ -155,15 +155,15 @@ def test_probe_step_op_count(model_name):
 @pytest.mark.parametrize("model_name", ["mlp", "convnet"])
 def test_op_budget_rejects_the_unbatched_device_route(model_name, monkeypatch):
     # the wrong variant: the device route with one spectrum call per layer (no cross-layer batch)
-    import lipverify.probe.dynamics_probe as probe_module
+    from lipverify.probe.spectrum_cache import SpectrumCache
 
-    monkeypatch.setattr(probe_module.DynamicsProbe, "_decompositions", _one_at_a_time)
+    monkeypatch.setattr(SpectrumCache, "decompositions", _one_at_a_time)
     *_, counts, _ = _count_steady_state(model_name, "device")
     assert counts[-1].op_count > OP_BUDGET[model_name]
 
 
 def _one_at_a_time(self, names, in_step=True):
-    return {name: self._decomposition(name, in_step) for name in names}
+    return {name: self.decomposition(name, in_step) for name in names}
 
 
 def test_route_is_validated():

@@ -35,6 +35,8 @@ after a layer's first step: it keeps the top pair, sigma_2 and the Cholesky fact
 triangular solve (:meth:`ResolventSpectrum.quadratic_form`). Not-converged steps fall back to the
 full decomposition and are counted in ``DynamicsProbe.resolvent_stats``; for bitwise-identical
 resumed runs the warm-start state must travel with the checkpoint (:meth:`DynamicsProbe.warm_state`).
+The spectra, their cache and the warm starts are a :class:`~lipverify.probe.spectrum_cache.SpectrumCache`
+owned by the probe.
 
 Per-sample loss. The probe uses ``G_i = grad of l_i`` with the per-sample loss defined by
 ``L = (1/b) sum_i l_i``. The hooked output gradient of a ``reduction="mean"`` loss is
@@ -64,9 +66,9 @@ parametrised weights, computed weights (the hooks of ``torch.nn.utils.weight_nor
 subclass that overrides ``forward`` (or ``_conv_forward``), weights shared between modules or a layer
 called twice in one forward raise a :class:`LipverifyError` listing them, unless named in ``skip=``.
 
-Decompositions are cached per layer and reused while the weight holds the values they were computed
-from: the version counter and a comparison with a snapshot of W (writes through ``.data`` and fused
-optimiser kernels do not bump the counter).
+Decompositions are cached per layer (:class:`~lipverify.probe.spectrum_cache.SpectrumCache`) and reused
+while the weight holds the values they were computed from: the version counter and a comparison with a
+snapshot of W (writes through ``.data`` and fused optimiser kernels do not bump the counter).
 
 Routes (``DynamicsProbe(route=...)`` or ``LIPVERIFY_PROBE_ROUTE``): the host route above (CPU's
 default: scipy kernels, converged-or-fallback decided on the host) and the device route (CUDA's
@@ -89,9 +91,11 @@ Layout: :mod:`lipverify.probe.layers` (layer discovery, matrix view, per-sample 
 :mod:`lipverify.probe.resolvent` (the spectrum kernels, one layer and batched),
 :mod:`lipverify.probe.projections` (the per-sample projection kernel), :mod:`lipverify.probe.truth`
 (the discrete-truth kernels), :mod:`lipverify.probe.buffers` (copy-free weight comparisons),
-:mod:`lipverify.probe.graphs` (CUDA graphs of the spectra), :mod:`lipverify.probe.streams` (the side
-stream's fork and join), :mod:`lipverify.probe.dynamics_probe`
-(the :class:`DynamicsProbe` orchestration: hooks, caches, schedule, terms), :mod:`lipverify.probe.reference`
+:mod:`lipverify.probe.spectrum_cache` (the per-layer spectra: cache, snapshots, warm starts, the device
+route's batches), :mod:`lipverify.probe.graphs` (CUDA graphs of the spectra),
+:mod:`lipverify.probe.streams` (the side stream's fork and join),
+:mod:`lipverify.probe.dynamics_probe` (the :class:`DynamicsProbe` orchestration: hooks, schedule,
+terms, discrete truth), :mod:`lipverify.probe.reference`
 (the slow references), :mod:`lipverify.probe.precision` (autocast/TF32 off, GradScaler),
 :mod:`lipverify.probe.deferred` and :mod:`lipverify.probe.interpose` (device-route results, counters).
 """

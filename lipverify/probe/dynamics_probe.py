@@ -1,7 +1,8 @@
-"""``DynamicsProbe``: the orchestration of the probe (hooks, spectral caches and warm starts, schedule,
-Theorem 14/15 terms, discrete truth); the kernels live in :mod:`lipverify.probe.layers`,
-:mod:`lipverify.probe.resolvent`, :mod:`lipverify.probe.projections`, :mod:`lipverify.probe.truth`
-and :mod:`lipverify.probe.buffers` (see :mod:`lipverify.probe` for the whole description)."""
+"""``DynamicsProbe``: the orchestration of the probe (hooks, schedule, Theorem 14/15 terms, discrete
+truth); the spectra, their cache and warm starts are a :class:`~lipverify.probe.spectrum_cache.SpectrumCache`,
+the kernels live in :mod:`lipverify.probe.layers`, :mod:`lipverify.probe.resolvent`,
+:mod:`lipverify.probe.projections`, :mod:`lipverify.probe.truth` and :mod:`lipverify.probe.buffers`
+(see :mod:`lipverify.probe` for the whole description)."""
 
 from __future__ import annotations
 
@@ -22,27 +23,16 @@ from lipverify.dynamics import (
     estimator_scale,
     layer_terms_from_projections,
 )
-from lipverify.probe.buffers import _equal_values, _exactly_representable, _subtract_into
+from lipverify.probe.buffers import _subtract_into
 from lipverify.probe.deferred import DeferredResults
-from lipverify.probe.graphs import SpectraGraph
 from lipverify.probe.layers import find_layers, weight_matrix
 from lipverify.probe.precision import GradScalerLink, full_precision
 from lipverify.probe.projections import centre, contract
-from lipverify.probe.resolvent import (
-    DEVICE_SECOND_SQUARINGS,
-    DEVICE_TOP_SQUARINGS,
-    RESOLVENT_BLOCK,
-    DeviceBatchPlan,
-    ResolventSpectrum,
-    device_batch_groups,
-    fast_decompose,
-    resolvent_spectra_device,
-    resolvent_spectrum,
-    resolvent_spectrum_device,
-)
+from lipverify.probe.resolvent import ResolventSpectrum
+from lipverify.probe.spectrum_cache import SpectrumCache
 from lipverify.probe.streams import SideStream, tensors_of
 from lipverify.probe.truth import _exceeds_gap_on_device, _top_pair_projections, update_exceeds_gap
-from lipverify.spectral import SpectralDecomposition, decompose, gap_tolerance_for
+from lipverify.spectral import SpectralDecomposition, gap_tolerance_for
 
 #: Routes of :class:`DynamicsProbe` (``route=`` or the environment variable ``LIPVERIFY_PROBE_ROUTE``).
 ROUTES = ("auto", "device", "host")
@@ -206,30 +196,20 @@ class DynamicsProbe:
         self.gap_tolerance = gap_tolerance
         self.schedule = schedule or ProbeSchedule()
         self.route = route
-        # device route: name -> 0-d bool, the weight differs from the snapshot of its cached spectrum
-        self._stale: dict[str, torch.Tensor | None] = {}
-        self._stale_checked: dict[str, tuple[int, int]] = {}  # the (data_ptr, version) checked this step
         self._layers = {
             name: _Layer(name, module, kind) for name, (module, kind) in find_layers(model, skip).items()
         }
-        # name -> (data_ptr, version, snapshot of W, decomposition)
-        self._dec_cache: dict[
-            str, tuple[int, int, torch.Tensor, SpectralDecomposition | ResolventSpectrum]
-        ] = {}
-        self._warm: dict[str, torch.Tensor] = {}
-        self._warm_in: dict[str, torch.Tensor | None] = {}
-        # device route: (shapes, dtype, device) -> the fixed data of one batched spectra call, and
-        # with cuda_graphs its SpectraGraph
-        self._batch_plans: dict[tuple, DeviceBatchPlan] = {}
-        self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, tuple[list[str], SpectraGraph]] = {}
+        # the spectra, their cache and warm starts (lipverify.probe.spectrum_cache)
+        self._spectra = SpectrumCache(
+            self._layers,
+            decomposition,
+            compute_dtype,
+            cuda_graphs,
+            _device_route_test(route, decomposition, self._layers),
+        )
         self.side_stream = side_stream
         self._side: SideStream | None = None
         self._forked_in_before_step = False  # a before_step fork not joined yet (see after_step)
-        #: ``"resolvent"`` mode: ``iterative`` (warm-started resolvent steps), ``iterations`` (their
-        #: total block iterations), ``cold`` (first decomposition of a layer: full), ``fallback``
-        #: (warm start did not converge or a factorisation failed: full decomposition instead).
-        self.resolvent_stats = {"iterative": 0, "iterations": 0, "cold": 0, "fallback": 0}
         self._capturing = False
         # mixed precision (lipverify.probe.precision): the GradScaler of use_grad_scaler, and whether
         # the scaler skips the current step (then compute() and after_step() return {})
@@ -260,11 +240,23 @@ class DynamicsProbe:
     @property
     def graph_status(self) -> dict[str, str]:
         """``cuda_graphs=True``: per group of layers (their names joined by ``+``), the
-        :attr:`~lipverify.probe.graphs.SpectraGraph.status` of its graph and its replays so far."""
-        return {
-            "+".join(names): f"{graph.status}, {graph.replays} replays"
-            for names, graph in self._graphs.values()
-        }
+        :attr:`~lipverify.probe.graphs.SpectraGraph.status` of its graph and its replays so far
+        (:attr:`SpectrumCache.graph_status`)."""
+        return self._spectra.graph_status
+
+    @property
+    def resolvent_stats(self) -> dict[str, int]:
+        """``"resolvent"`` mode: ``iterative`` (warm-started resolvent steps), ``iterations`` (their
+        total block iterations), ``cold`` (first decomposition of a layer: full), ``fallback`` (warm
+        start did not converge or a factorisation failed: full decomposition instead); the cache's own
+        dict (:attr:`SpectrumCache.stats`)."""
+        return self._spectra.stats
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the device route's batched spectra run through CUDA graphs
+        (:mod:`lipverify.probe.graphs`)."""
+        return self._spectra.cuda_graphs
 
     @property
     def layer_names(self) -> list[str]:
@@ -275,9 +267,7 @@ class DynamicsProbe:
         probed weights on CUDA (``"resolvent"`` decomposition only). The device route is torch
         operations only (no scipy/LAPACK, no threadpoolctl), issues no host synchronisation after a
         layer's first (cold) step, and returns :class:`~lipverify.probe.deferred.DeferredResults`."""
-        if self.decomposition != "resolvent" or self.route == "host":
-            return False
-        return self.route == "device" or next(iter(self._layers.values())).module.weight.is_cuda
+        return self._spectra.on_device_route()
 
     def _fork(self, hold: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
         """``side_stream`` on the device route: the block's work on the side stream, ``hold`` kept
@@ -303,185 +293,22 @@ class DynamicsProbe:
         weight matrix, cached until the weight changes (the cache check compares W with its snapshot on
         the host: use it between steps, not inside the device route's steady state)."""
         self._join()
-        if self.on_device_route():  # warm layers are computed in one batch (see _decompositions)
-            return self._decompositions(self._layers, in_step=False)[name]
-        return self._decomposition(name, in_step=False)
-
-    def _decomposition(self, name: str, in_step: bool) -> SpectralDecomposition | ResolventSpectrum:
-        """:meth:`decomposition_of`; ``in_step`` on the device route: the cache check stays on the
-        device (:meth:`_cached`)."""
-        dec = self._cached(name, in_step)
-        if dec is not None:
-            return dec
-        # a stale one is dropped before the new one is computed (peak memory)
-        self._dec_cache.pop(name, None)
-        layer = self._layers[name]
-        w = layer.module.weight
-        key = (w.data_ptr(), w._version)
-        W = weight_matrix(layer.module)
-        if self.decomposition == "resolvent":
-            dec = self._resolvent_decomposition(name, W)
-        elif self.decomposition == "gram":
-            dec = fast_decompose(W, self.compute_dtype, name)
-        else:
-            dec = decompose(W.to(self.compute_dtype), name)
-        # the spectrum's own copy of W is the snapshot when it holds W's values exactly
-        own = isinstance(dec, ResolventSpectrum) and _exactly_representable(W.dtype, dec.W.dtype)
-        self._dec_cache[name] = (*key, dec.W if own else W.clone(), dec)
-        return dec
-
-    def _cached(self, name: str, in_step: bool = False) -> SpectralDecomposition | ResolventSpectrum | None:
-        """The cached decomposition of layer ``name`` if it is of the weight's current values, else None.
-
-        The version counter alone is not enough: writes through ``.data`` and the fused optimiser
-        kernels (``SGD(fused=True)``) change a weight without bumping it. So a cache hit also
-        compares the weight with the snapshot it was decomposed from (one pass over W, at every hit:
-        skipping it on the strength of an earlier comparison left stale spectra after an aborted
-        step). Inside a device-route step (``in_step``) the comparison is a device flag folded into the
-        step's results (a changed weight flags them ``converged=False``) instead of a host branch."""
-        cached = self._dec_cache.get(name)
-        if cached is None:
-            return None
-        w = self._layers[name].module.weight
-        if cached[:2] != (w.data_ptr(), w._version):
-            return None
-        W, snapshot = weight_matrix(self._layers[name].module), cached[2]
-        if in_step and self.on_device_route():
-            # compared on the device; a changed weight flags the step's results instead of a host branch
-            # once per step (before_step and capture start one): W must not change within a step
-            if self._stale_checked.get(name) != cached[:2]:
-                self._stale[name] = (W.to(snapshot.dtype) != snapshot).any()
-                self._stale_checked[name] = cached[:2]
-            return cached[3]
-        return cached[3] if _equal_values(W, snapshot) else None
-
-    def _resolvent_decomposition(
-        self, name: str, W: torch.Tensor
-    ) -> SpectralDecomposition | ResolventSpectrum:
-        stats = self.resolvent_stats
-        basis = self._warm.get(name)
-        k = min(W.shape)
-        self._warm_in[name] = basis
-        self._stale[name] = None
-        device = self.on_device_route()
-        if basis is not None and device:
-            spec = resolvent_spectrum_device(W, self.compute_dtype, basis)
-            stats["iterative"] += 1
-            stats["iterations"] += 2**DEVICE_TOP_SQUARINGS + 2**DEVICE_SECOND_SQUARINGS
-            self._warm[name] = spec.basis
-            return spec
-        if basis is not None and k >= 2:  # non-finite W: NaN Ritz values, fallback raises
-            spec, iters = resolvent_spectrum(W, self.compute_dtype, basis)
-            stats["iterations"] += iters
-            if spec is not None:
-                stats["iterative"] += 1
-                self._warm[name] = spec.basis
-                return spec
-            stats["fallback"] += 1
-        else:
-            stats["cold"] += 1
-        dec = fast_decompose(W, self.compute_dtype, name)
-        small = dec.V if W.shape[0] > W.shape[1] else dec.U
-        if k >= 2 or device:
-            self._warm[name] = small[:, : min(RESOLVENT_BLOCK, k)].clone()
-        return dec
-
-    def _decompositions(
-        self, names: Iterable[str], in_step: bool = True
-    ) -> dict[str, SpectralDecomposition | ResolventSpectrum]:
-        """Device route: :meth:`_decomposition` of several layers, the warm-started misses computed
-        together by :func:`resolvent_spectra_device` (one batch per group of
-        :func:`device_batch_groups`: a few launches per step instead of ~150 operations per layer).
-        Cache hits, cold layers and layers with k < 3 take the one-layer path. The bookkeeping (cache
-        entry and snapshot, warm bases, ``resolvent_stats``) is that of :meth:`_decomposition`. Every
-        device-route spectrum of a warm layer comes from here, in batches of the layers that miss
-        together (all of them after a step, or after a resume from :meth:`warm_state`), so a resumed
-        run batches, and rounds, as the uninterrupted one did."""
-        out: dict[str, SpectralDecomposition | ResolventSpectrum] = {}
-        batch = []
-        for name in names:
-            dec = self._cached(name, in_step)
-            if dec is not None:
-                out[name] = dec
-                continue
-            basis = self._warm.get(name)
-            W = weight_matrix(self._layers[name].module)
-            if basis is None or min(W.shape) < 3 or basis.shape[1] < 3:
-                out[name] = self._decomposition(name, in_step)
-            else:
-                self._dec_cache.pop(name, None)  # a stale one goes before the new ones (peak memory)
-                batch.append((name, W, basis))
-        shapes = [tuple(W.shape) for _, W, _ in batch]
-        for group in device_batch_groups(shapes):
-            members = [batch[i] for i in group]
-            Ws, bases = [W for _, W, _ in members], [basis for *_, basis in members]
-            key = (tuple(shapes[i] for i in group), self.compute_dtype, Ws[0].device)
-            plan = self._batch_plans.get(key)
-            if plan is None:
-                plan = self._batch_plans[key] = DeviceBatchPlan.build(
-                    key[0], self.compute_dtype, Ws[0].device
-                )
-            if self.cuda_graphs:
-                if key not in self._graphs:
-                    graph = SpectraGraph(plan, self.compute_dtype, Ws[0].device)
-                    self._graphs[key] = ([name for name, *_ in members], graph)
-                specs = self._graphs[key][1](Ws, bases)
-            else:
-                specs = resolvent_spectra_device(Ws, self.compute_dtype, bases, plan)
-            for (name, W, basis), spec in zip(members, specs, strict=True):
-                w = self._layers[name].module.weight
-                self.resolvent_stats["iterative"] += 1
-                self.resolvent_stats["iterations"] += 2**DEVICE_TOP_SQUARINGS + 2**DEVICE_SECOND_SQUARINGS
-                self._warm_in[name] = basis
-                self._stale[name] = None
-                self._warm[name] = spec.basis
-                own = _exactly_representable(W.dtype, spec.W.dtype)
-                self._dec_cache[name] = (w.data_ptr(), w._version, spec.W if own else W.clone(), spec)
-                out[name] = spec
-        return {name: out[name] for name in names}
-
-    def _ok(self, name: str, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
-        """Device route: 0-d bool, ``dec`` converged and the weight still holds its snapshot."""
-        ok = getattr(dec, "ok", None)
-        if ok is None:
-            ok = torch.ones((), dtype=torch.bool, device=dec.u.device)
-        stale = self._stale.get(name)
-        return ok if stale is None else ok & ~stale
-
-    def _not_converged(self, name: str, dec) -> None:
-        """Device route, when a step's packed results are read: a layer whose spectrum did not converge
-        (or went stale) restarts cold, and its cached spectrum is dropped if it is still that one."""
-        self.resolvent_stats["fallback"] += 1
-        self._warm.pop(name, None)
-        cached = self._dec_cache.get(name)
-        if cached is not None and cached[3] is dec:
-            self._dec_cache.pop(name)
+        if self.on_device_route():  # warm layers are computed in one batch (SpectrumCache.decompositions)
+            return self._spectra.decompositions(self._layers, in_step=False)[name]
+        return self._spectra.decomposition(name, in_step=False)
 
     def warm_state(self) -> dict[str, torch.Tensor | None]:
-        """``"resolvent"`` mode: per layer, the warm-start basis (k, p) the next decomposition of
-        the uninterrupted run starts from (None: a cold, full one). When the cached decomposition is
-        of the current weight (the uninterrupted run would reuse it), that is the basis that produced
-        it, so the resumed run recomputes it identically; otherwise the basis it left behind. Saved
+        """``"resolvent"`` mode: per layer, the warm-start basis (k, p) the next decomposition of the
+        uninterrupted run starts from (None: a cold, full one), :meth:`SpectrumCache.warm_state`. Saved
         with a checkpoint and given to :meth:`load_warm_state` of a fresh probe, the resumed run gives
         bitwise the same numbers as the uninterrupted run."""
         self._join()
-        state: dict[str, torch.Tensor | None] = {}
-        for name in self._layers:
-            current = self._cached(name) is not None
-            basis = self._warm_in.get(name) if current else self._warm.get(name)
-            state[name] = None if basis is None else basis.clone()
-        return state
+        return self._spectra.warm_state()
 
     def load_warm_state(self, state: Mapping[str, torch.Tensor | None]) -> None:
         """Restore :meth:`warm_state` (call before the first step of the resumed run)."""
         self._join()
-        for name, basis in state.items():
-            if name not in self._layers:
-                raise LipverifyError(f"warm state names unknown layer {name!r}")
-            if basis is None:
-                self._warm.pop(name, None)
-            else:
-                self._warm[name] = basis.to(self.compute_dtype).clone()
+        self._spectra.load_warm_state(state)
 
     def sigmas(self) -> dict[str, float]:
         """sigma_1 of every layer from :meth:`decomposition_of` (cached while the weight is unchanged).
@@ -493,7 +320,7 @@ class DynamicsProbe:
         self._join()
         if self.on_device_route():
             with full_precision():
-                decs = self._decompositions(self._layers, in_step=False)
+                decs = self._spectra.decompositions(self._layers, in_step=False)
             values = torch.stack([d.sigma1 for d in decs.values()]).tolist()
             return dict(zip(self._layers, values, strict=True))
         return {name: float(self.decomposition_of(name).sigma1) for name in self._layers}
@@ -509,7 +336,7 @@ class DynamicsProbe:
         forward/backward pass; removed on exit, the captured tensors are kept for :meth:`compute`."""
         handles = []
         if not any(layer.dec_before is not None for layer in self._layers.values()):
-            self._stale_checked.clear()  # a step without before_step starts here
+            self._spectra.begin_step()  # a step without before_step starts here
         for layer in self._layers.values():
             layer.inputs = layer.grad_out = layer.outputs = None
             layer.calls = 0
@@ -725,7 +552,7 @@ class DynamicsProbe:
                 raise LipverifyError(
                     f"nothing captured for layer {name}: run the forward pass inside capture()"
                 )
-        spectra = self._decompositions(self._layers)
+        spectra = self._spectra.decompositions(self._layers)
         for name, layer in self._layers.items():
             b = check_batch_size(layer.inputs.shape[0])
             lr_eff = lr * grad_scale * (b if reduction == "sum" else 1)
@@ -747,7 +574,7 @@ class DynamicsProbe:
                 mu = mu - lr * weight_decay * sigma
                 phi = (phi * phi + lr * lr * grad_noise_var).sqrt()
                 psi = psi + 0.5 * lr * lr * grad_noise_var * dec.hessian_trace()
-            ok = self._ok(name, dec).to(sigma.dtype)
+            ok = self._spectra.ok(name, dec).to(sigma.dtype)
             rows.append(torch.stack([sigma, mu.to(sigma.dtype), phi, psi, dec.gap, ok]))
             noise[name] = lr_eff * math.sqrt(scale) * proj
         tolerance = self.gap_tolerance or gap_tolerance_for(self.compute_dtype)
@@ -757,7 +584,7 @@ class DynamicsProbe:
             for name, (sigma, mu, phi, psi, gap, ok) in zip(decs, packed, strict=True):
                 converged = ok > 0.5
                 if not converged:
-                    self._not_converged(name, decs[name])
+                    self._spectra.not_converged(name, decs[name])
                 elif not gap > 0:
                     raise DegenerateSpectrumError(
                         f"{name}: sigma_1 = sigma_2 = {sigma:.6g}; psi (Theorem 14) is undefined"
@@ -917,13 +744,13 @@ class DynamicsProbe:
         decomposition's own copy of W_t when it holds the weight's values exactly). W must not change
         between this call and the optimiser step. With ``side_stream`` its device work (the cache
         checks, any spectrum to compute) goes on the side stream."""
-        self._stale_checked.clear()
+        self._spectra.begin_step()
         device = self.on_device_route()
-        with self._fork(self._before_step_hold() if device and self.side_stream else ()):
-            batched = self._decompositions(self._layers) if device else None
+        with self._fork(self._spectra.tensors() if device and self.side_stream else ()):
+            batched = self._spectra.decompositions(self._layers) if device else None
             for name, layer in self._layers.items():
-                layer.dec_before = batched[name] if batched else self._decomposition(name, in_step=True)
-                layer.weight_before = self._dec_cache[name][2]
+                layer.dec_before = batched[name] if batched else self._spectra.decomposition(name, in_step=True)
+                layer.weight_before = self._spectra.snapshot(name)
         self._forked_in_before_step = self._side is not None and self._side.pending
         if self._scaler is not None:
             self._scaler.begin_step()
@@ -1045,14 +872,14 @@ class DynamicsProbe:
         if not device:
             return out
         # W_{t+1}'s spectra, batched, once every layer has released W_t's (peak memory)
-        new = self._decompositions(self._layers)
+        new = self._spectra.decompositions(self._layers)
         decs = {name: (new[name],) for name in self._layers}  # W_t's spectra are released
         rows = [
             torch.cat(
                 [
                     (new[name].sigma1 - sigma_before).reshape(1),
                     part,
-                    (ok_before & self._ok(name, new[name])).to(part.dtype).reshape(1),
+                    (ok_before & self._spectra.ok(name, new[name])).to(part.dtype).reshape(1),
                 ]
             )
             for name, (part, sigma_before, ok_before) in zip(self._layers, rows, strict=True)
@@ -1062,7 +889,7 @@ class DynamicsProbe:
             for name, (_, _, _, _, _, ok) in zip(decs, packed, strict=True):
                 if ok < 0.5:
                     for dec in decs[name]:
-                        self._not_converged(name, dec)
+                        self._spectra.not_converged(name, dec)
             return {
                 name: {
                     "dsigma_observed": observed,
@@ -1076,29 +903,16 @@ class DynamicsProbe:
 
         return DeferredResults(list(decs), torch.stack(rows), build)
 
-    def _before_step_hold(self) -> list[torch.Tensor]:
-        """What ``before_step``'s side-stream work may read that the current stream allocated: the cached
-        snapshots and spectra and the warm-start bases (a spectrum computed by ``compute`` or
-        ``sigmas``, bases from :meth:`load_warm_state`)."""
-        hold = []
-        for name in self._layers:
-            cached = self._dec_cache.get(name)
-            if cached is not None:
-                hold += [cached[2], *tensors_of(cached[3])]
-            hold += tensors_of(self._warm.get(name))
-        return hold
-
     def _after_step_hold(self, mean_grads: Mapping[str, torch.Tensor] | None) -> list[torch.Tensor]:
         """What ``after_step``'s side-stream work reads that the current stream may have allocated: per
-        layer W_t's spectrum and snapshot, the kept gradient (or its projections), the update buffer,
-        and the full-data gradients ``mean_grads``."""
+        layer W_t's spectrum and snapshot, the kept gradient (or its projections), the update buffer;
+        the full-data gradients ``mean_grads``; and the spectral cache."""
         hold = [] if mean_grads is None else [g for g in mean_grads.values() if isinstance(g, torch.Tensor)]
-        for name, layer in self._layers.items():
+        for layer in self._layers.values():
             hold += tensors_of(layer.dec_before) + tensors_of(layer.weight_before)
             hold += tensors_of(layer.batch_grad_projections) + tensors_of(layer.batch_grad)
-            hold += tensors_of(layer.update_buffer) + tensors_of(self._stale.get(name))
-        hold += self._before_step_hold()
-        return hold
+            hold += tensors_of(layer.update_buffer)
+        return hold + self._spectra.tensors()
 
     def _update_projections(self, name, layer, mean_grads, grad_scale, mean_grad_scale, subtract) -> tuple:
         """Both routes of :meth:`after_step`, one layer at W_t: ``(dW, y, x, projections, scale)`` with
@@ -1141,13 +955,27 @@ class DynamicsProbe:
             q = dec.quadratic_form(y, x)
             dropped = torch.full((), math.nan, dtype=dt, device=dW.device)
         exceeds = _exceeds_gap_on_device(dW, dec.gap).to(dt)
-        ok_before, sigma_before = self._ok(name, dec), dec.sigma1
+        ok_before, sigma_before = self._spectra.ok(name, dec), dec.sigma1
         # W_t's spectrum is released before W_{t+1}'s is computed (peak memory)
         dec = dW = None
         layer.dec_before = layer.weight_before = None
         layer.batch_grad_projections = layer.batch_grad = None
-        self._dec_cache.pop(name, None)
+        self._spectra.forget(name)
         return torch.stack([first, first + 0.5 * q, dropped, exceeds]), sigma_before, ok_before
+
+
+def _device_route_test(route: str, decomposition: str, layers: Mapping[str, _Layer]) -> Callable[[], bool]:
+    """:meth:`DynamicsProbe.on_device_route`'s test, for the probe's :class:`SpectrumCache`:
+    ``route="device"``, or ``"auto"`` with the probed weights on CUDA (``"resolvent"`` only). It closes
+    over the settings and the layers, not the probe (no reference cycle: a dropped probe frees its
+    spectra at once)."""
+
+    def on_device_route() -> bool:
+        if decomposition != "resolvent" or route == "host":
+            return False
+        return route == "device" or next(iter(layers.values())).module.weight.is_cuda
+
+    return on_device_route
 
 
 def _update_buffer(layer: _Layer, dec: SpectralDecomposition | ResolventSpectrum) -> torch.Tensor:
