@@ -749,7 +749,8 @@ class DynamicsProbe:
         with self._fork(self._spectra.tensors() if device and self.side_stream else ()):
             batched = self._spectra.decompositions(self._layers) if device else None
             for name, layer in self._layers.items():
-                layer.dec_before = batched[name] if batched else self._spectra.decomposition(name, in_step=True)
+                dec = batched[name] if batched else self._spectra.decomposition(name, in_step=True)
+                layer.dec_before = dec
                 layer.weight_before = self._spectra.snapshot(name)
         self._forked_in_before_step = self._side is not None and self._side.pending
         if self._scaler is not None:
