@@ -1,7 +1,7 @@
 """CUDA graphs for the probe's device route (issue 15): ``DynamicsProbe(..., cuda_graphs=True)``.
 
 What is captured: the batched spectra of every step (:func:`~lipverify.probe.resolvent._spectra_core`,
-the largest fixed block of the device route's per-step work: 228 of the MLP's 710 ATen
+the largest fixed block of the device route's per-step work: 228 of the MLP's 713 ATen
 operations per step), once per group of layer shapes
 (:func:`~lipverify.probe.resolvent.device_batch_groups`), at the group's first warm-started step.
 Every later step copies the weights and warm vectors into the graph's static input buffers, replays
