@@ -248,8 +248,14 @@ def _layer_list(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> list
     return [t for _, t in _named_layers(layers)]
 
 
-def network_terms(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> NetworkTerms:
+def network_terms(
+    layers: Sequence[LayerTerms] | Mapping[str, LayerTerms], diffusion_sq_full: float | None = None
+) -> NetworkTerms:
     """Theorem 15: combine per-layer terms (a sequence or a name -> LayerTerms mapping).
+
+    ``phi_sq_cross`` needs ``sum_i (sum_l p_{l,i} / sigma_l)^2`` from the layers' noise projections;
+    ``diffusion_sq_full`` gives it when it was computed already (on the device, e.g. the first entry of
+    :func:`lipverify.probe.dynamics_probe.cross_layer_squares`), so this call reads no tensor.
 
     Each layer needs a positive finite sigma and finite mu, phi, psi (else :class:`LipverifyError`
     naming the layer); a sum that overflows float64 is refused the same way. Degenerate layers are
@@ -270,8 +276,10 @@ def network_terms(layers: Sequence[LayerTerms] | Mapping[str, LayerTerms]) -> Ne
     projections = [t.noise_projections for t in items]
     if all(p is not None for p in projections) and len({p.shape for p in projections}) == 1:
         # Diffusion of ln K without Assumption 3: sum_i (sum_l p_{l,i} / sigma_l)^2.
-        full = sum(p.to(torch.float64) / t.sigma for p, t in zip(projections, items, strict=True))
-        cross = float((full * full).sum()) - sum(t.phi**2 / t.sigma**2 for t in items)
+        if diffusion_sq_full is None:
+            full = sum(p.to(torch.float64) / t.sigma for p, t in zip(projections, items, strict=True))
+            diffusion_sq_full = float((full * full).sum())
+        cross = diffusion_sq_full - sum(t.phi**2 / t.sigma**2 for t in items)
     try:
         net = NetworkTerms(
             log_bound=sum(math.log(t.sigma) for t in items),

@@ -40,6 +40,17 @@ Conv2d's circular-model norm ``max_f sigma_1(W_hat_f)`` on its padded input grid
 gradients of the step's own batch (torch.func; forked random streams, so the trajectory is
 unchanged), with the frequency flags, and a last row with the norms at W_T
 (:mod:`lipverify.conv_dynamics`).
+
+Reads (issue 15). A step's record needs values computed on the device: the loss, the batch accuracy,
+whether every gradient is finite, and the probe's terms, cross-layer diagnostic and discrete truth.
+By default they are read and checked within the step, so a divergence is reported before the probe
+runs on an overflowed gradient. With ``defer_reads = true`` they stay on the device, packed, and are
+copied to the host without blocking. Each step's record is read after the next step's work has been
+issued: the host never waits for the device inside a step on the probe's device route (CUDA), except
+at steps that also compute sharpness, ``sigmas`` or full-data drifts. The records are the same bits.
+A divergence is then reported one step later (the failing step is still named), and the last record
+is read at checkpoints and at the end. ``side_stream = true`` (with ``defer_reads``) also issues the
+probe's ``after_step`` on a CUDA side stream (:mod:`lipverify.probe.streams`).
 """
 
 from __future__ import annotations
@@ -53,7 +64,8 @@ import time
 import tomllib
 import types
 import typing
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +77,8 @@ from lipverify.dynamics import NonFiniteTermError, network_terms
 from lipverify.models import INITS, build_model
 from lipverify.prediction import STABILITY_WARNING, check_prediction
 from lipverify.probe import DynamicsProbe, ProbeSchedule, cross_layer_diffusion
+from lipverify.probe.deferred import DeferredResults
+from lipverify.probe.dynamics_probe import combine_cross_layer_squares, cross_layer_squares
 from lipverify.records import StepLog, atomic_torch_save, read_json, write_json
 from lipverify.sharpness import top_hessian_eigenvalue
 
@@ -167,6 +181,8 @@ class TrainConfig:
     )
     checkpoint_every: int = 50
     cuda_graphs: bool = False  # probe on the device route (CUDA): spectra replayed from a CUDA graph
+    defer_reads: bool = False  # read each step's record a step later (after the next step is issued)
+    side_stream: bool = False  # probe on the device route: after_step on a CUDA side stream (defer_reads)
     device: str = "cpu"
     dtype: str = "float32"
     amp: str = "none"  # "none" | "bf16": forward passes of the step (and its full-data gradient) in bfloat16
@@ -254,6 +270,8 @@ class TrainConfig:
             bad("full_gradient_clean needs full_gradient_every > 0 (it records at the full-gradient steps)")
         if self.grad_noise == "none" and self.grad_noise_std > 0:
             bad("grad_noise_std > 0 needs grad_noise = 'gaussian' or 'uniform'")
+        if self.side_stream and not self.defer_reads:
+            bad("side_stream needs defer_reads = true (reading a record within its step waits for it)")
         if self.batch_norm and self.model != "convnet":
             bad("batch_norm is only available for the convnet")
         if self.lipschitz_samples < 1:
@@ -442,6 +460,32 @@ def _check_diverged(row: dict, step: int, lr: float) -> None:
             )
 
 
+def _diverged_in_terms(exc: NonFiniteTermError, step: int, lr: float) -> LipverifyError:
+    """The divergence error for a non-finite probe term (e.g. psi = lr^2/2 tr(H Sigma) overflows at a
+    huge lr before any weight does)."""
+    why = str(exc).removesuffix("; check the inputs")
+    return LipverifyError(f"training diverged at step {step}: {why}; try a smaller lr (lr = {lr})")
+
+
+@dataclass
+class _PendingStep:
+    """What one issued step leaves for its record (:meth:`_Run._finish`): ``pack`` the loss, batch
+    accuracy and per-gradient finiteness (then, deferred, the cross-layer diagnostic's squares) as
+    floats, or, deferred, as a :class:`~lipverify.probe.deferred.DeferredResults` still to be read;
+    the probe's ``terms`` and ``truth`` (possibly deferred); host values read in the step."""
+
+    step: int
+    pack: list[float] | DeferredResults | None = None
+    cross_in_pack: bool = False
+    grad_names: list[str] = field(default_factory=list)
+    sharpness: float | None = None
+    terms: Mapping | None = None
+    sigmas: dict[str, float] | None = None
+    mu_full: dict[str, float] | None = None
+    mu_full_clean: dict[str, float] | None = None
+    truth: Mapping | None = None
+
+
 class _Run:
     """State of one run (built from the config; restored from a checkpoint on resume)."""
 
@@ -483,8 +527,13 @@ class _Run:
             {"terms": c.probe_every, "discrete": c.probe_every, "full_gradient": self.full_gradient_every}
         )
         self.probe = DynamicsProbe(
-            self.model, population_size=len(self.data), schedule=schedule, cuda_graphs=c.cuda_graphs
+            self.model,
+            population_size=len(self.data),
+            schedule=schedule,
+            cuda_graphs=c.cuda_graphs,
+            side_stream=c.side_stream,
         )
+        self._pending: _PendingStep | None = None  # defer_reads: the issued step not recorded yet
         self.step = 0
         self.records: list[dict] = []
         self.sharpness_vector: torch.Tensor | None = None
@@ -666,15 +715,51 @@ class _Run:
 
     # -- one step
     def train_step(self) -> dict:
+        """One SGD step with the probe; returns its record, read and checked within the step."""
+        return self._finish(self._launch(read_now=True))
+
+    def advance(self) -> list[dict]:
+        """``defer_reads``: issue one step and return the records it completes: the previous step's
+        (read now, after this step's work is queued), none at the first step. :meth:`flush` returns
+        the last one."""
+        pending = self._launch(read_now=False)  # if it raises, the previous step stays pending
+        previous, self._pending = self._pending, pending
+        if previous is None:
+            return []
+        try:
+            return [self._finish(previous)]
+        except BaseException:
+            self._pending = None  # the run failed at the previous step: no record after it
+            raise
+
+    def flush(self) -> list[dict]:
+        """The record of the step :meth:`advance` issued last, if it was not returned yet."""
+        previous, self._pending = self._pending, None
+        return [] if previous is None else [self._finish(previous)]
+
+    def _launch(self, read_now: bool) -> _PendingStep:
+        """Issue one step (sampling, forward/backward, the probe, the SGD update). With ``read_now``
+        the loss, accuracy and gradient finiteness are read and checked before the probe runs (as a
+        step that fails reports it); else everything the record needs stays on the device until
+        :meth:`_finish`, packed into one tensor copied to the host without blocking."""
         c, probe, step = self.config, self.probe, self.step
-        sharp = None
+        p = _PendingStep(step=step)
         if c.sharpness_every and step % c.sharpness_every == 0:
             try:
-                sharp = self.sharpness()
+                p.sharpness = self.sharpness()
             except LipverifyError as exc:
                 raise LipverifyError(
                     f"training diverged at step {step}: {exc}; try a smaller lr (lr = {c.lr})"
                 ) from exc
+            sharp = p.sharpness
+            if c.lr * sharp >= STABILITY_WARNING and not self.stability_warned:
+                self.stability_warned = True
+                print(
+                    f"lipverify train: warning: lr * lambda_max = {c.lr * sharp:.3g} at step {step} "
+                    f"(lambda_max = {sharp:.4g}, lr = {c.lr}): near or past the SGD stability limit 2, "
+                    "where the SDE approximation breaks",
+                    file=sys.stderr,
+                )
         x, y = self.batch()
         if c.fgsm_eps > 0:
             x_req = x.clone().requires_grad_(True)
@@ -701,35 +786,16 @@ class _Run:
                 if perm is not None:
                     loss = lam * loss + (1 - lam) * self.loss_fn(out, y[perm])
             loss.backward()
-        grads = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
-        # loss, batch accuracy and whether every gradient is finite: one host read per step
+        grads = [(name, w.grad) for name, w in self.model.named_parameters() if w.grad is not None]
+        p.grad_names = [name for name, _ in grads]
+        # loss, batch accuracy and each gradient's finiteness: one tensor, one host read
         acc = (out.detach().argmax(1) == y).float().mean()
-        finite = loss.new_ones((), dtype=torch.bool)
-        if grads:
-            finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all()
-        loss_value, acc_value, grads_finite = torch.stack(
-            [loss.detach(), acc.to(loss.dtype), finite.to(loss.dtype)]
-        ).tolist()
-        row: dict = {"step": step, "loss": loss_value, "batch_acc": acc_value}
-        if sharp is not None:
-            row.update(sharpness=sharp, lr_sharpness=c.lr * sharp)
-            if c.lr * sharp >= STABILITY_WARNING and not self.stability_warned:
-                self.stability_warned = True
-                print(
-                    f"lipverify train: warning: lr * lambda_max = {c.lr * sharp:.3g} at step {step} "
-                    f"(lambda_max = {sharp:.4g}, lr = {c.lr}): near or past the SGD stability limit 2, "
-                    "where the SDE approximation breaks",
-                    file=sys.stderr,
-                )
-        # before the probe divides by a gap or squares a projection of an overflowed gradient
-        _check_diverged(row, step, c.lr)
-        # the offending name is looked up only on failure
-        if not grads_finite:
-            name = next(name for name, g in grads if not bool(torch.isfinite(g).all()))
-            raise LipverifyError(
-                f"training diverged at step {step}: the gradient of {name} is not finite; "
-                f"try a smaller lr (lr = {c.lr})"
-            )
+        finite = [torch.isfinite(g).all() for _, g in grads]
+        pack = torch.stack([loss.detach(), acc.to(loss.dtype), *(f.to(loss.dtype) for f in finite)])
+        if read_now:
+            p.pack = pack.tolist()
+            # before the probe divides by a gap or squares a projection of an overflowed gradient
+            self._check_loss_pack(p)
         full = full_clean = None
         with self.autocast():  # the full-data gradient of the step's own (autocast) arithmetic
             if due_full:
@@ -742,61 +808,107 @@ class _Run:
         noise_var = c.grad_noise_std**2 if c.grad_noise != "none" else 0.0
         if due_disc:
             probe.after_backward()
+        cross = None
         if due_terms:
             try:
-                terms = probe.compute(
+                p.terms = probe.compute(
                     c.lr, grad_scale=c.grad_scale, grad_noise_var=noise_var, weight_decay=c.weight_decay
                 )
-                net = network_terms(terms)  # the device route's deferred results are read (and checked) here
+            except NonFiniteTermError as exc:  # the host route raises here, the device route when read
+                raise _diverged_in_terms(exc, step, c.lr) from exc
+            tensors = getattr(p.terms, "tensors", {})
+            if not read_now and "noise_projections" in tensors:  # device route: the diagnostic's parts
+                cross = cross_layer_squares(tensors["noise_projections"], tensors["sigma"])
+        else:
+            p.sigmas = probe.sigmas()
+        if full is not None:
+            p.mu_full = probe.drift(full, c.lr, c.grad_scale, c.weight_decay)
+        if full_clean is not None:
+            # both drifts at the same weights W_t: the Section 8.5 model mu_p = (1 - p) mu_0
+            p.mu_full_clean = probe.drift(full_clean, c.lr, c.grad_scale, c.weight_decay)
+        # gradient modification (Section 8.4), then the plain SGD step
+        with torch.no_grad():
+            for w in self.model.parameters():
+                if w.grad is None:
+                    continue
+                if c.grad_scale != 1.0:
+                    w.grad.mul_(c.grad_scale)
+                if c.grad_noise == "gaussian":
+                    w.grad.add_(torch.randn_like(w.grad), alpha=c.grad_noise_std)
+                elif c.grad_noise == "uniform":
+                    w.grad.add_((torch.rand_like(w.grad) * 2 - 1) * math.sqrt(3.0), alpha=c.grad_noise_std)
+        self.optimizer.step()
+        if due_disc:
+            p.truth = probe.after_step(c.lr, full, c.grad_scale)
+        if not read_now:
+            parts = [pack.to(torch.float64)] + ([] if cross is None else [cross])
+            packed = torch.cat(parts)[None]
+            p.pack = DeferredResults(["step"], packed, lambda rows: rows[0])  # copied without blocking
+            p.cross_in_pack = cross is not None
+        self.step += 1
+        return p
+
+    def _check_loss_pack(self, p: _PendingStep) -> None:
+        """The step's loss and every gradient finite, else the divergence error naming the first
+        non-finite one."""
+        c = self.config
+        _check_diverged({"loss": p.pack[0]}, p.step, c.lr)
+        finite = p.pack[2 : 2 + len(p.grad_names)]
+        bad = next((name for name, f in zip(p.grad_names, finite, strict=True) if not f), None)
+        if bad is not None:
+            raise LipverifyError(
+                f"training diverged at step {p.step}: the gradient of {bad} is not finite; "
+                f"try a smaller lr (lr = {c.lr})"
+            )
+
+    def _finish(self, p: _PendingStep) -> dict:
+        """The step's record from what :meth:`_launch` left (read on the host here), checked."""
+        c = self.config
+        if not isinstance(p.pack, list):  # deferred: one host read, of this step's own copy
+            p.pack = p.pack.resolve()
+            self._check_loss_pack(p)
+        loss_value, acc_value = p.pack[:2]
+        row: dict = {"step": p.step, "loss": loss_value, "batch_acc": acc_value}
+        if p.sharpness is not None:
+            row.update(sharpness=p.sharpness, lr_sharpness=c.lr * p.sharpness)
+        if p.terms is not None:
+            squares = p.pack[2 + len(p.grad_names) :] if p.cross_in_pack else None
+            try:  # the device route's deferred terms are read and checked here
+                net = network_terms(p.terms, None if squares is None else squares[0])
             except NonFiniteTermError as exc:
-                # e.g. psi = lr^2/2 tr(H Sigma) overflows at a huge lr before any weight does
-                raise LipverifyError(
-                    f"training diverged at step {step}: {str(exc).removesuffix('; check the inputs')}; "
-                    f"try a smaller lr (lr = {c.lr})"
-                ) from exc
+                raise _diverged_in_terms(exc, p.step, c.lr) from exc
+            if squares is None:
+                cross = cross_layer_diffusion(p.terms)
+            else:
+                cross = combine_cross_layer_squares(squares)
             row.update(
                 log_bound=net.log_bound,
                 net_mu=net.mu,
                 net_psi=net.psi,
                 net_phi_sq=net.phi_sq,
-                net_phi_sq_cross=cross_layer_diffusion(terms),
+                net_phi_sq_cross=cross,
             )
-            for name, t in terms.items():
+            for name, t in p.terms.items():
                 for f in ("sigma", "gap", "degenerate", "mu", "psi", "phi"):
                     row[f"{name}.{f}"] = getattr(t, f)
         else:
-            sig = probe.sigmas()
-            row["log_bound"] = sum(math.log(s) for s in sig.values())
-            for name, s in sig.items():
+            row["log_bound"] = sum(math.log(s) for s in p.sigmas.values())
+            for name, s in p.sigmas.items():
                 row[f"{name}.sigma"] = s
-        if full is not None:
-            for name, mu in probe.drift(full, c.lr, c.grad_scale, c.weight_decay).items():
+        if p.mu_full is not None:
+            for name, mu in p.mu_full.items():
                 row[f"{name}.mu_full"] = mu
-        if full_clean is not None:
-            # both drifts at the same weights W_t: the Section 8.5 model mu_p = (1 - p) mu_0
-            drifts = probe.drift(full_clean, c.lr, c.grad_scale, c.weight_decay)
+        if p.mu_full_clean is not None:
+            drifts = p.mu_full_clean
             row["net_mu_full"] = sum(row[f"{n}.mu_full"] / row[f"{n}.sigma"] for n in drifts)
             row["net_mu_full_clean"] = sum(mu / row[f"{n}.sigma"] for n, mu in drifts.items())
             for name, mu in drifts.items():
                 row[f"{name}.{CLEAN_DRIFT_LAYER_FIELD}"] = mu
-        # gradient modification (Section 8.4), then the plain SGD step
-        with torch.no_grad():
-            for p in self.model.parameters():
-                if p.grad is None:
-                    continue
-                if c.grad_scale != 1.0:
-                    p.grad.mul_(c.grad_scale)
-                if c.grad_noise == "gaussian":
-                    p.grad.add_(torch.randn_like(p.grad), alpha=c.grad_noise_std)
-                elif c.grad_noise == "uniform":
-                    p.grad.add_((torch.rand_like(p.grad) * 2 - 1) * math.sqrt(3.0), alpha=c.grad_noise_std)
-        self.optimizer.step()
-        if due_disc:
-            for name, d in probe.after_step(c.lr, full, c.grad_scale).items():
+        if p.truth is not None:
+            for name, d in p.truth.items():
                 for k, v in d.items():
                     row[f"{name}.{k}"] = v
-        _check_diverged(row, step, c.lr)
-        self.step += 1
+        _check_diverged(row, p.step, c.lr)
         return row
 
     def final_row(self) -> dict:
@@ -808,6 +920,8 @@ class _Run:
 
     # -- checkpoints
     def state(self) -> dict:
+        if self._pending is not None:  # its record would be lost from the checkpoint
+            raise LipverifyError(f"step {self._pending.step} has no record yet: flush() before state()")
         return {
             "config": asdict(self.config),
             "step": self.step,
@@ -990,10 +1104,18 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
         ):
             done_here = 0
             at_step_boundary = True
+
+            def record(rows: list[dict]) -> None:
+                for row in rows:
+                    run.records.append(row)
+                    log.append(row)
+
             while run.step < config.steps:
                 if sigint.requested:
+                    record(run.flush())  # defer_reads: the last issued step's record
                     raise KeyboardInterrupt
                 if stop_after is not None and done_here >= stop_after:
+                    record(run.flush())
                     meta["status"] = "stopped"
                     meta["stopped_at_step"] = run.step
                     write_json(meta_path, meta)
@@ -1001,23 +1123,30 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
                 if run.lipschitz_due():
                     lip_log.append(run.record_lipschitz())
                 at_step_boundary = False
-                row = run.train_step()
-                run.records.append(row)
-                log.append(row)
+                # defer_reads: the previous step's record (none at the first), read after this step
+                try:
+                    rows = run.advance() if config.defer_reads else [run.train_step()]
+                except Exception:
+                    record(run.flush())  # the previous step's record first (its own error wins)
+                    raise
+                record(rows)
                 if run.conv_norm_row is not None:
                     cn_log.append(run.conv_norm_row)
                 at_step_boundary = True
                 done_here += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lnK=f"{row['log_bound']:.3f}")
+                if rows:
+                    bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", lnK=f"{rows[-1]['log_bound']:.3f}")
                 if (
                     config.checkpoint_every
                     and run.step % config.checkpoint_every == 0
                     and run.step < config.steps
                 ):
+                    record(run.flush())  # a checkpoint holds every record up to its step
                     atomic_torch_save(ckpt_path, run.state())
                     checkpoint_step = run.step
             at_step_boundary = False  # a Ctrl-C during the last step lets the run finish
+            record(run.flush())
             if run.lipschitz_due():
                 lip_log.append(run.record_lipschitz())
             if not run.records or run.records[-1].get("loss") is not None:
@@ -1033,6 +1162,7 @@ def _train_locked(config: TrainConfig, out: Path, progress: bool, stop_after: in
         meta["status"] = "interrupted"
         if run is not None and at_step_boundary and run.step != checkpoint_step:
             try:
+                run.records.extend(run.flush())  # steps.csv is rewritten from them on resume
                 atomic_torch_save(ckpt_path, run.state())
                 checkpoint_step = run.step
             except Exception as exc:  # the last checkpoint is kept; resuming starts from it

@@ -116,3 +116,30 @@ def test_cuda_side_stream_overlaps_without_sync_and_matches_the_in_order_route(m
     )
     assert probe._side is not None and probe._side.stream is not None and probe._side.joins == 5
     _assert_close(side, in_order, terms_rtol=1e-12, truth_rtol=1e-9)
+
+
+def test_cuda_training_with_deferred_reads_and_side_stream_matches_the_in_step_loop():
+    # lipverify train's loop on CUDA: defer_reads (records read a step later from pinned copies) and
+    # side_stream give the in-step loop's records to rounding (the same kernels; the side stream may
+    # only reorder independent work)
+    from test_training import tiny
+
+    from lipverify.training import _Run
+
+    def records(**options):
+        run = _Run(tiny(device="cuda", steps=6, **options).validate())
+        rows = []
+        for _ in range(6):
+            rows += run.advance() if options else [run.train_step()]
+        return rows + run.flush()
+
+    in_step = records()
+    deferred = records(defer_reads=True, side_stream=True)
+    assert [r["step"] for r in deferred] == [r["step"] for r in in_step] == list(range(6))
+    for got, ref in zip(deferred, in_step, strict=True):
+        assert got.keys() == ref.keys()
+        for key, value in ref.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+            else:
+                assert got[key] == value, key

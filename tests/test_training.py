@@ -380,7 +380,12 @@ def test_sharpness_columns_and_stability_warning(tmp_path, capsys):
     assert all(r.get("sharpness") is None for r in rows)
 
 
-def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "route, defer",
+    [("host", False), ("host", True), ("device", True)],
+    ids=["in-step", "deferred", "device-deferred"],
+)
+def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys, monkeypatch, route, defer):
     # fc1's output overflows to +-inf at step 5 by construction (a forward hook multiplying by the
     # dtype's max twice), so the loss is NaN and the gradients overflow there on every CPU; a large lr
     # reached that only by luck of the trajectory (lr = 2 diverged at step 34 on one CPU and stalled
@@ -408,10 +413,14 @@ def test_overflowing_activations_are_divergence_at_their_step(tmp_path, capsys, 
         return model
 
     monkeypatch.setattr(training_mod, "build_model", build_overflowing)
+    monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", route)
     out = tmp_path / "run"
     # full_gradient_every=0: no full-data passes, so the hook sees one training forward per step
     args = ["--out", str(out), "--no-progress", "steps=20", "train_size=256", "batch_size=32", "lr=0.05"]
     args.append("full_gradient_every=0")
+    # defer_reads: step 5 is read after step 6 was issued; the error still names step 5, and step 4's
+    # record (read after step 5 was issued) is kept
+    args.append(f"defer_reads={str(defer).lower()}")
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert re.search(rf"training diverged at step {overflow_step}: .*smaller lr \(lr = 0.05\)", err), err
@@ -668,6 +677,62 @@ def test_cuda_graphs_key_gives_the_same_records_on_the_device_route(tmp_path, mo
     with pytest.raises(LipverifyError, match="cuda_graphs"):
         monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", "host")
         train(graphs, tmp_path / "host", progress=False)
+
+
+@pytest.mark.parametrize("route", ["host", "device"])
+def test_defer_reads_gives_the_same_files_bit_for_bit(tmp_path, monkeypatch, route):
+    # defer_reads: each record read a step later (after the next step is issued); with the device
+    # route also the probe's after_step on the side stream (on CPU the same forks and joins in order).
+    # steps.csv is the in-step run's, also across a stop after 3 steps (the pending record is flushed
+    # at the stop, none is lost) and the resume from the checkpoint at step 2
+    monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", route)
+    train(tiny(steps=5), tmp_path / "in_step", progress=False)
+    expected = (tmp_path / "in_step" / "steps.csv").read_text()
+    deferred = tiny(steps=5, defer_reads=True, side_stream=route == "device")
+    train(deferred, tmp_path / "deferred", progress=False)
+    assert (tmp_path / "deferred" / "steps.csv").read_text() == expected
+    train(deferred, tmp_path / "resumed", progress=False, stop_after=3)
+    _, rows = read_steps(tmp_path / "resumed" / "steps.csv")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    train(deferred, tmp_path / "resumed", progress=False)
+    assert (tmp_path / "resumed" / "steps.csv").read_text() == expected
+    with pytest.raises(LipverifyError, match="side_stream needs defer_reads = true"):
+        tiny(side_stream=True).validate()
+
+
+def test_a_deferred_training_step_reads_the_host_only_after_it_is_issued(monkeypatch):
+    # defer_reads on the device route: no host read between the start of a step and its SGD update
+    # (the host never waits for the device while it issues the step), and the previous step's record
+    # in three reads (the packed loss/accuracy/finiteness/cross-layer squares, the terms, the truth).
+    # The wrong variant is the in-step loop, which reads before the update.
+    from lipverify.probe.interpose import counting
+    from lipverify.training import _Run
+
+    monkeypatch.setenv("LIPVERIFY_PROBE_ROUTE", "device")
+
+    def reads(deferred: bool) -> tuple[int, int, list]:
+        run = _Run(tiny(sharpness_every=0, full_gradient_every=0, defer_reads=deferred).validate())
+        step = run.advance if deferred else run.train_step
+        for _ in range(3):
+            step()
+        seen = {}
+        update = run.optimizer.step
+        with counting() as c:
+
+            def spy(*args, **kwargs):
+                seen["before_update"] = c.sync_count
+                return update(*args, **kwargs)
+
+            run.optimizer.step = spy
+            rows = step()
+        return seen["before_update"], c.sync_count, rows
+
+    before, total, rows = reads(deferred=True)
+    print(f"deferred step: {before} host reads before the update, {total} in all")
+    assert before == 0 and total <= 3
+    assert [r["step"] for r in rows] == [2]
+    before, _, _ = reads(deferred=False)
+    assert before > 0
 
 
 def test_a_device_route_training_step_reads_the_host_five_times():

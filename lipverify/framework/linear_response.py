@@ -61,6 +61,8 @@ READ_ONLY_FIELDS = (
     "lipschitz_every",
     "lipschitz_samples",
     "cuda_graphs",
+    "defer_reads",
+    "side_stream",
 )
 
 

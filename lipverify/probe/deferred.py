@@ -23,7 +23,16 @@ class DeferredResults(Mapping):
     where host-side checks raise (a non-finite term, a degenerate spectrum). Iterating over the names
     or ``len`` reads nothing; any value access (``[]``, ``values()``, ``items()``) resolves all."""
 
-    def __init__(self, names: list[str], packed: torch.Tensor, build: Callable[[list[list[float]]], dict]):
+    def __init__(
+        self,
+        names: list[str],
+        packed: torch.Tensor,
+        build: Callable[[list[list[float]]], dict],
+        tensors: Mapping[str, Any] | None = None,
+    ):
+        #: device tensors the caller may compute with before the results are read (e.g. the terms'
+        #: noise projections and sigma_1 column, for a diagnostic packed into the caller's own read)
+        self.tensors = dict(tensors or {})
         self._names = list(names)
         self._build = build
         self._value: dict | None = None

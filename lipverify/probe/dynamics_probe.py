@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -607,7 +607,10 @@ class DynamicsProbe:
                 )
             return out
 
-        return DeferredResults(list(decs), torch.stack(rows), build)
+        packed = torch.stack(rows)
+        # device tensors for diagnostics computed before the results are read (lipverify train)
+        tensors = {"noise_projections": list(noise.values()), "sigma": packed[:, 0]}
+        return DeferredResults(list(decs), packed, build, tensors)
 
     @full_precision()
     def drift(
@@ -1000,7 +1003,20 @@ def cross_layer_diffusion(terms: Mapping[str, LayerTerms]) -> float:
     items = list(terms.values())
     if any(t.noise_projections is None for t in items):
         raise LipverifyError("cross_layer_diffusion needs LayerTerms with noise_projections")
-    scaled = [t.noise_projections.to(torch.float64) / t.sigma for t in items]
+    squares = cross_layer_squares([t.noise_projections for t in items], [t.sigma for t in items])
+    return combine_cross_layer_squares(squares.tolist())  # one read
+
+
+def cross_layer_squares(noise_projections: Sequence[torch.Tensor], sigmas: Sequence) -> torch.Tensor:
+    """The parts of :func:`cross_layer_diffusion` on the device, without a host read: float64
+    ``(L + 1,)``, ``[sum_i (sum_l p_{l,i} / sigma_l)^2, sum_i p_{1,i}^2 / sigma_1^2, ...]`` from the
+    layers' noise projections (b,) each and their sigma_1 (floats or 0-d tensors, same values give
+    the same bits); :func:`combine_cross_layer_squares` of its values is the diagnostic."""
+    scaled = [p.to(torch.float64) / s for p, s in zip(noise_projections, sigmas, strict=True)]
     total = sum(scaled)
-    squares = torch.stack([(total * total).sum(), *((p * p).sum() for p in scaled)]).tolist()  # one read
+    return torch.stack([(total * total).sum(), *((p * p).sum() for p in scaled)])
+
+
+def combine_cross_layer_squares(squares: Sequence[float]) -> float:
+    """``squares[0] - sum(squares[1:])`` on the host (:func:`cross_layer_squares`)."""
     return squares[0] - sum(squares[1:])
