@@ -76,7 +76,7 @@ from lipverify.data import DATASETS, ImageData, corrupt_labels, load_dataset, to
 from lipverify.dynamics import NonFiniteTermError, network_terms
 from lipverify.models import INITS, build_model
 from lipverify.prediction import STABILITY_WARNING, check_prediction
-from lipverify.probe import DynamicsProbe, ProbeSchedule, cross_layer_diffusion
+from lipverify.probe import DynamicsProbe, ProbeSchedule
 from lipverify.probe.deferred import DeferredResults
 from lipverify.probe.dynamics_probe import combine_cross_layer_squares, cross_layer_squares
 from lipverify.records import StepLog, atomic_torch_save, read_json, write_json
@@ -872,15 +872,17 @@ class _Run:
         if p.sharpness is not None:
             row.update(sharpness=p.sharpness, lr_sharpness=c.lr * p.sharpness)
         if p.terms is not None:
-            squares = p.pack[2 + len(p.grad_names) :] if p.cross_in_pack else None
-            try:  # the device route's deferred terms are read and checked here
-                net = network_terms(p.terms, None if squares is None else squares[0])
+            try:
+                terms = list(p.terms.values())  # the device route's deferred terms are read and checked
+                if p.cross_in_pack:
+                    squares = p.pack[2 + len(p.grad_names) :]
+                else:  # one read for both network_terms' cross term and the diagnostic
+                    noise = [t.noise_projections for t in terms]
+                    squares = cross_layer_squares(noise, [t.sigma for t in terms]).tolist()
+                net = network_terms(p.terms, squares[0])
             except NonFiniteTermError as exc:
                 raise _diverged_in_terms(exc, p.step, c.lr) from exc
-            if squares is None:
-                cross = cross_layer_diffusion(p.terms)
-            else:
-                cross = combine_cross_layer_squares(squares)
+            cross = combine_cross_layer_squares(squares)
             row.update(
                 log_bound=net.log_bound,
                 net_mu=net.mu,

@@ -269,16 +269,17 @@ class DynamicsProbe:
         layer's first (cold) step, and returns :class:`~lipverify.probe.deferred.DeferredResults`."""
         return self._spectra.on_device_route()
 
-    def _fork(self, hold: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
-        """``side_stream`` on the device route: the block's work on the side stream, ``hold`` kept
-        alive until the next join (:class:`~lipverify.probe.streams.SideStream`); else in order."""
+    def _fork(self, hold: Callable[[], Iterable[torch.Tensor]]) -> contextlib.AbstractContextManager:
+        """``side_stream`` on the device route: the block's work on the side stream, the tensors
+        ``hold()`` lists kept alive until the next join (:class:`~lipverify.probe.streams.SideStream`);
+        else in order (``hold`` is not called)."""
         if not (self.side_stream and self.on_device_route()):
             return contextlib.nullcontext()
         device = next(iter(self._layers.values())).module.weight.device
         if self._side is None or self._side.device != device:
             self._join()
             self._side = SideStream(device)
-        return self._side.fork(hold)
+        return self._side.fork(hold())
 
     def _join(self) -> None:
         """The current stream waits for the side stream's work (no host synchronisation)."""
@@ -749,7 +750,7 @@ class DynamicsProbe:
         checks, any spectrum to compute) goes on the side stream."""
         self._spectra.begin_step()
         device = self.on_device_route()
-        with self._fork(self._spectra.tensors() if device and self.side_stream else ()):
+        with self._fork(self._spectra.tensors):
             batched = self._spectra.decompositions(self._layers) if device else None
             for name, layer in self._layers.items():
                 dec = batched[name] if batched else self._spectra.decomposition(name, in_step=True)
@@ -815,9 +816,7 @@ class DynamicsProbe:
                 "side_stream=True: call after_backward() or compute() between the backward and the "
                 "optimiser step (the optimiser writes the weights that before_step's side-stream work reads)"
             )
-        if not (self.side_stream and self.on_device_route()):
-            return self._after_step(lr, mean_grads, grad_scale, reduction)
-        with self._fork(self._after_step_hold(mean_grads)):
+        with self._fork(lambda: self._after_step_hold(mean_grads)):
             return self._after_step(lr, mean_grads, grad_scale, reduction)
 
     def _after_step(
