@@ -16,7 +16,8 @@ the discrete truth; ``decomposition="resolvent"``: warm-started top pair and def
 factor instead of a full decomposition per step, its fallback counts are printed; the full-data
 gradient is a separate pass over the data and not included); ``probe-f32`` (spectral parts in
 float32); ``probe-gram`` and ``probe-gram-f32`` (the same with ``decomposition="gram"``, a full
-decomposition of every weight per step); ``probe-unfold`` (ConvNet, ``conv_method="unfold"``);
+decomposition of every weight per step); ``probe-conv`` and ``probe-unfold`` (ConvNet,
+``conv_method="conv"`` / ``"unfold"`` instead of the default ``"shifted"`` conv projections);
 ``probe-device`` (``route="device"``: the code CUDA runs, torch only, no host synchronisation in the
 steady state; on CUDA ``probe`` already takes it); ``probe-graphs`` (the device route with
 ``cuda_graphs=True``: the spectra replayed from a CUDA graph; on CPU its eager stand-in);
@@ -94,7 +95,7 @@ def _worker(args: argparse.Namespace) -> dict:
             cuda_graphs=variant == "probe-graphs",
             side_stream=variant == "probe-side",
             compute_dtype=torch.float32 if variant.endswith("-f32") else torch.float64,
-            conv_method="unfold" if variant == "probe-unfold" else "conv",
+            conv_method={"probe-unfold": "unfold", "probe-conv": "conv"}.get(variant, "shifted"),
             decomposition="gram" if variant.startswith("probe-gram") else "resolvent",
             population_size=60000,
         )
@@ -274,7 +275,7 @@ def main() -> None:
         variants = ["plain", "probe", "probe-device", "probe-graphs", "probe-side", "probe-f32"]
         variants += ["probe-gram", "probe-gram-f32"]
         if model == "convnet":
-            variants.append("probe-unfold")
+            variants += ["probe-conv", "probe-unfold"]
         variants += ["floor-f64", "floor-f32"]
         if not args.no_reference:
             variants.append("reference")

@@ -96,7 +96,7 @@ def test_mlp_matches_vmap_reference():
     assert _max_rel(got, ref) < RTOL
 
 
-@pytest.mark.parametrize("conv_method,chunk", [("conv", 8 << 20), ("conv", 1), ("unfold", 0)])
+@pytest.mark.parametrize("conv_method,chunk", [("shifted", 0), ("conv", 8 << 20), ("conv", 1), ("unfold", 0)])
 def test_convnet_matches_vmap_reference(conv_method, chunk):
     model = _convnet()
     x, y = _batch((3, 32, 32), b=4)
@@ -1235,7 +1235,7 @@ def test_multi_position_linear_and_dilated_same_conv_match_the_reference():
     ).double()
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1, 2, 3, 1])
-    for method in ("conv", "unfold"):
+    for method in ("shifted", "conv", "unfold"):
         got = DynamicsProbe(conv, conv_method=method).measure(x, y, LOSS, lr=0.1)
         assert _max_rel(got, reference_layer_terms(conv, x, y, LOSS, lr=0.1)) < RTOL, method
     with pytest.raises(LipverifyError, match="asymmetric 'same' padding"):

@@ -27,7 +27,7 @@ from lipverify.probe.buffers import _subtract_into
 from lipverify.probe.deferred import DeferredResults
 from lipverify.probe.layers import find_layers, weight_matrix
 from lipverify.probe.precision import GradScalerLink, full_precision
-from lipverify.probe.projections import centre, contract
+from lipverify.probe.projections import CONV_METHODS, centre, contract
 from lipverify.probe.resolvent import ResolventSpectrum
 from lipverify.probe.spectrum_cache import SpectrumCache
 from lipverify.probe.streams import SideStream, tensors_of
@@ -108,7 +108,8 @@ class DynamicsProbe:
     from the smaller Gram matrix, warm-started from the previous step; no full decomposition, the
     first step of each layer and any non-converged step use the full ``"gram"`` decomposition,
     counted in :attr:`resolvent_stats`);
-    ``conv_method``: ``"conv"`` or ``"unfold"`` (see the module docstring); ``projection_dtype``:
+    ``conv_method``: ``"shifted"`` (default), ``"conv"`` or ``"unfold"`` (the same projections by
+    three contractions: :func:`lipverify.probe.projections.contract`); ``projection_dtype``:
     dtype of the contractions with the activations (None: the activations' dtype);
     ``conv_chunk_bytes``: bound on the im2col buffer of the per-sample conv weight gradient;
     ``population_size``: N
@@ -153,7 +154,7 @@ class DynamicsProbe:
         skip: Iterable[str] = (),
         compute_dtype: torch.dtype = torch.float64,
         decomposition: str = "resolvent",
-        conv_method: str = "conv",
+        conv_method: str = "shifted",
         projection_dtype: torch.dtype | None = None,
         conv_chunk_bytes: int = 8 << 20,
         population_size: int | None = None,
@@ -184,8 +185,8 @@ class DynamicsProbe:
             )
         if decomposition not in ("gram", "svd", "resolvent"):
             raise LipverifyError(f"decomposition must be 'gram', 'svd' or 'resolvent', got {decomposition!r}")
-        if conv_method not in ("conv", "unfold"):
-            raise LipverifyError(f"conv_method must be 'conv' or 'unfold', got {conv_method!r}")
+        if conv_method not in CONV_METHODS:
+            raise LipverifyError(f"conv_method must be one of {', '.join(CONV_METHODS)}, got {conv_method!r}")
         self.model = model
         self.compute_dtype = compute_dtype
         self.decomposition = decomposition

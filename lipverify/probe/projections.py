@@ -4,11 +4,15 @@ routes."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lipverify.probe.layers import _conv_padding
+
+CONV_METHODS = ("shifted", "conv", "unfold")  # the first is the default
 
 
 def contract(
@@ -20,7 +24,7 @@ def contract(
     v: torch.Tensor,
     outputs: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
-    conv_method: str = "conv",
+    conv_method: str = "shifted",
     conv_chunk_bytes: int = 8 << 20,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-sample projections of one layer's hooked tensors on its top singular pair (MATH section 2):
@@ -31,10 +35,12 @@ def contract(
 
     ``module``/``kind``: the layer and ``"linear"`` or ``"conv"``; ``a``: its input (b, ..., n) or
     (b, C, H, W); ``delta``: the gradient of the loss with respect to its output (b, ..., m) or
-    (b, m, Ho, Wo); ``u``, ``v``: (m,), (n,) in the dtype of ``a``. Convs: ``x`` by a one-channel
-    convolution with v, ``y`` as the per-sample weight gradient of one output channel
-    (``conv_method="conv"``: a grouped ``conv2d_weight`` over chunks of samples whose im2col buffer
-    stays under ``conv_chunk_bytes``; ``"unfold"``: explicit patches). Linear in ``delta``."""
+    (b, m, Ho, Wo); ``u``, ``v``: (m,), (n,) in the dtype of ``a``. Convs, three methods with the same
+    numbers: ``conv_method="shifted"`` (default, :func:`shifted_conv_projections`: two matrix
+    products over the zero-padded input, no patches, no per-sample convolution); ``"conv"``: ``x`` by
+    a one-channel convolution with v, ``y`` as the per-sample weight gradient of one output channel (a
+    grouped ``conv2d_weight`` over chunks of samples whose im2col buffer stays under
+    ``conv_chunk_bytes``); ``"unfold"``: explicit patches (the most memory). Linear in ``delta``."""
     b = a.shape[0]
     if kind == "linear":
         a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
@@ -60,6 +66,9 @@ def contract(
     m = delta.shape[1]
     d3 = delta.reshape(b, m, -1)  # (b, m, P), a view
     t = torch.matmul(u, d3)  # (b, P): delta_{i,p}^T u, no copy of delta
+    if conv_method == "shifted":
+        y, s = shifted_conv_projections(a, t, v, module.kernel_size, module.stride, padding, module.dilation)
+        return y, torch.bmm(d3, s.unsqueeze(-1))[..., 0], None
     if conv_method == "unfold":
         A = F.unfold(a, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
         P = A.shape[-1]
@@ -90,6 +99,74 @@ def contract(
             ).reshape(c, -1)
         )
     return torch.cat(ys), x, None
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_indices(
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    device: torch.device,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Index tensors of :func:`shifted_conv_projections` for one conv geometry, built once on
+    ``device`` (no host copy): ``L = H' W'`` (padded input, flattened), ``taps`` (L K,) and
+    ``reads`` (P K,) with ``pos[p, k] = q0(p) + off(k)``, ``q0(p) = h s_h W' + w s_w`` and
+    ``off(k) = i d_h W' + j d_w`` the flat position in the padded input that output position
+    ``p = (h, w)`` reads through kernel tap ``k = (i, j)``. ``taps[q K + k]`` is the p with
+    ``pos[p, k] = q`` (P, the index of an appended zero, where none is); ``reads[p K + k] =
+    k L + pos[p, k]``."""
+    (H, W), (Ho, Wo), (kh, kw) = input_size, output_size, kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    L, P, K = Hp * Wp, Ho * Wo, kh * kw
+    if (Ho - 1) * sh + (kh - 1) * dh >= Hp or (Wo - 1) * sw + (kw - 1) * dw >= Wp:
+        raise ValueError(f"output size {output_size} does not fit input {input_size} with this geometry")
+    arange = functools.partial(torch.arange, device=device)
+    q0 = (arange(Ho)[:, None] * (sh * Wp) + arange(Wo)[None] * sw).reshape(-1)
+    off = (arange(kh)[:, None] * (dh * Wp) + arange(kw)[None] * dw).reshape(-1)
+    pos = q0[:, None] + off[None]  # (P, K), distinct within each column k
+    taps = torch.full((L * K,), P, dtype=torch.long, device=device)
+    taps.scatter_(0, (pos * K + arange(K)).reshape(-1), arange(P).repeat_interleave(K))
+    reads = (arange(K) * L + pos).reshape(-1)
+    return L, taps, reads
+
+
+def shifted_conv_projections(
+    a: torch.Tensor,
+    t: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two patch contractions of a Conv2d's projections (MATH section 2) without patches:
+    ``y_i = sum_p t_{i,p} a_{i,p}`` (b, C kh kw) and ``s_{i,p} = a_{i,p}^T v`` (b, P), where
+    ``a_{i,p}`` is the patch of output position p of sample i (``F.unfold``'s column).
+
+    With the input zero-padded and flattened to ``A_i`` (C, L), patch entry ``(c, k)`` is
+    ``A_i[c, pos(p, k)]`` (:func:`_shift_indices`). So ``y_i[c, k] = sum_q A_i[c, q] T_i[q, k]`` with
+    ``T_i[q, k] = t_{i,p}`` where ``pos(p, k) = q`` (a gather of t, zero elsewhere): one batched
+    product ``A (b, C, L) @ T (b, L, K)``, never a per-sample convolution. Likewise
+    ``s_{i,p} = sum_k M_i[k, pos(p, k)]`` with ``M_i = V^T A_i`` (K, L), ``V`` = v as (C, K): one
+    product and one gather. ``a`` (b, C, H, W); ``t`` (b, P) (``delta_{i,p}^T u``); ``v``
+    (C kh kw,); all one floating dtype, any device."""
+    b, C = a.shape[:2]
+    kh, kw = kernel_size
+    K = kh * kw
+    P = t.shape[1]
+    Ho = (a.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    L, taps, reads = _shift_indices(tuple(a.shape[2:]), (Ho, P // Ho), *geometry, a.device)
+    A = F.pad(a, (padding[1], padding[1], padding[0], padding[0])).reshape(b, C, L)
+    T = F.pad(t, (0, 1)).index_select(1, taps).view(b, L, K)  # the appended zero fills unread taps
+    y = torch.bmm(A, T).reshape(b, C * K)
+    M = torch.matmul(v.reshape(C, K).t(), A)  # (b, K, L)
+    s = M.reshape(b, K * L).index_select(1, reads).view(b, P, K).sum(-1)
+    return y, s
 
 
 def centre(y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
