@@ -31,7 +31,13 @@ lower bound of ``probe`` / ``probe-f32`` on this machine; its ratio is against t
 in the same subprocess, no memory figure); ``reference`` (torch.func
 ``vmap(grad)`` per-sample gradients, ``layer_terms`` with full SVDs, then the step).
 
+``--interleaved`` times the chosen variants round-robin in one process instead (each its own model,
+optimiser and probe; one step of each per round), so that a machine whose load changes during the
+run slows all of them alike: the ratio is the median over rounds of a variant's step time over the
+plain step's in the same round, with its quartiles. No memory figure and no floor rows there.
+
     python benchmarks/bench_probe.py                     # MLP and ConvNet, b = 128, CPU
+    python benchmarks/bench_probe.py --model convnet --variants probe,probe-conv --interleaved
     python benchmarks/bench_probe.py --device cuda --model convnet --batch-size 256 --json out.json
 
 Besides time and memory every row reports ``ops``, the ATen operations of one steady-state step,
@@ -65,7 +71,9 @@ def _peak_rss_bytes(reset: bool = False) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _worker(args: argparse.Namespace) -> dict:
+def _setup(args: argparse.Namespace, variant: str):
+    """One variant's model (seed 0), fixed batch and SGD step, after one untimed plain step.
+    Returns ``(step, sync, probe, model)``."""
     import torch
     import torch.nn.functional as F
 
@@ -73,12 +81,7 @@ def _worker(args: argparse.Namespace) -> dict:
     from lipverify.models import build_model
     from lipverify.probe import DynamicsProbe, reference_layer_terms
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    base_rss = _peak_rss_bytes(reset=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     model = build_model(args.model, seed=0).to(device)
     g = torch.Generator().manual_seed(0)
     shape = (784,) if args.model == "mlp" else (3, 32, 32)
@@ -86,7 +89,6 @@ def _worker(args: argparse.Namespace) -> dict:
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     lr = 0.01
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    variant = args.variant
     probe = None
     if variant.startswith("probe"):
         probe = DynamicsProbe(
@@ -130,7 +132,20 @@ def _worker(args: argparse.Namespace) -> dict:
     F.cross_entropy(model(x), y).backward()
     opt.step()
     sync()
-    if variant.startswith("floor"):
+    return step, sync, probe, model
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    base_rss = _peak_rss_bytes(reset=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step, sync, probe, model = _setup(args, args.variant)
+    if args.variant.startswith("floor"):
         return _kernel_floor(args, model, step, sync)
     times = _step_times(step, sync, args.warmup, args.repeats, CUDA_BLOCK if device.type == "cuda" else 1)
     if device.type == "cuda":
@@ -143,6 +158,37 @@ def _worker(args: argparse.Namespace) -> dict:
         out["resolvent_stats"] = probe.resolvent_stats
     if probe is not None and probe.cuda_graphs:
         out["graph_status"] = probe.graph_status
+    return out
+
+
+def _interleaved(args: argparse.Namespace, variants: list[str]) -> dict:
+    """``--interleaved``: every variant in this one process (its own model, optimiser and probe),
+    timed round-robin, one step (on CUDA one block) of each per round, so that a change of the
+    machine's load hits all of them alike. Per variant the median step time and the median over
+    rounds of its time divided by the plain step's of the same round; no memory figure."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    block = CUDA_BLOCK if args.device.startswith("cuda") else 1
+    setups = {v: _setup(args, v) for v in variants}
+    for step, sync, *_ in setups.values():
+        _step_times(step, sync, args.warmup, 0)
+    rounds = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v, (step, sync, *_) in setups.items():
+            rounds[v] += _step_times(step, sync, 0, block, block)
+    out = {}
+    for v, times in rounds.items():
+        ratios = [t / p for t, p in zip(times, rounds["plain"], strict=True)]
+        out[v] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "median_ratio": statistics.median(ratios),
+        }
+        out[v]["ratio_quartiles"] = (
+            statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2
+        )
     return out
 
 
@@ -244,6 +290,36 @@ def _run_variant(args: argparse.Namespace, model: str, variant: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _variants(args: argparse.Namespace, model: str) -> list[str]:
+    variants = ["plain", "probe", "probe-device", "probe-graphs", "probe-side", "probe-f32"]
+    variants += ["probe-gram", "probe-gram-f32"]
+    if model == "convnet":
+        variants += ["probe-conv", "probe-unfold"]
+    if not args.interleaved:  # the floor times its own plain step; memory needs a process each
+        variants += ["floor-f64", "floor-f32"]
+    if not args.no_reference:
+        variants.append("reference")
+    if args.variants:
+        wanted = set(args.variants.split(",")) | {"plain"}
+        variants = [v for v in variants if v in wanted]
+    return variants
+
+
+def _main_interleaved(args: argparse.Namespace, models: list[str], everything: dict) -> None:
+    print("interleaved: all variants in one process, one step of each per round; ratio = median over rounds")
+    print(f"{'model':8s} {'variant':14s} {'median ms':>10s} {'x plain':>8s} {'quartiles':>13s}")
+    for model in models:
+        args.model = model
+        results = _interleaved(args, _variants(args, model))
+        everything["models"][model] = results
+        for v, r in results.items():
+            lo, hi = r["ratio_quartiles"]
+            ms = 1e3 * r["median_s"]
+            print(f"{model:8s} {v:14s} {ms:10.2f} {r['median_ratio']:8.2f} {lo:6.2f}-{hi:<6.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="both", choices=["mlp", "convnet", "both"])
@@ -255,6 +331,11 @@ def main() -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) torch.func reference")
     p.add_argument("--variants", default="", help="comma-separated variants to run (default: all)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="time the variants round-robin in one process (ratios robust to load; no memory, no floor)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -265,23 +346,16 @@ def main() -> None:
     models = ["mlp", "convnet"] if args.model == "both" else [args.model]
     threads = args.threads or "default"
     print(f"device={args.device} batch={args.batch_size} threads={threads} repeats={args.repeats}")
+    everything = {"device": args.device, "batch_size": args.batch_size, "threads": threads, "models": {}}
+    if args.interleaved:
+        return _main_interleaved(args, models, everything)
     head = ("model", "variant", "median ms", "x plain", "peak MB", "x plain mem")
     print(
         f"{head[0]:8s} {head[1]:14s} {head[2]:>10s} {head[3]:>8s} {head[4]:>9s} {head[5]:>11s}"
         f" {'ops':>6s} {'x plain':>7s} {'kernels':>7s} {'x plain':>7s} {'syncs':>5s}"
     )
-    everything = {"device": args.device, "batch_size": args.batch_size, "threads": threads, "models": {}}
     for model in models:
-        variants = ["plain", "probe", "probe-device", "probe-graphs", "probe-side", "probe-f32"]
-        variants += ["probe-gram", "probe-gram-f32"]
-        if model == "convnet":
-            variants += ["probe-conv", "probe-unfold"]
-        variants += ["floor-f64", "floor-f32"]
-        if not args.no_reference:
-            variants.append("reference")
-        if args.variants:
-            wanted = set(args.variants.split(",")) | {"plain"}
-            variants = [v for v in variants if v in wanted]
+        variants = _variants(args, model)
         results = {v: _run_variant(args, model, v) for v in variants}
         everything["models"][model] = results
         plain = results["plain"]

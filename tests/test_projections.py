@@ -74,12 +74,13 @@ def _case(g):
 
 
 @settings(max_examples=60, deadline=None)
-@given(g=geometries, method=st.sampled_from(CONV_METHODS))
-def test_conv_projections_match_explicit_per_sample_gradients(g, method):
+@given(g=geometries, method=st.sampled_from(CONV_METHODS), chunk_bytes=st.sampled_from([1, 2000, 8 << 20]))
+def test_conv_projections_match_explicit_per_sample_gradients(g, method, chunk_bytes):
+    """All three methods, in one chunk of samples, one sample per chunk, or chunks in between."""
     case = _case(g)
     assume(case is not None)
     conv, a, delta, u, v = case
-    y, x, wy = contract(conv, "conv", a, delta, u, v, conv_method=method, conv_chunk_bytes=64)
+    y, x, wy = contract(conv, "conv", a, delta, u, v, conv_method=method, conv_chunk_bytes=chunk_bytes)
     assert wy is None
     _check(y, x, *case)
 

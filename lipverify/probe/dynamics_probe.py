@@ -111,7 +111,7 @@ class DynamicsProbe:
     ``conv_method``: ``"shifted"`` (default), ``"conv"`` or ``"unfold"`` (the same projections by
     three contractions: :func:`lipverify.probe.projections.contract`); ``projection_dtype``:
     dtype of the contractions with the activations (None: the activations' dtype);
-    ``conv_chunk_bytes``: bound on the im2col buffer of the per-sample conv weight gradient;
+    ``conv_chunk_bytes``: bound on the temporary buffers of the conv projections (per chunk of samples);
     ``population_size``: N
     for the without-replacement factor ``(1 - b/N)`` of Proposition 5 (None: with replacement);
     ``gap_tolerance``: relative gap below which a layer is flagged ``degenerate`` (None:

@@ -40,7 +40,8 @@ def contract(
     products over the zero-padded input, no patches, no per-sample convolution); ``"conv"``: ``x`` by
     a one-channel convolution with v, ``y`` as the per-sample weight gradient of one output channel (a
     grouped ``conv2d_weight`` over chunks of samples whose im2col buffer stays under
-    ``conv_chunk_bytes``); ``"unfold"``: explicit patches (the most memory). Linear in ``delta``."""
+    ``conv_chunk_bytes``; the shifted products run over such chunks too); ``"unfold"``: explicit
+    patches (the most memory). Linear in ``delta``."""
     b = a.shape[0]
     if kind == "linear":
         a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
@@ -66,8 +67,15 @@ def contract(
     m = delta.shape[1]
     d3 = delta.reshape(b, m, -1)  # (b, m, P), a view
     t = torch.matmul(u, d3)  # (b, P): delta_{i,p}^T u, no copy of delta
-    if conv_method == "shifted":
-        y, s = shifted_conv_projections(a, t, v, module.kernel_size, module.stride, padding, module.dilation)
+    if conv_method == "shifted":  # chunks of samples bound the padded input, T and V^T A
+        geometry = (module.kernel_size, module.stride, padding, module.dilation)
+        L = (a.shape[2] + 2 * padding[0]) * (a.shape[3] + 2 * padding[1])
+        chunk = _chunk_size(b, (C + 2 * kh * kw) * L * a.element_size(), conv_chunk_bytes)
+        parts = [
+            shifted_conv_projections(a[i : i + chunk], t[i : i + chunk], v, *geometry)
+            for i in range(0, b, chunk)
+        ]
+        y, s = parts[0] if len(parts) == 1 else (torch.cat(z) for z in zip(*parts, strict=True))
         return y, torch.bmm(d3, s.unsqueeze(-1))[..., 0], None
     if conv_method == "unfold":
         A = F.unfold(a, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
@@ -82,8 +90,7 @@ def contract(
     # conv2d_weight over a chunk of samples (chunks bound its im2col buffer).
     H, Wd = a.shape[-2:]
     Ho, Wo = delta.shape[-2:]
-    per_sample = C * kh * kw * Ho * Wo * a.element_size()
-    chunk = max(1, min(b, conv_chunk_bytes // max(per_sample, 1)))
+    chunk = _chunk_size(b, C * kh * kw * Ho * Wo * a.element_size(), conv_chunk_bytes)
     ys = []
     for i in range(0, b, chunk):
         c = min(chunk, b - i)
@@ -99,6 +106,11 @@ def contract(
             ).reshape(c, -1)
         )
     return torch.cat(ys), x, None
+
+
+def _chunk_size(b: int, bytes_per_sample: int, budget: int) -> int:
+    """Samples per chunk whose temporary buffers stay within ``budget`` bytes (at least one)."""
+    return max(1, min(b, budget // max(bytes_per_sample, 1)))
 
 
 @functools.lru_cache(maxsize=64)
