@@ -7,7 +7,7 @@
 #      stream) and the CPU proofs (tests/test_probe_sync.py, tests/test_probe_graphs.py,
 #      tests/test_probe_streams.py),
 #   3. bench_probe on CUDA: the ConvNet at b = 256 and the MLP at b = 128 (time, memory, ATen ops,
-#      host syncs per step, plain against probe),
+#      host syncs per step, plain against probe; the ConvNet also --interleaved),
 # writing everything (log, junit XML, JSON) into $OUT (default benchmarks/out).
 #
 #   bash benchmarks/device_check.sh            # from the repository root
@@ -58,12 +58,16 @@ run 60 "$PY" -c "import lipverify.probe as p, torch; print('lipverify.probe from
 
 say "tests (CUDA tests skip themselves without CUDA)"
 run 200 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider tests/test_probe_cuda.py tests/test_probe_sync.py tests/test_probe_graphs.py tests/test_probe_streams.py \
-  --junitxml "$OUT/probe_device_tests.xml" -rs
+  tests/test_projections.py --junitxml "$OUT/probe_device_tests.xml" -rs
 
 say "bench_probe: ConvNet b=$CONV_B on $DEVICE"
 run 150 "$PY" benchmarks/bench_probe.py --device "$DEVICE" --model convnet --batch-size "$CONV_B" \
   --no-reference --variants probe,probe-graphs,probe-side,probe-f32,probe-gram --repeats "$REPEATS" --warmup 5 \
   --json "$OUT/bench_convnet_b${CONV_B}.json"
+say "bench_probe --interleaved: ConvNet b=$CONV_B on $DEVICE (conv projections: shifted against grouped conv)"
+run 90 "$PY" benchmarks/bench_probe.py --device "$DEVICE" --model convnet --batch-size "$CONV_B" --interleaved \
+  --no-reference --variants probe,probe-conv,probe-side --repeats "$REPEATS" --warmup 5 \
+  --json "$OUT/bench_convnet_b${CONV_B}_interleaved.json"
 say "bench_probe: MLP b=$MLP_B on $DEVICE"
 run 120 "$PY" benchmarks/bench_probe.py --device "$DEVICE" --model mlp --batch-size "$MLP_B" \
   --no-reference --variants probe,probe-graphs,probe-side,probe-f32 --repeats "$REPEATS" --warmup 5 \
