@@ -119,3 +119,23 @@ def test_the_default_conv_method_is_shifted_and_unknown_methods_are_named():
     assert DynamicsProbe(model).conv_method == CONV_METHODS[0] == "shifted"
     with pytest.raises(LipverifyError, match="must be one of shifted, conv, unfold, got 'im2col'"):
         DynamicsProbe(model, conv_method="im2col")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_conv_projections_on_cuda_match_and_do_not_synchronise(method):
+    """On CUDA the same check against explicit per-sample gradients; after the first call (which
+    builds the shifted route's index tensors) a call makes no host synchronisation."""
+    case = _case(
+        dict(b=3, C=3, m=4, H=9, W=8, kh=3, kw=3, stride=(2, 1), padding=(1, 1), dilation=(1, 2), seed=3)
+    )
+    conv, *tensors = case
+    cuda = [t.cuda() for t in tensors]
+    contract(conv, "conv", *cuda, conv_method=method)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, x, _ = contract(conv, "conv", *cuda, conv_method=method)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _check(y.cpu(), x.cpu(), *case)
