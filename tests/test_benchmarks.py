@@ -47,7 +47,7 @@ def test_bench_probe_interleaved_times_the_variants_in_one_process(tmp_path):
     out = tmp_path / "interleaved.json"
     cmd = [sys.executable, str(BENCH_PROBE), "--model", "convnet", "--variants", "probe,probe-conv"]
     cmd += ["--batch-size", "4", "--repeats", "3", "--warmup", "1", "--threads", "1", "--interleaved"]
-    subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, check=True, timeout=300)
+    subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, check=True, timeout=300)
     results = json.loads(out.read_text())["models"]["convnet"]
     assert list(results) == ["plain", "probe", "probe-conv"]
     assert results["plain"]["median_ratio"] == 1.0
