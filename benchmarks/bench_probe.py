@@ -172,8 +172,10 @@ def _interleaved(args: argparse.Namespace, variants: list[str]) -> dict:
         torch.set_num_threads(args.threads)
     block = CUDA_BLOCK if args.device.startswith("cuda") else 1
     setups = {v: _setup(args, v) for v in variants}
-    for step, sync, *_ in setups.values():
-        _step_times(step, sync, args.warmup, 0)
+    for step, sync, *_ in setups.values():  # warm-up only, untimed
+        for _ in range(args.warmup):
+            step()
+        sync()
     rounds = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v, (step, sync, *_) in setups.items():

@@ -96,7 +96,9 @@ def test_mlp_matches_vmap_reference():
     assert _max_rel(got, ref) < RTOL
 
 
-@pytest.mark.parametrize("conv_method,chunk", [("shifted", 0), ("conv", 8 << 20), ("conv", 1), ("unfold", 0)])
+@pytest.mark.parametrize(
+    "conv_method,chunk", [("shifted", 8 << 20), ("shifted", 1), ("conv", 8 << 20), ("conv", 1), ("unfold", 0)]
+)
 def test_convnet_matches_vmap_reference(conv_method, chunk):
     model = _convnet()
     x, y = _batch((3, 32, 32), b=4)

@@ -76,36 +76,35 @@ def contract(
             for i in range(0, b, chunk)
         ]
         y, s = parts[0] if len(parts) == 1 else (torch.cat(z) for z in zip(*parts, strict=True))
-        return y, torch.bmm(d3, s.unsqueeze(-1))[..., 0], None
-    if conv_method == "unfold":
+    elif conv_method == "unfold":
         A = F.unfold(a, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
         P = A.shape[-1]
         y = torch.bmm(A, t.reshape(b, P, 1))[..., 0]
         s = torch.matmul(v, A)  # (b, P)
-        x = torch.bmm(d3, s.unsqueeze(-1))[..., 0]
-        return y, x, None
-    s = F.conv2d(a, v.reshape(1, C, kh, kw), None, module.stride, padding, module.dilation)
-    x = torch.bmm(d3, s.reshape(b, -1, 1))[..., 0]  # sum_p delta_{i,p} (a_{i,p}^T v)
-    # sum_p a_{i,p} t_{i,p}: per-sample weight gradient of one output channel, as one grouped
-    # conv2d_weight over a chunk of samples (chunks bound its im2col buffer).
-    H, Wd = a.shape[-2:]
-    Ho, Wo = delta.shape[-2:]
-    chunk = _chunk_size(b, C * kh * kw * Ho * Wo * a.element_size(), conv_chunk_bytes)
-    ys = []
-    for i in range(0, b, chunk):
-        c = min(chunk, b - i)
-        ys.append(
-            torch.nn.grad.conv2d_weight(
-                a[i : i + c].reshape(1, c * C, H, Wd),
-                (c, C, kh, kw),
-                t[i : i + c].reshape(1, c, Ho, Wo),
-                stride=module.stride,
-                padding=padding,
-                dilation=module.dilation,
-                groups=c,
-            ).reshape(c, -1)
-        )
-    return torch.cat(ys), x, None
+    else:
+        s = F.conv2d(a, v.reshape(1, C, kh, kw), None, module.stride, padding, module.dilation).reshape(b, -1)
+        # sum_p a_{i,p} t_{i,p}: per-sample weight gradient of one output channel, as one grouped
+        # conv2d_weight over a chunk of samples (chunks bound its im2col buffer).
+        H, Wd = a.shape[-2:]
+        Ho, Wo = delta.shape[-2:]
+        chunk = _chunk_size(b, C * kh * kw * Ho * Wo * a.element_size(), conv_chunk_bytes)
+        ys = []
+        for i in range(0, b, chunk):
+            c = min(chunk, b - i)
+            ys.append(
+                torch.nn.grad.conv2d_weight(
+                    a[i : i + c].reshape(1, c * C, H, Wd),
+                    (c, C, kh, kw),
+                    t[i : i + c].reshape(1, c, Ho, Wo),
+                    stride=module.stride,
+                    padding=padding,
+                    dilation=module.dilation,
+                    groups=c,
+                ).reshape(c, -1)
+            )
+        y = torch.cat(ys)
+    x = torch.bmm(d3, s.unsqueeze(-1))[..., 0]  # sum_p delta_{i,p} (a_{i,p}^T v), s (b, P)
+    return y, x, None
 
 
 def _chunk_size(b: int, bytes_per_sample: int, budget: int) -> int:
