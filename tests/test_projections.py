@@ -85,10 +85,68 @@ def test_conv_projections_match_explicit_per_sample_gradients(g, method, chunk_b
     _check(y, x, *case)
 
 
-def test_the_check_rejects_a_shift_that_ignores_dilation(monkeypatch):
+@settings(max_examples=60, deadline=None)
+@given(g=geometries, pad_input=st.booleans())
+def test_shifted_projections_read_the_padding_either_way(g, pad_input):
+    """The shifted kernel with the input zero-padded explicitly and with the padding read as an
+    appended zero (the default picks whichever copies less) against the explicit gradients."""
+    case = _case(g)
+    assume(case is not None)
+    conv, a, delta, u, v = case
+    t = torch.einsum("m,bmp->bp", u, delta.flatten(2))
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    y, s = shifted_conv_projections(a, t, v, *geometry, pad_input=pad_input)
+    _check(y, torch.bmm(delta.flatten(2), s.unsqueeze(-1))[..., 0], *case)
+
+
+def test_the_input_is_padded_explicitly_only_where_that_copies_less():
+    """ConvNet's layers: conv1 (3 channels at 32x32, 3x3, padding 1) pads its input (3 * 34^2 < 9 *
+    32^2 values per sample); conv2 (32 channels at 16x16) reads an appended zero (32 * 18^2 > 9 * 16^2);
+    without padding nothing is copied."""
+    assert projections._pads_input(3, 9, (32, 32), (1, 1))
+    assert not projections._pads_input(32, 9, (16, 16), (1, 1))
+    assert not projections._pads_input(1, 9, (16, 16), (0, 0))
+
+
+def _accepts_right_rejects_wrong(monkeypatch, case, wrong_indices, pad_input, match):
+    """The shifted kernel with the right index tensors passes :func:`_check`; with ``wrong_indices``
+    in place of :func:`projections._shift_indices` the same check fails with ``match``."""
+    conv, a, delta, u, v = case
+    t = torch.einsum("m,bmp->bp", u, delta.flatten(2))
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    for indices, ok in ((projections._shift_indices.__wrapped__, True), (wrong_indices, False)):
+        monkeypatch.setattr(projections, "_shift_indices", indices)
+        y, s = shifted_conv_projections(a, t, v, *geometry, pad_input=pad_input)
+        x = torch.bmm(delta.flatten(2), s.unsqueeze(-1))[..., 0]
+        if ok:
+            _check(y, x, *case)
+        else:
+            with pytest.raises(AssertionError, match=match):
+                _check(y, x, *case)
+
+
+def test_the_check_rejects_padding_read_as_input(monkeypatch):
+    """Wrong variant: reads of the padding that take the input's first entry instead of a zero; the
+    same check rejects them (and passes the right reads), on the route that reads the padding as an
+    appended zero."""
+    case = _case(
+        dict(b=2, C=2, m=3, H=5, W=6, kh=3, kw=3, stride=(1, 2), padding=(1, 2), dilation=(1, 1), seed=2)
+    )
+    right = projections._shift_indices.__wrapped__
+
+    def padding_as_input(*args):
+        L, taps, reads = right(*args)
+        return L, taps, torch.where(reads == reads.max(), 0, reads)  # K L: the appended zero
+
+    _accepts_right_rejects_wrong(monkeypatch, case, padding_as_input, False, "x_i = G_i v off")
+
+
+@pytest.mark.parametrize("pad_input", [True, False])
+def test_the_check_rejects_a_shift_that_ignores_dilation(monkeypatch, pad_input):
     """Wrong variant: tap offsets built without the dilation (``off(k) = i W' + j``) read the wrong
-    patch entries of a dilated conv; the same check rejects it (and passes the right offsets)."""
-    conv, a, delta, u, v = _case(
+    patch entries of a dilated conv; the same check rejects it (and passes the right offsets), with
+    the padding copied into the input and read as an appended zero."""
+    case = _case(
         dict(b=2, C=2, m=3, H=7, W=6, kh=3, kw=2, stride=(1, 1), padding=(2, 1), dilation=(2, 2), seed=1)
     )
     right = projections._shift_indices.__wrapped__
@@ -96,16 +154,7 @@ def test_the_check_rejects_a_shift_that_ignores_dilation(monkeypatch):
     def undilated(input_size, output_size, kernel_size, stride, padding, dilation, device):
         return right(input_size, output_size, kernel_size, stride, padding, (1, 1), device)
 
-    t = torch.einsum("m,bmp->bp", u, delta.flatten(2))
-    for indices, ok in ((right, True), (undilated, False)):
-        monkeypatch.setattr(projections, "_shift_indices", indices)
-        y, s = shifted_conv_projections(a, t, v, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-        x = torch.bmm(delta.flatten(2), s.unsqueeze(-1))[..., 0]
-        if ok:
-            _check(y, x, conv, a, delta, u, v)
-        else:
-            with pytest.raises(AssertionError, match="G_i"):
-                _check(y, x, conv, a, delta, u, v)
+    _accepts_right_rejects_wrong(monkeypatch, case, undilated, pad_input, "G_i")
 
 
 def test_shift_indices_refuse_an_output_that_does_not_fit():

@@ -18,13 +18,13 @@ Per-sample structure (MATH section 2, end). Hooks capture each layer's input ``a
 
 never a per-sample gradient. For a Conv2d both are contractions of the patches ``a_{i,p}`` that
 never form them (``conv_method="shifted"``, the default,
-:func:`~lipverify.probe.projections.shifted_conv_projections`): on the zero-padded, flattened input
-``A_i`` (C, L) patch entry (c, k) is ``A_i[c, pos(p, k)]``, so ``y_i = A_i T_i`` with ``T_i`` (L, K)
-a gather of ``t_{i,p} = delta_{i,p}^T u`` and ``a_{i,p}^T v`` a gather of ``V^T A_i``: two batched
-matrix products. ``conv_method="conv"`` takes ``a_{i,p}^T v`` as a convolution with ``v`` as a
-one-output-channel kernel and ``y_i`` as the per-sample weight gradient of a single output channel
-(one grouped ``conv2d_weight`` call with ``groups = b``); ``"unfold"`` uses ``F.unfold`` (same
-numbers, the most memory).
+:func:`~lipverify.probe.projections.shifted_conv_projections`): on the flattened input ``A_i``
+(C, L) patch entry (c, k) is ``A_i[c, pos(p, k)]`` (or a zero of the padding), so
+``y_i = A_i T_i`` with ``T_i`` (L, K) a gather of ``t_{i,p} = delta_{i,p}^T u`` and ``a_{i,p}^T v``
+a gather of ``V^T A_i``: two batched matrix products. ``conv_method="conv"`` takes
+``a_{i,p}^T v`` as a convolution with ``v`` as a one-output-channel kernel and ``y_i`` as the
+per-sample weight gradient of a single output channel (one grouped ``conv2d_weight`` call with
+``groups = b``); ``"unfold"`` uses ``F.unfold`` (same numbers, the most memory).
 The projections are linear in ``G_i``, so centring ``E_i = G_i - G_bar`` is ``y_i - y_bar``,
 ``x_i - x_bar``. The contractions with the activations run in ``projection_dtype`` (default: the
 activations' own dtype, so float32 training keeps torch's fast float32 convolution kernels; a

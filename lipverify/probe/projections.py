@@ -69,8 +69,12 @@ def contract(
     t = torch.matmul(u, d3)  # (b, P): delta_{i,p}^T u, no copy of delta
     if conv_method == "shifted":  # chunks of samples bound the padded input, T and V^T A
         geometry = (module.kernel_size, module.stride, padding, module.dilation)
-        L = (a.shape[2] + 2 * padding[0]) * (a.shape[3] + 2 * padding[1])
-        chunk = _chunk_size(b, (C + 2 * kh * kw) * L * a.element_size(), conv_chunk_bytes)
+        size, K = tuple(a.shape[2:]), kh * kw
+        if _pads_input(C, K, size, padding):  # temporaries: the padded input, T and V^T A
+            per_sample = (C + 2 * K) * (size[0] + 2 * padding[0]) * (size[1] + 2 * padding[1])
+        else:  # T, V^T A and its copy with the appended zero
+            per_sample = 3 * K * size[0] * size[1] + 1
+        chunk = _chunk_size(b, per_sample * a.element_size(), conv_chunk_bytes)
         parts = [
             shifted_conv_projections(a[i : i + chunk], t[i : i + chunk], v, *geometry)
             for i in range(0, b, chunk)
@@ -112,6 +116,14 @@ def _chunk_size(b: int, bytes_per_sample: int, budget: int) -> int:
     return max(1, min(b, budget // max(bytes_per_sample, 1)))
 
 
+def _pads_input(C: int, K: int, input_size: tuple[int, int], padding: tuple[int, int]) -> bool:
+    """Whether :func:`shifted_conv_projections` zero-pads the input explicitly (a copy of ``C H' W'``
+    values per sample) rather than reading the padding as an appended zero (a copy of ``V^T A``,
+    ``K H W`` values per sample): whichever copies less; no copy at all without padding."""
+    (H, W), (ph, pw) = input_size, padding
+    return (ph or pw) > 0 and C * (H + 2 * ph) * (W + 2 * pw) < K * H * W
+
+
 @functools.lru_cache(maxsize=64)
 def _shift_indices(
     input_size: tuple[int, int],
@@ -123,26 +135,29 @@ def _shift_indices(
     device: torch.device,
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Index tensors of :func:`shifted_conv_projections` for one conv geometry, built once on
-    ``device`` (no host copy): ``L = H' W'`` (padded input, flattened), ``taps`` (L K,) and
-    ``reads`` (P K,) with ``pos[p, k] = q0(p) + off(k)``, ``q0(p) = h s_h W' + w s_w`` and
-    ``off(k) = i d_h W' + j d_w`` the flat position in the padded input that output position
-    ``p = (h, w)`` reads through kernel tap ``k = (i, j)``. ``taps[q K + k]`` is the p with
+    ``device`` (no host copy): ``L = H W`` (the input, flattened; the zero padding is not stored),
+    ``taps`` (L K,) and ``reads`` (P K,). Output position ``p = (h, w)`` reads through kernel tap
+    ``k = (i, j)`` input row ``h s_h - p_h + i d_h`` and column ``w s_w - p_w + j d_w``: flat position
+    ``pos[p, k]`` when both lie inside the input, else the padding. ``taps[q K + k]`` is the p with
     ``pos[p, k] = q`` (P, the index of an appended zero, where none is); ``reads[p K + k] =
-    k L + pos[p, k]``."""
+    k L + pos[p, k]`` (``K L``, the index of an appended zero, where p reads the padding)."""
     (H, W), (Ho, Wo), (kh, kw) = input_size, output_size, kernel_size
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    L, P, K = Hp * Wp, Ho * Wo, kh * kw
-    if (Ho - 1) * sh + (kh - 1) * dh >= Hp or (Wo - 1) * sw + (kw - 1) * dw >= Wp:
+    L, P, K = H * W, Ho * Wo, kh * kw
+    if (Ho - 1) * sh + (kh - 1) * dh >= H + 2 * ph or (Wo - 1) * sw + (kw - 1) * dw >= W + 2 * pw:
         raise ValueError(f"output size {output_size} does not fit input {input_size} with this geometry")
     arange = functools.partial(torch.arange, device=device)
-    q0 = (arange(Ho)[:, None] * (sh * Wp) + arange(Wo)[None] * sw).reshape(-1)
-    off = (arange(kh)[:, None] * (dh * Wp) + arange(kw)[None] * dw).reshape(-1)
-    pos = q0[:, None] + off[None]  # (P, K), distinct within each column k
-    taps = torch.full((L * K,), P, dtype=torch.long, device=device)
-    taps.scatter_(0, (pos * K + arange(K)).reshape(-1), arange(P).repeat_interleave(K))
-    reads = (arange(K) * L + pos).reshape(-1)
-    return L, taps, reads
+    rows = (arange(Ho)[:, None] * sh - ph + arange(kh)[None] * dh)[:, None, :, None]  # (Ho, 1, kh, 1)
+    cols = (arange(Wo)[:, None] * sw - pw + arange(kw)[None] * dw)[None, :, None, :]  # (1, Wo, 1, kw)
+    inside = ((rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)).reshape(P, K)
+    pos = (rows * W + cols).reshape(P, K)  # distinct within each column k where inside
+    tap = arange(K)
+    # a read of the padding is scattered to its own slot past L K (dropped), so no index repeats
+    slots = torch.where(inside, pos * K + tap, L * K + arange(P * K).reshape(P, K))
+    taps = torch.full((L * K + P * K,), P, dtype=torch.long, device=device)
+    taps.scatter_(0, slots.reshape(-1), arange(P).repeat_interleave(K))
+    reads = torch.where(inside, tap * L + pos, K * L).reshape(-1)
+    return L, taps[: L * K], reads
 
 
 def shifted_conv_projections(
@@ -153,30 +168,38 @@ def shifted_conv_projections(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    pad_input: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two patch contractions of a Conv2d's projections (MATH section 2) without patches:
     ``y_i = sum_p t_{i,p} a_{i,p}`` (b, C kh kw) and ``s_{i,p} = a_{i,p}^T v`` (b, P), where
     ``a_{i,p}`` is the patch of output position p of sample i (``F.unfold``'s column).
 
-    With the input zero-padded and flattened to ``A_i`` (C, L), patch entry ``(c, k)`` is
-    ``A_i[c, pos(p, k)]`` (:func:`_shift_indices`). So ``y_i[c, k] = sum_q A_i[c, q] T_i[q, k]`` with
+    With the input flattened to ``A_i`` (C, L), patch entry ``(c, k)`` is ``A_i[c, pos(p, k)]``, or a
+    zero of the padding (:func:`_shift_indices`). So ``y_i[c, k] = sum_q A_i[c, q] T_i[q, k]`` with
     ``T_i[q, k] = t_{i,p}`` where ``pos(p, k) = q`` (a gather of t, zero elsewhere): one batched
-    product ``A (b, C, L) @ T (b, L, K)``, never a per-sample convolution. Likewise
-    ``s_{i,p} = sum_k M_i[k, pos(p, k)]`` with ``M_i = V^T A_i`` (K, L), ``V`` = v as (C, K): one
-    product and one gather. ``a`` (b, C, H, W); ``t`` (b, P) (``delta_{i,p}^T u``); ``v``
-    (C kh kw,); all one floating dtype, any device."""
+    product ``A (b, C, L) @ T (b, L, K)``, never a per-sample convolution (a tap that reads the padding
+    adds nothing to y). Likewise ``s_{i,p} = sum_k M_i[k, pos(p, k)]`` with ``M_i = V^T A_i`` (K, L),
+    ``V`` = v as (C, K): one product and one gather, reading an appended zero for the padding.
+    ``pad_input``: zero-pad the input explicitly first (then the geometry has no padding; None:
+    whichever copies less, :func:`_pads_input`). ``a`` (b, C, H, W); ``t`` (b, P)
+    (``delta_{i,p}^T u``); ``v`` (C kh kw,); all one floating dtype, any device."""
     b, C = a.shape[:2]
     kh, kw = kernel_size
     K = kh * kw
     P = t.shape[1]
+    padding = tuple(padding)
     Ho = (a.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    if _pads_input(C, K, tuple(a.shape[2:]), padding) if pad_input is None else pad_input:
+        a, padding = F.pad(a, (padding[1], padding[1], padding[0], padding[0])), (0, 0)
+    geometry = (tuple(kernel_size), tuple(stride), padding, tuple(dilation))
     L, taps, reads = _shift_indices(tuple(a.shape[2:]), (Ho, P // Ho), *geometry, a.device)
-    A = F.pad(a, (padding[1], padding[1], padding[0], padding[0])).reshape(b, C, L)
+    A = a.reshape(b, C, L)
     T = F.pad(t, (0, 1)).index_select(1, taps).view(b, L, K)  # the appended zero fills unread taps
     y = torch.bmm(A, T).reshape(b, C * K)
-    M = torch.matmul(v.reshape(C, K).t(), A)  # (b, K, L)
-    s = M.reshape(b, K * L).index_select(1, reads).view(b, P, K).sum(-1)
+    M = torch.matmul(v.reshape(C, K).t(), A).reshape(b, K * L)  # (b, K, L) flattened
+    if any(padding):  # the appended zero that reads of the padding take
+        M = F.pad(M, (0, 1))
+    s = M.index_select(1, reads).view(b, P, K).sum(-1)
     return y, s
 
 
