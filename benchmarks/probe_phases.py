@@ -5,15 +5,21 @@ Times the phases of a training step with the full probe (``before_step``, forwar
 step's results) on a fixed random batch: median over ``--steps`` steps after ``--warmup`` untimed ones.
 ``--profile`` adds a cProfile listing of the same steps (functions by cumulative time), which splits
 ``after_step`` into the Gram product, the Cholesky factorisations and the two iterations of
-:func:`lipverify.probe.resolvent_spectrum`.
+:func:`lipverify.probe.resolvent_spectrum`. ``--ops`` adds torch.profiler's self CPU time per ATen
+operation inside the probe's own phases (``before_step``, ``after_backward``, ``compute``,
+``after_step``; not the forward/backward), per step; the rows ``probe.<phase>`` are the time spent
+between torch operations (Python, numpy, scipy).
 
     OMP_NUM_THREADS=1 python benchmarks/probe_phases.py --model mlp --threads 1
     OMP_NUM_THREADS=1 python benchmarks/probe_phases.py --model mlp --threads 1 --profile
+    python benchmarks/probe_phases.py --model convnet --threads 2 --ops
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import cProfile
 import pstats
 import statistics
@@ -40,6 +46,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--profile", action="store_true", help="also print a cProfile listing of the steps")
+    p.add_argument(
+        "--ops",
+        action="store_true",
+        help="also print the self CPU time per ATen operation of the probe's phases",
+    )
     args = p.parse_args()
 
     import torch
@@ -64,21 +75,41 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in PHASES}
     pending = []
 
-    def step(record: bool) -> None:
+    ops_time: collections.Counter = collections.Counter()  # --ops: self CPU microseconds per key
+    ops_calls: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def phase(name: str, ops: bool):
+        """One probe phase; with ``ops``, under torch.profiler (its self CPU time per key added up)."""
+        if not ops:
+            yield
+            return
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.record_function(f"probe.{name}"):
+                yield
+        for event in prof.key_averages():
+            ops_time[event.key] += event.self_cpu_time_total
+            ops_calls[event.key] += event.count
+
+    def step(record: bool, ops: bool = False) -> None:
         t = [time.perf_counter()]
-        probe.before_step()
+        with phase("before_step", ops):
+            probe.before_step()
         t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         with probe.capture():
             F.cross_entropy(model(x), y).backward()
         t.append(time.perf_counter())
-        probe.after_backward()
+        with phase("after_backward", ops):
+            probe.after_backward()
         t.append(time.perf_counter())
-        terms = probe.compute(lr)
+        with phase("compute", ops):
+            terms = probe.compute(lr)
         t.append(time.perf_counter())
         opt.step()
         t.append(time.perf_counter())
-        truth = probe.after_step(lr)
+        with phase("after_step", ops):
+            truth = probe.after_step(lr)
         t.append(time.perf_counter())
         for old_terms, old_truth in pending:  # the previous step's results, read a step later
             network_terms(old_terms), dict(old_truth)
@@ -107,6 +138,19 @@ def main() -> None:
         profiler.disable()
         print(f"\ncProfile of {args.steps} steps (divide the times by {args.steps} for one step):")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    if args.ops:
+        for _ in range(args.steps):
+            step(False, ops=True)
+        total = sum(ops_time.values())
+        between = sum(v for k, v in ops_time.items() if k.startswith("probe."))
+        per_step, between_per_step = total / args.steps / 1e3, between / args.steps / 1e3
+        print(
+            f"\ntorch.profiler, the probe's phases, per step (mean of {args.steps} steps; the profiler adds "
+            f"its own overhead): {per_step:.2f} ms, of which {between_per_step:.2f} ms "
+            f"({100 * between / total:.0f}%) between torch operations"
+        )
+        for key, value in ops_time.most_common(30):
+            print(f"{key:45s} {value / args.steps / 1e3:8.3f} ms {ops_calls[key] / args.steps:7.1f} calls")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ variant completes and reports what the README's tables are made of)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,20 @@ def test_bench_probe_interleaved_times_the_variants_in_one_process(tmp_path):
     for r in results.values():
         lo, hi = r["ratio_quartiles"]
         assert r["median_s"] > 0 and lo <= r["median_ratio"] <= hi
+
+
+def test_probe_phases_reports_each_phase_and_the_probes_operations():
+    script = BENCH_PROBE.parent / "probe_phases.py"
+    cmd = [sys.executable, str(script), "--model", "mlp", "--batch-size", "8", "--threads", "1"]
+    cmd += ["--steps", "2", "--warmup", "1", "--ops"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    lines = out.stdout.splitlines()
+    for phase in ("before_step", "forward+backward", "compute", "after_step"):
+        (row,) = [line for line in lines if line.startswith(phase + " ")]
+        assert float(row.split()[-2]) > 0
+    match = re.search(r"per step .*: ([\d.]+) ms, of which ([\d.]+) ms \((\d+)%\) between", out.stdout)
+    assert match and 0 < float(match[2]) < float(match[1]) and 0 < int(match[3]) < 100
+    rows = {
+        line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(("aten::", "probe."))
+    }
+    assert {"probe.compute", "probe.after_step"} <= set(rows) and any(k.startswith("aten::") for k in rows)
