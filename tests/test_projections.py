@@ -172,12 +172,16 @@ def test_the_default_conv_method_is_shifted_and_unknown_methods_are_named():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", CONV_METHODS)
-def test_conv_projections_on_cuda_match_and_do_not_synchronise(method):
+@pytest.mark.parametrize("channels", [3, 8])  # shifted: the padding copied (3) or read as a zero (8)
+def test_conv_projections_on_cuda_match_and_do_not_synchronise(method, channels):
     """On CUDA the same check against explicit per-sample gradients; after the first call (which
     builds the shifted route's index tensors) a call makes no host synchronisation."""
     case = _case(
-        dict(b=3, C=3, m=4, H=9, W=8, kh=3, kw=3, stride=(2, 1), padding=(1, 1), dilation=(1, 2), seed=3)
+        dict(
+            b=3, C=channels, m=4, H=9, W=8, kh=3, kw=3, stride=(2, 1), padding=(1, 1), dilation=(1, 2), seed=3
+        )
     )
+    assert projections._pads_input(channels, 9, (9, 8), (1, 1)) == (channels == 3)
     conv, *tensors = case
     cuda = [t.cuda() for t in tensors]
     contract(conv, "conv", *cuda, conv_method=method)
