@@ -37,11 +37,11 @@ def contract(
     (b, C, H, W); ``delta``: the gradient of the loss with respect to its output (b, ..., m) or
     (b, m, Ho, Wo); ``u``, ``v``: (m,), (n,) in the dtype of ``a``. Convs, three methods with the same
     numbers: ``conv_method="shifted"`` (default, :func:`shifted_conv_projections`: two matrix
-    products over the zero-padded input, no patches, no per-sample convolution); ``"conv"``: ``x`` by
-    a one-channel convolution with v, ``y`` as the per-sample weight gradient of one output channel (a
-    grouped ``conv2d_weight`` over chunks of samples whose im2col buffer stays under
-    ``conv_chunk_bytes``; the shifted products run over such chunks too); ``"unfold"``: explicit
-    patches (the most memory). Linear in ``delta``."""
+    products over the flattened input, the padding copied or read as a zero, no patches, no
+    per-sample convolution); ``"conv"``: ``x`` by a one-channel convolution with v, ``y`` as the
+    per-sample weight gradient of one output channel (a grouped ``conv2d_weight`` over chunks of
+    samples whose im2col buffer stays under ``conv_chunk_bytes``; the shifted products run over such
+    chunks too); ``"unfold"``: explicit patches (the most memory). Linear in ``delta``."""
     b = a.shape[0]
     if kind == "linear":
         a3 = a.reshape(b, -1, a.shape[-1])  # (b, P, n)
@@ -67,7 +67,7 @@ def contract(
     m = delta.shape[1]
     d3 = delta.reshape(b, m, -1)  # (b, m, P), a view
     t = torch.matmul(u, d3)  # (b, P): delta_{i,p}^T u, no copy of delta
-    if conv_method == "shifted":  # chunks of samples bound the padded input, T and V^T A
+    if conv_method == "shifted":  # chunks of samples bound the temporaries
         geometry = (module.kernel_size, module.stride, padding, module.dilation)
         size, K = tuple(a.shape[2:]), kh * kw
         if _pads_input(C, K, size, padding):  # temporaries: the padded input, T and V^T A
