@@ -136,7 +136,7 @@ def test_the_check_rejects_padding_read_as_input(monkeypatch):
 
     def padding_as_input(*args):
         L, taps, reads = right(*args)
-        return L, taps, torch.where(reads == reads.max(), 0, reads)  # K L: the appended zero
+        return L, taps, torch.where(reads == taps.numel(), 0, reads)  # K L: the appended zero
 
     _accepts_right_rejects_wrong(monkeypatch, case, padding_as_input, False, "x_i = G_i v off")
 

@@ -70,13 +70,14 @@ def contract(
     if conv_method == "shifted":  # chunks of samples bound the temporaries
         geometry = (module.kernel_size, module.stride, padding, module.dilation)
         size, K = tuple(a.shape[2:]), kh * kw
-        if _pads_input(C, K, size, padding):  # temporaries: the padded input, T and V^T A
+        pads = _pads_input(C, K, size, padding)  # decided once: the chunks' budget is that route's
+        if pads:  # temporaries: the padded input, T and V^T A
             per_sample = (C + 2 * K) * (size[0] + 2 * padding[0]) * (size[1] + 2 * padding[1])
         else:  # T, V^T A and its copy with the appended zero
             per_sample = 3 * K * size[0] * size[1] + 1
         chunk = _chunk_size(b, per_sample * a.element_size(), conv_chunk_bytes)
         parts = [
-            shifted_conv_projections(a[i : i + chunk], t[i : i + chunk], v, *geometry)
+            shifted_conv_projections(a[i : i + chunk], t[i : i + chunk], v, *geometry, pad_input=pads)
             for i in range(0, b, chunk)
         ]
         y, s = parts[0] if len(parts) == 1 else (torch.cat(z) for z in zip(*parts, strict=True))
