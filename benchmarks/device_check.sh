@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
 # One prepared GPU check of the probe's device route (issue 15), under 8 minutes on one GPU:
-#   1. install from the repository's own files (tolerant: the machine may have no internet; then
-#      what is installed is used, and the log says so),
+#   1. the Python environment: the lent GPU machine (/work/.library/device/KINDS.md) has no network
+#      and its own torch (2.11.0+cu130 on Python 3.12 when last read), numpy, scipy, sympy,
+#      matplotlib, tqdm, threadpoolctl, filelock, pytest and hypothesis. When all of them import
+#      (torch >= 2.4; benchmarks/device_env.py decides), nothing is installed and this tree runs from PYTHONPATH; else wheels carried
+#      in .whl/ are installed offline; else pip installs from the index (tries once, short timeout),
 #   2. the CUDA tests (tests/test_probe_cuda.py: set_sync_debug_mode("error") around the steady
 #      state, CUDA against CPU's route, the CUDA-graph option captured and replayed, the side
 #      stream) and the CPU proofs (tests/test_probe_sync.py, tests/test_probe_graphs.py,
 #      tests/test_probe_streams.py),
 #   3. bench_probe on CUDA: the ConvNet at b = 256 and the MLP at b = 128 (time, memory, ATen ops,
 #      host syncs per step, plain against probe; the ConvNet also --interleaved),
-# writing everything (log, junit XML, JSON) into $OUT (default benchmarks/out).
+# writing everything (log, junit XML, JSON; 6 files) into $OUT (default benchmarks/out).
 #
 #   bash benchmarks/device_check.sh            # from the repository root
 #   PYTHON=/path/to/python OUT=/tmp/out bash benchmarks/device_check.sh
 #   DRY_RUN=1 bash benchmarks/device_check.sh  # CPU: no install, every other step on CPU, tiny sizes
+#
+# Through the device tool (its $OUT comes back): command
+#   PYTHONUNBUFFERED=1 bash benchmarks/device_check.sh   with timeout_s=540
+# The step limits below add up to more than 8 minutes; each is a cap, and a step that reaches it is
+# logged (rc=124) while the script goes on.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
 mkdir -p "$OUT"
 LOG="$OUT/device_check.log"
 : >"$LOG"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python || echo python)}"
 DEVICE=cuda
 CONV_B=256
 MLP_B=128
@@ -44,14 +52,20 @@ say "environment"
 run 30 nvidia-smi
 run 60 "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
-say "install (pip install -e '.[test]' -c constraints-cuda.txt; offline: use what is installed)"
-if [ "${DRY_RUN:-0}" = 1 ]; then
+say "environment check: what this tree needs at run time, without installing anything"
+needs_ok() { "$PY" benchmarks/device_env.py >>"$LOG" 2>&1; }
+if needs_ok; then
+  echo "   everything imports: no install, this tree from PYTHONPATH" | tee -a "$LOG"
+elif [ "${DRY_RUN:-0}" = 1 ]; then
   echo "   dry run: no install (the environment is someone else's)" | tee -a "$LOG"
-elif "$PY" -c "import torch, pytest; assert torch.__version__.split('+')[0] == '2.13.0'" >>"$LOG" 2>&1; then
-  # the pinned torch is already there: install the package without touching torch
-  run 120 "$PY" -m pip install --no-deps -e .
+elif ls .whl/*.whl >/dev/null 2>&1; then
+  # wheels carried to an offline machine (device README): installed beside, not into, its Python
+  run 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/lipverify-site .whl/*.whl
+  export PYTHONPATH="/tmp/lipverify-site${PYTHONPATH:+:$PYTHONPATH}"
 else
-  run 240 "$PY" -m pip install -e ".[test]" -c constraints-cuda.txt
+  # online machines only: one try with a short timeout, so that an offline one loses seconds, not minutes
+  run 240 "$PY" -m pip install --retries 0 --timeout 15 -e ".[test]" -c constraints-cuda.txt
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree, whether or not the install worked
 run 60 "$PY" -c "import lipverify.probe as p, torch; print('lipverify.probe from', p.__file__, 'torch', torch.__version__)"

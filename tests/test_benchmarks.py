@@ -4,6 +4,7 @@ variant completes and reports what the README's tables are made of)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -72,3 +73,51 @@ def test_probe_phases_reports_each_phase_and_the_probes_operations():
         line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(("aten::", "probe."))
     }
     assert {"probe.compute", "probe.after_step"} <= set(rows) and any(k.startswith("aten::") for k in rows)
+
+
+DEVICE_ENV = BENCH_PROBE.parent / "device_env.py"
+DEVICE_CHECK = BENCH_PROBE.parent / "device_check.sh"
+
+
+def _load_device_env():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_env", DEVICE_ENV)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_env_accepts_this_environment_and_names_what_is_missing():
+    # the GPU machine is offline: device_check.sh installs nothing when this says nothing is missing
+    out = subprocess.run([sys.executable, str(DEVICE_ENV)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("missing: nothing")
+    env = _load_device_env()
+    found, missing = env.missing_requirements(("numpy", "no_such_module_lipverify"))
+    assert found[0].startswith("numpy ") and missing == [
+        "no_such_module_lipverify (ModuleNotFoundError: No module named 'no_such_module_lipverify')"
+    ]
+    # a torch older than the package's own requirement is missing, whatever it imports
+    _, missing = env.missing_requirements(("torch",), min_torch=(99, 0))
+    assert missing and missing[0].startswith("torch >= 99.0 (found ")
+    assert env.release("2.11.0+cu130") == (2, 11)
+    assert env.release("2.13.0a0+git1234") == (2, 13)
+    assert env.release("2.4") == (2, 4)
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_completes_every_step(tmp_path):
+    # the prepared GPU script, on CPU at tiny sizes: every step but nvidia-smi exits 0, nothing is
+    # installed (this environment has everything), and the files the device tool brings back are there
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    cmd = ["bash", str(DEVICE_CHECK)]
+    subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True)
+    log = (tmp_path / "device_check.log").read_text()
+    codes = re.findall(r"rc=(\d+): (\S+)", log)
+    assert len(codes) >= 6
+    assert all(rc == "0" for rc, cmd in codes if not cmd.endswith("nvidia-smi")), codes
+    assert "everything imports: no install" in log and "missing: nothing" in log
+    assert "failed" not in (tmp_path / "summary.txt").read_text()
+    for name in ("probe_device_tests.xml", "bench_convnet_b16.json", "bench_mlp_b16.json", "summary.txt"):
+        assert (tmp_path / name).is_file(), name

@@ -18,16 +18,28 @@ STEPS = 3
 SHAPES = {"mlp": (784,), "convnet": (3, 32, 32)}
 B = 16
 
-#: ATen operations per probed step on the device route, measured on CPU (torch 2.13, b = 16,
-#: float64 spectral parts) as printed by test_probe_step_op_count: mlp 713, convnet 1071 (plain
-#: steps: 60 and 79), after the layers' spectra were batched into one padded call per step
-#: (resolvent_spectra_device; before that 959 and 1600). The budget is that plus 5% (a change that
-#: adds a per-layer Python loop over iterations or samples exceeds it). The host route (CPU's default)
-#: counts 1227-1264 (mlp) and 1286-1334 (convnet; its iteration counts adapt), the host route before
-#: the device route existed 1310 and 1456, its torch route (the one CUDA ran) 1226 and 1384, and the
-#: unbatched device route 959 and 1600: the budgets reject all of them. The issue's aim, 4x a plain
-#: step, is not met (12x and 13.5x).
-OP_BUDGET = {"mlp": 746, "convnet": 1120}
+#: ATen operations per probed step on the device route, as a multiple of a plain step's, measured on
+#: CPU (b = 16, float64 spectral parts) as printed by test_probe_step_op_count. Torch 2.13: mlp 713,
+#: convnet 1071 (plain steps: 60 and 79; 11.9x and 13.6x), after the layers' spectra were batched into
+#: one padded call per step (resolvent_spectra_device; before that 959 and 1600). The budget is that
+#: plus 5%: 746 / 60 and 1120 / 79 (a change that adds a per-layer Python loop over iterations or
+#: samples exceeds it). A multiple, not a count: how torch decomposes a step into ATen operations
+#: changes between releases for the plain step and the probe alike (torch 2.4.1: plain mlp 66,
+#: device route 757, 11.5x). The host route (CPU's default) counts 1227-1264 (mlp) and 1286-1334
+#: (convnet; its iteration counts adapt), the host route before the device route existed 1310 and
+#: 1456, its torch route (the one CUDA ran) 1226 and 1384, and the unbatched device route 959 and
+#: 1600 (16x and 20x a plain step): the budgets reject all of them. The issue's aim, 4x a plain step,
+#: is not met (12x and 13.5x).
+OP_BUDGET = {"mlp": 746 / 60, "convnet": 1120 / 79}
+
+
+def _plain_op_count(model_name: str) -> int:
+    """ATen operations of one plain training step (after one untimed step), with this torch."""
+    model, x, y, opt, _ = _setup(model_name, "device")
+    _plain_step(model, x, y, opt)
+    with counting() as plain:
+        _plain_step(model, x, y, opt)
+    return plain.op_count
 
 
 def _setup(model_name: str, route: str, **probe_options):
@@ -143,14 +155,16 @@ def test_probe_step_op_count(model_name):
     *_, host_counts, _ = _count_steady_state(model_name, "host")
     probe_ops, host_ops = counts[-1].op_count, host_counts[-1].op_count
     kernels = counts[-1].compute_op_count
+    budget = OP_BUDGET[model_name] * plain.op_count
     print(
         f"{model_name}: ATen ops per step: plain {plain.op_count}, probe (device route) {probe_ops} "
         f"({probe_ops / plain.op_count:.1f}x), probe (host route) {host_ops} "
-        f"({host_ops / plain.op_count:.1f}x); budget {OP_BUDGET[model_name]}; without views: plain "
-        f"{plain.compute_op_count}, device route {kernels} ({kernels / plain.compute_op_count:.1f}x)"
+        f"({host_ops / plain.op_count:.1f}x); budget {budget:.0f} ({OP_BUDGET[model_name]:.2f}x); "
+        f"without views: plain {plain.compute_op_count}, device route {kernels} "
+        f"({kernels / plain.compute_op_count:.1f}x)"
     )
-    assert probe_ops <= OP_BUDGET[model_name]
-    assert host_ops > OP_BUDGET[model_name]  # the wrong variant this budget rejects
+    assert probe_ops <= budget
+    assert host_ops > budget  # the wrong variant this budget rejects
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "convnet"])
@@ -160,7 +174,7 @@ def test_op_budget_rejects_the_unbatched_device_route(model_name, monkeypatch):
 
     monkeypatch.setattr(SpectrumCache, "decompositions", _one_at_a_time)
     *_, counts, _ = _count_steady_state(model_name, "device")
-    assert counts[-1].op_count > OP_BUDGET[model_name]
+    assert counts[-1].op_count > OP_BUDGET[model_name] * _plain_op_count(model_name)
 
 
 def _one_at_a_time(self, names, in_step=True):

@@ -1,0 +1,69 @@
+"""Whether this Python can run the tree from PYTHONPATH without installing anything.
+
+``benchmarks/device_check.sh`` asks this first: the lent GPU machine has no network and its own
+torch (see /work/.library/device/KINDS.md), so installing the pinned torch there can only fail, and
+slowly. Prints each runtime requirement with its version, then ``missing: ...``; exits 0 when
+nothing is missing, 1 otherwise.
+
+    python benchmarks/device_env.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: What the device check's tests and benchmarks import (the package's own dependencies, pytest and
+#: hypothesis; not the extras mlxtend, torchsde, ray).
+RUNTIME_MODULES = (
+    "torch",
+    "numpy",
+    "scipy",
+    "sympy",
+    "matplotlib",
+    "tqdm",
+    "threadpoolctl",
+    "filelock",
+    "pytest",
+    "hypothesis",
+)
+#: pyproject.toml's ``torch>=2.4``.
+MIN_TORCH = (2, 4)
+
+
+def release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``2.11.0+cu130`` or ``2.13.0a0+git1234``."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def missing_requirements(
+    modules: tuple[str, ...] = RUNTIME_MODULES, min_torch: tuple[int, int] = MIN_TORCH
+) -> tuple[list[str], list[str]]:
+    """``(found, missing)``: ``name version`` of each module that imports, ``name (why)`` of each that
+    does not or (torch) is older than ``min_torch``."""
+    found, missing = [], []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # whatever stops the import means: not usable
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+            continue
+        version = str(getattr(module, "__version__", "?"))
+        found.append(f"{name} {version}")
+        if name == "torch" and release(version) < min_torch:
+            missing.append(f"torch >= {min_torch[0]}.{min_torch[1]} (found {version})")
+    return found, missing
+
+
+def main() -> int:
+    found, missing = missing_requirements()
+    print(f"python {sys.version.split()[0]} at {sys.executable}")
+    for line in found:
+        print(f"   {line}")
+    print("   missing: " + (", ".join(missing) if missing else "nothing"))
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
