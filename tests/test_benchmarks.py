@@ -112,7 +112,7 @@ def test_device_check_dry_run_completes_every_step(tmp_path):
     # installed (this environment has everything), and the files the device tool brings back are there
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     cmd = ["bash", str(DEVICE_CHECK)]
-    subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True)
+    subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True)
     log = (tmp_path / "device_check.log").read_text()
     codes = re.findall(r"rc=(\d+): (\S+)", log)
     assert len(codes) >= 6
