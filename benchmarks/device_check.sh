@@ -3,8 +3,9 @@
 #   1. the Python environment: the lent GPU machine (/work/.library/device/KINDS.md) has no network
 #      and its own torch (2.11.0+cu130 on Python 3.12 when last read), numpy, scipy, sympy,
 #      matplotlib, tqdm, threadpoolctl, filelock, pytest and hypothesis. When all of them import
-#      (torch >= 2.4; benchmarks/device_env.py decides), nothing is installed and this tree runs from PYTHONPATH; else wheels carried
-#      in .whl/ are installed offline; else pip installs from the index (tries once, short timeout),
+#      (torch >= 2.4; benchmarks/device_env.py decides), nothing is installed and this tree runs
+#      from PYTHONPATH; else wheels carried in .whl/ are installed offline; else pip installs from
+#      the index (one try, short timeout),
 #   2. the CUDA tests (tests/test_probe_cuda.py: set_sync_debug_mode("error") around the steady
 #      state, CUDA against CPU's route, the CUDA-graph option captured and replayed, the side
 #      stream) and the CPU proofs (tests/test_probe_sync.py, tests/test_probe_graphs.py,

@@ -1,7 +1,8 @@
 """The probe's device route issues no host synchronisation after warm-up, and its ATen operation count
-per step stays within a fixed budget (issue 15). Proven on CPU with ``route="device"`` (the code CUDA
-runs), by :class:`lipverify.probe.interpose.SyncCounter`; the host route (CPU's own, with scipy and
-host-side convergence tests) is the wrong variant both checks reject."""
+per step stays within a fixed budget, a multiple of a plain step's count (issue 15). Proven on CPU
+with ``route="device"`` (the code CUDA runs), by :class:`lipverify.probe.interpose.SyncCounter`; the
+host route (CPU's own, with scipy and host-side convergence tests) is the wrong variant both checks
+reject."""
 
 import pytest
 import torch
