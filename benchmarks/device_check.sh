@@ -3,9 +3,9 @@
 #   1. the Python environment: the lent GPU machine (/work/.library/device/KINDS.md) has no network
 #      and its own torch (2.11.0+cu130 on Python 3.12 when last read), numpy, scipy, sympy,
 #      matplotlib, tqdm, threadpoolctl, filelock, pytest and hypothesis. When all of them import
-#      (torch >= 2.4; benchmarks/device_env.py decides), nothing is installed and this tree runs
-#      from PYTHONPATH; else wheels carried in .whl/ are installed offline; else pip installs from
-#      the index (one try, short timeout),
+#      (pyproject.toml's dependencies and torch floor, pytest, hypothesis: benchmarks/device_env.py
+#      decides), nothing is installed and this tree runs from PYTHONPATH; else wheels carried in
+#      .whl/ are installed offline; else pip installs from the index (one try, short timeout),
 #   2. the CUDA tests (tests/test_probe_cuda.py: set_sync_debug_mode("error") around the steady
 #      state, CUDA against CPU's route, the CUDA-graph option captured and replayed, the side
 #      stream) and the CPU proofs (tests/test_probe_sync.py, tests/test_probe_graphs.py,
@@ -57,8 +57,7 @@ run 30 nvidia-smi
 run 60 "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
 say "environment check: what this tree needs at run time, without installing anything"
-needs_ok() { "$PY" benchmarks/device_env.py >>"$LOG" 2>&1; }
-if needs_ok; then
+if "$PY" benchmarks/device_env.py >>"$LOG" 2>&1; then
   echo "   everything imports: no install, this tree from PYTHONPATH" | tee -a "$LOG"
 elif [ "${DRY_RUN:-0}" = 1 ]; then
   echo "   dry run: no install (the environment is someone else's)" | tee -a "$LOG"

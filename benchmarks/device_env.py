@@ -11,24 +11,31 @@ nothing is missing, 1 otherwise.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+import tomllib
+from pathlib import Path
 
-#: What the device check's tests and benchmarks import (the package's own dependencies, pytest and
-#: hypothesis; not the extras mlxtend, torchsde, ray).
-RUNTIME_MODULES = (
-    "torch",
-    "numpy",
-    "scipy",
-    "sympy",
-    "matplotlib",
-    "tqdm",
-    "threadpoolctl",
-    "filelock",
-    "pytest",
-    "hypothesis",
-)
-#: pyproject.toml's ``torch>=2.4``.
-MIN_TORCH = (2, 4)
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+#: What the device check's tests import besides the package's own dependencies (from the test
+#: extra; not mlxtend, torchsde, ray or ruff, which those tests do not need).
+TEST_MODULES = ("pytest", "hypothesis")
+
+
+def runtime_requirements(pyproject: Path = PYPROJECT) -> tuple[tuple[str, ...], tuple[int, int]]:
+    """``(modules, torch floor)`` read from pyproject.toml: the names of ``project.dependencies``
+    (each imports under its own name) plus :data:`TEST_MODULES`, and ``(major, minor)`` of torch's
+    ``>=`` bound."""
+    names, floor = [], None
+    for requirement in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+        name, spec = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(.*)", requirement).groups()
+        names.append(name)
+        if name == "torch":
+            bound = re.search(r">=\s*(\d+)\.(\d+)", spec)
+            floor = (int(bound[1]), int(bound[2])) if bound else None
+    if floor is None:
+        raise SystemExit(f"{pyproject}: no 'torch>=X.Y' among project.dependencies")
+    return tuple(names) + TEST_MODULES, floor
 
 
 def release(version: str) -> tuple[int, int]:
@@ -38,10 +45,13 @@ def release(version: str) -> tuple[int, int]:
 
 
 def missing_requirements(
-    modules: tuple[str, ...] = RUNTIME_MODULES, min_torch: tuple[int, int] = MIN_TORCH
+    modules: tuple[str, ...] | None = None, min_torch: tuple[int, int] | None = None
 ) -> tuple[list[str], list[str]]:
     """``(found, missing)``: ``name version`` of each module that imports, ``name (why)`` of each that
-    does not or (torch) is older than ``min_torch``."""
+    does not or (torch) is older than ``min_torch``; both default to :func:`runtime_requirements`."""
+    if modules is None or min_torch is None:
+        required, floor = runtime_requirements()
+        modules, min_torch = modules or required, min_torch or floor
     found, missing = [], []
     for name in modules:
         try:

@@ -101,9 +101,25 @@ def test_device_env_accepts_this_environment_and_names_what_is_missing():
     # a torch older than the package's own requirement is missing, whatever it imports
     _, missing = env.missing_requirements(("torch",), min_torch=(99, 0))
     assert missing and missing[0].startswith("torch >= 99.0 (found ")
+    # the list and torch's floor are pyproject.toml's, not a copy of them
+    modules, floor = env.runtime_requirements()
+    assert floor == (2, 4) and modules[0] == "torch" and modules[-2:] == ("pytest", "hypothesis")
+    assert {"numpy", "scipy", "sympy", "threadpoolctl", "filelock"} <= set(modules)
     assert env.release("2.11.0+cu130") == (2, 11)
     assert env.release("2.13.0a0+git1234") == (2, 13)
     assert env.release("2.4") == (2, 4)
+
+
+def test_device_env_refuses_a_pyproject_without_a_torch_floor(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["torch", "numpy>=1.24"]\n')
+    with pytest.raises(SystemExit, match=re.escape("no 'torch>=X.Y'")):
+        _load_device_env().runtime_requirements(pyproject)
+    pyproject.write_text('[project]\ndependencies = ["torch>=2.6", "numpy>=1.24"]\n')
+    assert _load_device_env().runtime_requirements(pyproject) == (
+        ("torch", "numpy", "pytest", "hypothesis"),
+        (2, 6),
+    )
 
 
 @pytest.mark.slow

@@ -34,13 +34,14 @@ B = 16
 OP_BUDGET = {"mlp": 746 / 60, "convnet": 1120 / 79}
 
 
-def _plain_op_count(model_name: str) -> int:
-    """ATen operations of one plain training step (after one untimed step), with this torch."""
+def _plain_step_counts(model_name: str):
+    """The :class:`SyncCounter` of one plain training step (after one uncounted step), with this
+    torch."""
     model, x, y, opt, _ = _setup(model_name, "device")
     _plain_step(model, x, y, opt)
     with counting() as plain:
         _plain_step(model, x, y, opt)
-    return plain.op_count
+    return plain
 
 
 def _setup(model_name: str, route: str, **probe_options):
@@ -148,10 +149,7 @@ def test_device_route_terms_match_the_reference_after_steady_state_steps():
 
 @pytest.mark.parametrize("model_name", ["mlp", "convnet"])
 def test_probe_step_op_count(model_name):
-    model, x, y, opt, _ = _setup(model_name, "device")
-    _plain_step(model, x, y, opt)
-    with counting() as plain:
-        _plain_step(model, x, y, opt)
+    plain = _plain_step_counts(model_name)
     *_, counts, _ = _count_steady_state(model_name, "device")
     *_, host_counts, _ = _count_steady_state(model_name, "host")
     probe_ops, host_ops = counts[-1].op_count, host_counts[-1].op_count
@@ -175,7 +173,7 @@ def test_op_budget_rejects_the_unbatched_device_route(model_name, monkeypatch):
 
     monkeypatch.setattr(SpectrumCache, "decompositions", _one_at_a_time)
     *_, counts, _ = _count_steady_state(model_name, "device")
-    assert counts[-1].op_count > OP_BUDGET[model_name] * _plain_op_count(model_name)
+    assert counts[-1].op_count > OP_BUDGET[model_name] * _plain_step_counts(model_name).op_count
 
 
 def _one_at_a_time(self, names, in_step=True):
