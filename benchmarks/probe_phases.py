@@ -8,11 +8,15 @@ step's results) on a fixed random batch: median over ``--steps`` steps after ``-
 :func:`lipverify.probe.resolvent_spectrum`. ``--ops`` adds torch.profiler's self CPU time per ATen
 operation inside the probe's own phases (``before_step``, ``after_backward``, ``compute``,
 ``after_step``; not the forward/backward), per step; the rows ``probe.<phase>`` are the time spent
-between torch operations (Python, numpy, scipy).
+between torch operations (Python, numpy, scipy). ``--op-sites`` counts the ATen operations of one
+steady-state step (after the timed steps) by the lipverify function that issued them
+(:class:`lipverify.probe.interpose.SyncCounter` with ``sites=True``), next to a plain step's count in
+the same process: where the device route's launches come from (``--route device``).
 
     OMP_NUM_THREADS=1 python benchmarks/probe_phases.py --model mlp --threads 1
     OMP_NUM_THREADS=1 python benchmarks/probe_phases.py --model mlp --threads 1 --profile
     python benchmarks/probe_phases.py --model convnet --threads 2 --ops
+    python benchmarks/probe_phases.py --model mlp --route device --batch-size 16 --steps 3 --op-sites
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ def main() -> None:
     p.add_argument("--compute-dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--route", default="auto", choices=["auto", "host", "device"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=0.01,
+        help="SGD learning rate (the update's size against each layer's gap decides which branch of "
+        "update_exceeds_gap runs; lipverify train's default is 0.05)",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--profile", action="store_true", help="also print a cProfile listing of the steps")
@@ -50,6 +61,11 @@ def main() -> None:
         "--ops",
         action="store_true",
         help="also print the self CPU time per ATen operation of the probe's phases",
+    )
+    p.add_argument(
+        "--op-sites",
+        action="store_true",
+        help="also count one step's ATen operations by the lipverify function that issued them",
     )
     args = p.parse_args()
 
@@ -59,6 +75,7 @@ def main() -> None:
     from lipverify.dynamics import network_terms
     from lipverify.models import build_model
     from lipverify.probe import DynamicsProbe
+    from lipverify.probe.interpose import OUTSIDE, counting
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,7 +84,7 @@ def main() -> None:
     shape = (784,) if args.model == "mlp" else (3, 32, 32)
     x = torch.rand(args.batch_size, *shape, generator=g)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
-    lr = 0.01
+    lr = args.lr
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     probe = DynamicsProbe(
         model, compute_dtype=getattr(torch, args.compute_dtype), route=args.route, population_size=60000
@@ -119,12 +136,21 @@ def main() -> None:
             for name, start, end in zip(PHASES, t[:-1], t[1:], strict=True):
                 times[name].append(end - start)
 
+    def plain_step() -> None:
+        """The same training step without the probe (the model's weights move: run it last)."""
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
     for _ in range(args.warmup):
         step(False)
     for _ in range(args.steps):
         step(True)
     total = 0.0
-    print(f"model={args.model} batch={args.batch_size} compute_dtype={args.compute_dtype} route={args.route}")
+    print(
+        f"model={args.model} batch={args.batch_size} compute_dtype={args.compute_dtype} route={args.route} "
+        f"lr={lr:g}"
+    )
     for name in PHASES:
         median = 1e3 * statistics.median(times[name])
         total += median
@@ -151,6 +177,26 @@ def main() -> None:
         )
         for key, value in ops_time.most_common(30):
             print(f"{key:45s} {value / args.steps / 1e3:8.3f} ms {ops_calls[key] / args.steps:7.1f} calls")
+    if args.op_sites:
+        _print_op_sites(step, plain_step, counting, OUTSIDE)
+
+
+def _print_op_sites(step, plain_step, counting, outside: str) -> None:
+    """One probed step's ATen operations by issuing lipverify function, and a plain step's count."""
+    with counting(sites=True) as probed:
+        step(False)  # this step's own work and the previous step's results read on the host
+    plain_step()  # one uncounted call first, as tests/test_probe_sync.py counts a plain step
+    with counting() as plain:
+        plain_step()
+    model_ops = sum(n for site, n in probed.sites.items() if site == outside or site.startswith("models.py:"))
+    ratio = probed.op_count / plain.op_count
+    print(
+        f"\nATen operations of one step: plain step {plain.op_count} ({plain.compute_op_count} run a "
+        f"kernel), probed step {probed.op_count} ({probed.compute_op_count} run a kernel; {ratio:.1f}x the "
+        f"plain step), of which {probed.op_count - model_ops} issued by the probe; by issuing function:"
+    )
+    for site, count in probed.sites.most_common():
+        print(f"{count:6d}  {site}")
 
 
 if __name__ == "__main__":

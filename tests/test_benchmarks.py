@@ -61,9 +61,10 @@ def test_bench_probe_interleaved_times_the_variants_in_one_process(tmp_path):
 def test_probe_phases_reports_each_phase_and_the_probes_operations():
     script = BENCH_PROBE.parent / "probe_phases.py"
     cmd = [sys.executable, str(script), "--model", "mlp", "--batch-size", "8", "--threads", "1"]
-    cmd += ["--steps", "2", "--warmup", "1", "--ops"]
+    cmd += ["--steps", "2", "--warmup", "1", "--ops", "--op-sites", "--lr", "0.05"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
     lines = out.stdout.splitlines()
+    assert lines[0].endswith("lr=0.05")
     for phase in ("before_step", "forward+backward", "compute", "after_step"):
         (row,) = [line for line in lines if line.startswith(phase + " ")]
         assert float(row.split()[-2]) > 0
@@ -73,6 +74,16 @@ def test_probe_phases_reports_each_phase_and_the_probes_operations():
         line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(("aten::", "probe."))
     }
     assert {"probe.compute", "probe.after_step"} <= set(rows) and any(k.startswith("aten::") for k in rows)
+    # --op-sites: the per-function counts add up to the step's count, the plain step's own operations
+    # (outside lipverify and the model's forward) are the plain step's count, the rest the probe's
+    match = re.search(
+        r"plain step (\d+) .*probed step (\d+) .*of which (\d+) issued by the probe", out.stdout
+    )
+    plain, probed, by_probe = (int(g) for g in match.groups())
+    header = next(i for i, line in enumerate(lines) if line.endswith("by issuing function:"))
+    sites = {site: int(count) for count, site in (line.split(maxsplit=1) for line in lines[header + 1 :])}
+    assert sum(sites.values()) == probed and probed - by_probe == plain
+    assert sites["probe/resolvent.py:quadratic_form"] > 0 and not any("interpose" in site for site in sites)
 
 
 DEVICE_ENV = BENCH_PROBE.parent / "device_env.py"

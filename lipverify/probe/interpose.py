@@ -17,12 +17,21 @@ CPU (``tolist`` dispatches nothing, ``numpy`` only a ``detach``). Not detectable
 other Python paths (``memoryview``, ``__array__`` via numpy functions, ``storage()``), and
 synchronisations inside an operation that this list does not name (the CUDA tests with
 ``torch.cuda.set_sync_debug_mode("error")`` cover those on a GPU).
+
+With ``sites=True`` it also attributes each operation to the innermost function of the lipverify
+package on the Python stack that issued it (``sites``: ``"probe/resolvent.py:_spectra_core"`` and so
+on; a lipverify model's forward is ``"models.py:forward"``; :data:`OUTSIDE` for the operations no
+lipverify function issued: the autograd engine's backward, the loss, the optimiser): where a step's
+operation count comes from (``benchmarks/probe_phases.py --op-sites``).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -77,18 +86,49 @@ VIEW_OPS = frozenset(
 )
 
 
+#: :attr:`SyncCounter.sites` key of operations issued outside the lipverify package.
+OUTSIDE = "(outside lipverify)"
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _issuing_site() -> str:
+    """``"<file relative to the package>:<function>"`` of the innermost lipverify frame on the stack
+    (this module's own frames skipped), or :data:`OUTSIDE`."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        relative = _package_relative(frame.f_code.co_filename)
+        if relative is not None:
+            return f"{relative}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return OUTSIDE
+
+
+@functools.cache
+def _package_relative(path: str) -> str | None:
+    """``path`` relative to the lipverify package ('/'-separated), None outside it or for this module."""
+    path = os.path.abspath(path)
+    if not path.startswith(_PACKAGE_DIR) or path == os.path.abspath(__file__):
+        return None
+    return path[len(_PACKAGE_DIR) :].replace(os.sep, "/")
+
+
 def _op_name(func) -> str:
     return str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
 
 
 class SyncCounter(TorchDispatchMode):
     """Counts every dispatched ATen operation (``ops``, by name) and the host reads among them
-    (``syncs``, by name, including the Python-level reads ``Tensor.tolist/numpy/item/cpu``)."""
+    (``syncs``, by name, including the Python-level reads ``Tensor.tolist/numpy/item/cpu``); with
+    ``sites=True`` also the operations per issuing lipverify function (``sites``; see the module
+    docstring; it walks the Python stack once per operation, so it is for diagnostics, not tests'
+    hot loops)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sites: bool = False) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
         self.syncs: collections.Counter[str] = collections.Counter()
+        self.sites: collections.Counter[str] = collections.Counter()
+        self._track_sites = sites
         self._saved: dict[str, object] = {}
 
     @property
@@ -108,6 +148,8 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = _op_name(func)
         self.ops[name] += 1
+        if self._track_sites:
+            self.sites[_issuing_site()] += 1
         if name in HOST_SYNC_OPS:
             self.syncs[name] += 1
         elif name in ("aten._to_copy", "aten.copy_"):
@@ -140,7 +182,8 @@ class SyncCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting() -> Iterator[SyncCounter]:
-    """``with counting() as c: ...`` then ``c.op_count``, ``c.sync_count``, ``c.syncs``."""
-    with SyncCounter() as counter:
+def counting(sites: bool = False) -> Iterator[SyncCounter]:
+    """``with counting() as c: ...`` then ``c.op_count``, ``c.sync_count``, ``c.syncs`` (and
+    ``c.sites`` with ``sites=True``)."""
+    with SyncCounter(sites) as counter:
         yield counter

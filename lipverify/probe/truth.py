@@ -4,8 +4,11 @@ second-order expansion to hold (``|Delta W|_2 >= gap / 2``), decided on the host
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from lipverify import _linalg
 from lipverify.probe.resolvent import ResolventSpectrum
 from lipverify.spectral import SpectralDecomposition
 
@@ -26,7 +29,11 @@ def update_exceeds_gap(dW: torch.Tensor, gap: float, power_steps: int = 8) -> bo
 
     Decided without the spectral norm where possible: ``|dW|_F < gap / 2`` gives False (the Frobenius
     norm bounds the spectral norm from above); ``|dW x| >= gap / 2`` for a unit x from a few power
-    steps on ``dW^T dW`` gives True (a lower bound). Otherwise the exact spectral norm decides.
+    steps on ``dW^T dW`` gives True (a lower bound). Otherwise ``(gap / 2)^2 I - D``, D the smaller
+    Gram matrix of dW (k, k), is positive definite iff ``|dW|_2 < gap / 2``: one Gram product and one
+    Cholesky factorisation (:mod:`lipverify._linalg`; on one CPU thread scipy's ``syrk``/``potrf``)
+    decide, as on the device route (:func:`_exceeds_gap_on_device`), at a fraction of a full SVD's
+    cost. At the boundary (``|dW|_2 = gap / 2`` to rounding) either answer may come out.
     """
     half = 0.5 * gap
     if float(torch.linalg.matrix_norm(dW)) < half:
@@ -38,14 +45,16 @@ def update_exceeds_gap(dW: torch.Tensor, gap: float, power_steps: int = 8) -> bo
         if float(torch.linalg.vector_norm(dWx)) >= half:
             return True
         x = dW.T @ dWx
-    return bool(float(torch.linalg.matrix_norm(dW, 2)) >= half)
+    if not math.isfinite(half):  # (a NaN gap: no comparison holds, as with the norm itself)
+        return False
+    return _linalg.shifted_cholesky(_linalg.gram(dW), half * half) is None
 
 
 def _exceeds_gap_on_device(dW: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
     """:func:`update_exceeds_gap` without a host read: ``|dW|_2 >= gap / 2`` iff
     ``(gap / 2)^2 I - D`` is not positive definite, D the smaller Gram matrix of dW (k, k); decided
     by the ``info`` of its Cholesky factorisation, kept on the device (0-d bool). At the boundary
-    (``|dW|_2 = gap / 2`` to rounding) either answer may come out, as for the host route's norm."""
+    (``|dW|_2 = gap / 2`` to rounding) either answer may come out, as on the host route."""
     m, n = dW.shape
     D = dW @ dW.mT if m <= n else dW.mT @ dW
     half = 0.5 * gap
