@@ -166,6 +166,28 @@ def test_probe_step_op_count(model_name):
     assert host_ops > budget  # the wrong variant this budget rejects
 
 
+def test_op_sites_charge_each_operation_to_the_innermost_lipverify_function():
+    # fast_decompose calls with_canonical_sign (lipverify.spectral), which issues its own operations:
+    # charged to it, not to the caller (the wrong variant, charging the outermost lipverify frame,
+    # would put them all on fast_decompose); torch's own operations called from here are OUTSIDE
+    from lipverify.probe.interpose import OUTSIDE
+    from lipverify.probe.resolvent import fast_decompose
+
+    W = torch.randn(6, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with counting() as plain:
+        fast_decompose(W, torch.float64)
+    with counting() as torch_only:
+        torch.ones(3).add_(1)
+    with counting(sites=True) as c:
+        fast_decompose(W, torch.float64)
+        torch.ones(3).add_(1)
+    assert not plain.sites  # off by default
+    assert c.sites[OUTSIDE] == torch_only.op_count > 0
+    assert sum(c.sites.values()) == c.op_count == plain.op_count + torch_only.op_count
+    assert c.sites["probe/resolvent.py:fast_decompose"] > 0 and c.sites["spectral.py:with_canonical_sign"] > 0
+    assert set(c.sites) == {OUTSIDE, "probe/resolvent.py:fast_decompose", "spectral.py:with_canonical_sign"}
+
+
 @pytest.mark.parametrize("model_name", ["mlp", "convnet"])
 def test_op_budget_rejects_the_unbatched_device_route(model_name, monkeypatch):
     # the wrong variant: the device route with one spectrum call per layer (no cross-layer batch)
