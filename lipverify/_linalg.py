@@ -31,7 +31,12 @@ def single_threaded_blas(device: torch.device | str | None = None) -> Iterator[N
     """Hold the OpenBLAS libraries scipy/numpy loaded to one thread (re-entrant; the previous limits
     are restored on exit). Costs ~15 us, so callers wrap a whole decomposition, not each kernel.
     ``device``: of the tensors the block works on; anything but CPU never reaches scipy, so the
-    block runs without threadpoolctl."""
+    block runs without threadpoolctl.
+
+    Not for several Python threads at once: the OpenBLAS limit is process-wide, and blocks entered
+    and left concurrently from four threads (1,500 each) left OpenBLAS at one thread afterwards, with
+    a per-thread depth as here and also with a process-wide count under a lock. On CPU, use the probe
+    and :func:`lipverify.probe.update_exceeds_gap` from one Python thread at a time."""
     global _openblas
     if not uses_cpu_blas(device):
         yield

@@ -729,10 +729,11 @@ def test_update_exceeds_gap():
 @pytest.mark.parametrize("threads", [1, 2])  # scipy's syrk/potrf (one thread) or torch's kernels
 @pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
 def test_update_exceeds_gap_decides_what_the_bounds_cannot_without_an_svd(shape, threads):
-    # dW with singular values 1, 1 - 1e-3 j (j = 1..k-1): |dW|_F ~ sqrt(k) |dW|_2, and 8 power steps
-    # from a row of dW stay below 1 - 2e-4, so for gap / 2 in (1 - 2e-4, 1 + 2e-4) neither bound decides
-    # and the Gram/Cholesky branch must. The expected answer is |dW|_2 = 1 against gap / 2 with a
-    # relative margin of 1e-4, far above float64 rounding of a k x k factorisation (~k eps).
+    # dW with singular values 2 (1 - 1e-3 j), j = 0..k-1: |dW|_F ~ sqrt(k) |dW|_2, and 8 power steps
+    # from a row of dW stay below 2 (1 - 2e-4), so for gap / 2 = 2 (1 -+ 1e-4) neither bound decides
+    # and the Gram/Cholesky branch must. The expected answer is |dW|_2 = 2 against gap / 2 with a
+    # relative margin of 1e-4, far above float64 rounding of a k x k factorisation (~k eps). sigma_1 =
+    # 2, not 1, so that comparing sigma_1^2 with gap / 2 instead of (gap / 2)^2 answers wrongly.
     from lipverify.probe.interpose import counting
 
     g = torch.Generator().manual_seed(3)
@@ -740,25 +741,33 @@ def test_update_exceeds_gap_decides_what_the_bounds_cannot_without_an_svd(shape,
     k = min(shape)
     U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    s = 1 - 1e-3 * torch.arange(k, dtype=torch.float64)
-    dW = U @ torch.diag(s) @ V.T
+    dW = U @ torch.diag(2 * (1 - 1e-3 * torch.arange(k, dtype=torch.float64))) @ V.T
     x = dW[torch.argmax(torch.linalg.vector_norm(dW, dim=1))]
     for _ in range(8):  # the power steps' lower bound, as update_exceeds_gap takes them
         x = x / torch.linalg.vector_norm(x)
         lower = float(torch.linalg.vector_norm(dW @ x))
         x = dW.T @ (dW @ x)
-    assert lower < 1 - 2e-4 and float(torch.linalg.matrix_norm(dW)) > 2
+    assert lower < 2 * (1 - 2e-4) and float(torch.linalg.matrix_norm(dW)) > 4
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for half, expected in ((1 + 1e-4, False), (1 - 1e-4, True)):
+        for half, expected in ((2 * (1 + 1e-4), False), (2 * (1 - 1e-4), True)):
             with counting() as c:
                 assert update_exceeds_gap(dW, 2 * half) is expected
             # wrong variant (the decision before): matrix_norm(dW, 2), a full SVD of dW
             assert not {"aten.linalg_svd", "aten._linalg_svd", "aten.linalg_matrix_norm"} & set(c.ops), c.ops
+        # nothing certifies an update as small against a gap that is not positive, or with inf or NaN
+        # entries (the old SVD raised for those; scipy's potrf on one thread accepts a NaN pivot)
+        zero = torch.zeros_like(dW)
+        assert update_exceeds_gap(zero, 1.0) is False
+        for bad_gap in (0.0, -1e-12, float("nan")):
+            assert update_exceeds_gap(zero, bad_gap) is True, bad_gap
+        for bad in (float("nan"), float("inf")):
+            broken = dW.clone()
+            broken[0, 0] = bad
+            assert update_exceeds_gap(broken, 1e6) is True, bad
     finally:
         torch.set_num_threads(previous)
-    assert update_exceeds_gap(dW, float("nan")) is False  # no comparison with NaN holds
 
 
 def test_resolvent_mode_float32_model():

@@ -21,7 +21,8 @@ synchronisations inside an operation that this list does not name (the CUDA test
 With ``sites=True`` it also attributes each operation to the innermost function of the lipverify
 package on the Python stack that issued it (``sites``: ``"probe/resolvent.py:_spectra_core"`` and so
 on; a lipverify model's forward is ``"models.py:forward"``; :data:`OUTSIDE` for the operations no
-lipverify function issued: the autograd engine's backward, the loss, the optimiser): where a step's
+lipverify function issued, e.g. the backward, the loss and the optimiser of a training step written
+outside lipverify; under ``lipverify train`` they are charged to its step function): where a step's
 operation count comes from (``benchmarks/probe_phases.py --op-sites``).
 """
 

@@ -33,11 +33,18 @@ def update_exceeds_gap(dW: torch.Tensor, gap: float, power_steps: int = 8) -> bo
     Gram matrix of dW (k, k), is positive definite iff ``|dW|_2 < gap / 2``: one Gram product and one
     Cholesky factorisation (:mod:`lipverify._linalg`; on one CPU thread scipy's ``syrk``/``potrf``)
     decide, as on the device route (:func:`_exceeds_gap_on_device`), at a fraction of a full SVD's
-    cost. At the boundary (``|dW|_2 = gap / 2`` to rounding) either answer may come out.
+    cost. At the boundary (``|dW|_2 = gap / 2`` to rounding) either answer may come out. Nothing
+    certifies the update as small for a gap that is not positive (or NaN) or a dW with inf or NaN
+    entries: True.
     """
     half = 0.5 * gap
-    if float(torch.linalg.matrix_norm(dW)) < half:
+    if not half > 0:  # a zero, negative or NaN gap: nothing certifies the update as small
+        return True
+    frobenius = float(torch.linalg.matrix_norm(dW))
+    if frobenius < half:
         return False
+    if not math.isfinite(frobenius):  # inf or NaN in dW: not certified small (the device route agrees)
+        return True
     x = dW[torch.argmax(torch.linalg.vector_norm(dW, dim=1))]  # largest row: dW x != 0
     for _ in range(power_steps):
         x = x / torch.linalg.vector_norm(x)
@@ -45,8 +52,6 @@ def update_exceeds_gap(dW: torch.Tensor, gap: float, power_steps: int = 8) -> bo
         if float(torch.linalg.vector_norm(dWx)) >= half:
             return True
         x = dW.T @ dWx
-    if not math.isfinite(half):  # (a NaN gap: no comparison holds, as with the norm itself)
-        return False
     return _linalg.shifted_cholesky(_linalg.gram(dW), half * half) is None
 
 
@@ -54,7 +59,8 @@ def _exceeds_gap_on_device(dW: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
     """:func:`update_exceeds_gap` without a host read: ``|dW|_2 >= gap / 2`` iff
     ``(gap / 2)^2 I - D`` is not positive definite, D the smaller Gram matrix of dW (k, k); decided
     by the ``info`` of its Cholesky factorisation, kept on the device (0-d bool). At the boundary
-    (``|dW|_2 = gap / 2`` to rounding) either answer may come out, as on the host route."""
+    (``|dW|_2 = gap / 2`` to rounding) either answer may come out, as on the host route. ``gap``: a
+    spectrum's ``sigma_1 - sigma_2`` (>= 0; NaN and a dW with inf or NaN entries give True)."""
     m, n = dW.shape
     D = dW @ dW.mT if m <= n else dW.mT @ dW
     half = 0.5 * gap
