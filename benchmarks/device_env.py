@@ -51,7 +51,8 @@ def missing_requirements(
     does not or (torch) is older than ``min_torch``; both default to :func:`runtime_requirements`."""
     if modules is None or min_torch is None:
         required, floor = runtime_requirements()
-        modules, min_torch = modules or required, min_torch or floor
+        modules = required if modules is None else modules
+        min_torch = floor if min_torch is None else min_torch
     found, missing = [], []
     for name in modules:
         try:

@@ -75,7 +75,6 @@ def main() -> None:
     from lipverify.dynamics import network_terms
     from lipverify.models import build_model
     from lipverify.probe import DynamicsProbe
-    from lipverify.probe.interpose import OUTSIDE, counting
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,17 +177,19 @@ def main() -> None:
         for key, value in ops_time.most_common(30):
             print(f"{key:45s} {value / args.steps / 1e3:8.3f} ms {ops_calls[key] / args.steps:7.1f} calls")
     if args.op_sites:
-        _print_op_sites(step, plain_step, counting, OUTSIDE)
+        _print_op_sites(step, plain_step)
 
 
-def _print_op_sites(step, plain_step, counting, outside: str) -> None:
+def _print_op_sites(step, plain_step) -> None:
     """One probed step's ATen operations by issuing lipverify function, and a plain step's count."""
+    from lipverify.probe.interpose import OUTSIDE, counting
+
     with counting(sites=True) as probed:
         step(False)  # this step's own work and the previous step's results read on the host
     plain_step()  # one uncounted call first, as tests/test_probe_sync.py counts a plain step
     with counting() as plain:
         plain_step()
-    model_ops = sum(n for site, n in probed.sites.items() if site == outside or site.startswith("models.py:"))
+    model_ops = sum(n for site, n in probed.sites.items() if site == OUTSIDE or site.startswith("models.py:"))
     ratio = probed.op_count / plain.op_count
     print(
         f"\nATen operations of one step: plain step {plain.op_count} ({plain.compute_op_count} run a "

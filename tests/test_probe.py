@@ -728,32 +728,37 @@ def test_update_exceeds_gap():
 
 @pytest.mark.parametrize("threads", [1, 2])  # scipy's syrk/potrf (one thread) or torch's kernels
 @pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
-def test_update_exceeds_gap_decides_what_the_bounds_cannot_without_an_svd(shape, threads):
+def test_update_exceeds_gap_decides_what_the_bounds_cannot_without_an_svd(shape, threads, monkeypatch):
     # dW with singular values 2 (1 - 1e-3 j), j = 0..k-1: |dW|_F ~ sqrt(k) |dW|_2, and 8 power steps
     # from a row of dW stay below 2 (1 - 2e-4), so for gap / 2 = 2 (1 -+ 1e-4) neither bound decides
-    # and the Gram/Cholesky branch must. The expected answer is |dW|_2 = 2 against gap / 2 with a
-    # relative margin of 1e-4, far above float64 rounding of a k x k factorisation (~k eps). sigma_1 =
-    # 2, not 1, so that comparing sigma_1^2 with gap / 2 instead of (gap / 2)^2 answers wrongly.
+    # and the Gram/Cholesky branch must (the spy below checks that it ran). The expected answer is
+    # |dW|_2 = 2 against gap / 2 with a relative margin of 1e-4, far above float64 rounding of a k x k
+    # factorisation (~k eps). sigma_1 = 2, not 1, so that comparing sigma_1^2 with gap / 2 instead of
+    # (gap / 2)^2 answers wrongly.
+    from lipverify import _linalg
     from lipverify.probe.interpose import counting
 
+    factorisations, original = [], _linalg.shifted_cholesky
+
+    def spy(G, shift, *args, **kwargs):
+        factorisations.append(shift)
+        return original(G, shift, *args, **kwargs)
+
+    monkeypatch.setattr(_linalg, "shifted_cholesky", spy)
     g = torch.Generator().manual_seed(3)
     m, n = shape
     k = min(shape)
     U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     dW = U @ torch.diag(2 * (1 - 1e-3 * torch.arange(k, dtype=torch.float64))) @ V.T
-    x = dW[torch.argmax(torch.linalg.vector_norm(dW, dim=1))]
-    for _ in range(8):  # the power steps' lower bound, as update_exceeds_gap takes them
-        x = x / torch.linalg.vector_norm(x)
-        lower = float(torch.linalg.vector_norm(dW @ x))
-        x = dW.T @ (dW @ x)
-    assert lower < 2 * (1 - 2e-4) and float(torch.linalg.matrix_norm(dW)) > 4
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for half, expected in ((2 * (1 + 1e-4), False), (2 * (1 - 1e-4), True)):
+            factorisations.clear()
             with counting() as c:
                 assert update_exceeds_gap(dW, 2 * half) is expected
+            assert factorisations == [half * half]  # neither bound decided
             # wrong variant (the decision before): matrix_norm(dW, 2), a full SVD of dW
             assert not {"aten.linalg_svd", "aten._linalg_svd", "aten.linalg_matrix_norm"} & set(c.ops), c.ops
         # nothing certifies an update as small against a gap that is not positive, or with inf or NaN
